@@ -1,0 +1,5 @@
+"""``python -m kiabatch`` is the ``kiabatch`` command."""
+
+from .cli import main
+
+main()

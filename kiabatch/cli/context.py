@@ -1,0 +1,73 @@
+"""Shared CLI state: where Redis is, how to print, and error translation."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import click
+
+from ..errors import EXIT_USAGE, KiabatchError
+from ..store import Store
+
+
+class CliError(click.ClickException):
+    """A user-facing error with kiabatch's exit code (printed as one line)."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn kiabatch errors into one-line CLI errors with the documented exit code."""
+    try:
+        yield
+    except KiabatchError as exc:
+        raise CliError(str(exc), exc.exit_code) from None
+
+
+@dataclass
+class Settings:
+    """Values of the global options."""
+
+    redis_url: str | None = None
+    output: str = "table"
+    _store: Store | None = field(default=None, repr=False)
+
+    def store(self, *, retry_seconds: float = 0.0) -> Store:
+        """The Store for this invocation (connects on first use)."""
+        if self._store is None:
+            from ..batch import open_store
+
+            with user_errors():
+                self._store = open_store(self.redis_url, retry_seconds=retry_seconds)
+        return self._store
+
+    @property
+    def json(self) -> bool:
+        """True with ``--output json``."""
+        return self.output == "json"
+
+
+pass_settings = click.make_pass_decorator(Settings)
+
+
+def emit_json(data: Any) -> None:
+    """Print one JSON document on stdout."""
+    click.echo(json.dumps(data, ensure_ascii=False, default=str))
+
+
+def note(message: str) -> None:
+    """A human message on stderr (stdout stays machine-readable)."""
+    click.echo(message, err=True)
+
+
+def stdout_is_tty() -> bool:
+    """True when stdout is a terminal."""
+    return sys.stdout.isatty()

@@ -1,0 +1,172 @@
+"""Read-only commands: ``status``, ``list``, ``results``, ``logs``."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from ..batch import Batch
+from ..errors import EXIT_ITEMS_FAILED, EXIT_OK
+from ..model import TERMINAL_STATES, Status
+from ..progress import ProgressBar
+from .context import CliError, Settings, emit_json, pass_settings, user_errors
+from .render import status_block, status_rows
+from .submit import conclude
+
+
+def _batch(settings_: Settings, batch_id: str, retry_seconds: float = 0.0) -> Batch:
+    with user_errors():
+        batch = Batch(batch_id, settings_.store(retry_seconds=retry_seconds).redis)
+        batch.store.meta(batch_id)  # NotFoundError (exit 2) for an unknown id
+    return batch
+
+
+def _show(settings_: Settings, status: Status) -> None:
+    if settings_.json:
+        emit_json(status.to_dict())
+    else:
+        click.echo(status_block(status))
+
+
+@click.command("status")
+@click.argument("batch_id", required=False)
+@click.option("--watch", "-w", is_flag=True, help="Keep updating until the batch finishes.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="Seconds between updates with --watch.",
+)
+@pass_settings
+def status_command(settings_: Settings, batch_id: str | None, watch: bool, interval: float) -> None:
+    """Show a batch's state and progress (without BATCH_ID: every unfinished batch)."""
+    if batch_id is None:
+        with user_errors():
+            statuses = [
+                s for s in settings_.store().list_batches(limit=1000) if s.state not in TERMINAL_STATES
+            ]
+        if settings_.json:
+            emit_json([s.to_dict() for s in statuses])
+        else:
+            click.echo(status_rows(statuses) if statuses else "no unfinished batches")
+        return
+    batch = _batch(settings_, batch_id)
+    with user_errors():
+        status = batch.status()
+    if not watch or status.finished:
+        _show(settings_, status)
+        raise click.exceptions.Exit(_exit_code(status))
+    if not settings_.json:
+        click.echo(status_block(status))
+    with ProgressBar(status.progress.total, batch_id) as bar, user_errors():
+        last = None
+        while True:
+            status = batch.status()
+            bar.update(status.progress)
+            if settings_.json and status.to_dict() != last:
+                last = status.to_dict()
+                emit_json(last)
+            elif not bar.enabled and not settings_.json:
+                line = (
+                    f"{status.state}: {status.progress.done}/{status.progress.total} done, "
+                    f"{status.progress.failed} failed"
+                )
+                if line != last:
+                    click.echo(line)
+                    last = line
+            if status.finished or status.detail.get("runner_alive") is False:
+                break
+            time.sleep(interval)
+    if not settings_.json:
+        click.echo(status_block(status))
+    raise click.exceptions.Exit(_exit_code(status))
+
+
+def _exit_code(status: Status) -> int:
+    return EXIT_ITEMS_FAILED if status.progress.failed else EXIT_OK
+
+
+@click.command("list")
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Newest batches to show."
+)
+@pass_settings
+def list_command(settings_: Settings, limit: int) -> None:
+    """List recent batches, newest first."""
+    with user_errors():
+        statuses = settings_.store().list_batches(limit=limit)
+        statuses = [_augment(s) for s in statuses]
+    if settings_.json:
+        emit_json([s.to_dict() for s in statuses])
+    else:
+        click.echo(status_rows(statuses) if statuses else "no batches")
+
+
+def _augment(status: Status) -> Status:
+    from .. import backends
+
+    backend = backends.get(status.backend)
+    return backend.list_detail(status) if hasattr(backend, "list_detail") else status
+
+
+@click.command("results")
+@click.argument("batch_id")
+@click.option(
+    "--reduce/--no-reduce",
+    default=None,
+    help="Print the workload's combined answer (default when it has one) or per-item results.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Same as the global --output json.")
+@click.option("--raw", is_flag=True, help="Write the raw result bytes of every item, in order, to stdout.")
+@pass_settings
+def results_command(
+    settings_: Settings, batch_id: str, reduce: bool | None, as_json: bool, raw: bool
+) -> None:
+    """Print a batch's per-item results (or its reduced answer) and list failed items.
+
+    Exits 1 if any item failed.
+    """
+    if as_json:
+        settings_.output = "json"
+    batch = _batch(settings_, batch_id)
+    if raw:
+        with user_errors():
+            for result in batch.results():
+                sys.stdout.buffer.write(result.result)
+            sys.stdout.flush()
+            raise click.exceptions.Exit(EXIT_ITEMS_FAILED if batch.failed() else EXIT_OK)
+    with user_errors():
+        status = batch.status()
+    if not status.finished and reduce:
+        raise CliError(f"batch {batch_id} is {status.state}; --reduce needs a finished batch")
+    if not status.finished and reduce is None:
+        reduce = False
+    raise click.exceptions.Exit(conclude(settings_, batch, reduce=reduce, quiet=True))
+
+
+@click.command("logs")
+@click.argument("batch_id")
+@click.option("--index", "-i", type=click.IntRange(min=0), help="Only this task (completion index).")
+@pass_settings
+def logs_command(settings_: Settings, batch_id: str, index: int | None) -> None:
+    """Print the workers' stderr, per task and attempt (the last 64 KiB of each)."""
+    batch = _batch(settings_, batch_id)
+    with user_errors():
+        entries = batch.logs(index)
+    if settings_.json:
+        emit_json(
+            [{"index": i, "attempt": a, "stderr": text.decode("utf-8", "replace")} for i, a, text in entries]
+        )
+        return
+    for task, attempt, text in entries:
+        click.echo(f"==> index {task}, attempt {attempt} <==")
+        click.echo(text.decode("utf-8", "replace").rstrip("\n"))
+
+
+def register(cli: click.Group) -> None:
+    """Attach the read-only commands."""
+    for command in (status_command, list_command, results_command, logs_command):
+        cli.add_command(command)

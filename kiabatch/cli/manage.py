@@ -1,0 +1,65 @@
+"""Commands that change batches: ``delete``, ``resume``."""
+
+from __future__ import annotations
+
+import click
+
+from .. import settings
+from ..errors import EXIT_USAGE
+from ..progress import ProgressBar
+from .context import CliError, Settings, note, pass_settings, user_errors
+from .inspect import _batch
+from .submit import conclude
+
+
+@click.command("delete")
+@click.argument("batch_ids", nargs=-1, required=True)
+@click.option("--keep-results", is_flag=True, help="Stop the batch but keep its results and status.")
+@pass_settings
+def delete_command(settings_: Settings, batch_ids: tuple[str, ...], keep_results: bool) -> None:
+    """Delete batches now: stop their workers (or Job) and remove their Redis keys."""
+    missing = []
+    for batch_id in batch_ids:
+        with user_errors():
+            from ..batch import Batch
+
+            if Batch(batch_id, settings_.store().redis).delete(keep_results=keep_results):
+                note(f"deleted batch {batch_id}")
+            else:
+                missing.append(batch_id)
+    if missing:
+        raise CliError(f"no batch {', '.join(map(repr, missing))} (it may have expired)", EXIT_USAGE)
+
+
+@click.command("resume")
+@click.argument("batch_id")
+@click.option(
+    "--wait/--no-wait", default=True, show_default=True, help="Run in the foreground and print results."
+)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@pass_settings
+def resume_command(settings_: Settings, batch_id: str, wait: bool, quiet: bool) -> None:
+    """Finish an interrupted batch: run every task whose outcome is not settled yet.
+
+    Claimed items keep their task, so nothing is lost and nothing runs for a result twice.
+    """
+    batch = _batch(settings_, batch_id, retry_seconds=settings.worker_retry_seconds())
+    with user_errors():
+        status = batch.status()
+        if status.finished:
+            note(f"batch {batch_id} already {status.state}; nothing to resume")
+            raise click.exceptions.Exit(conclude(settings_, batch, reduce=None, quiet=True))
+        if not wait:
+            batch.resume(wait=False)
+            note(f"resumed {batch_id} in the background; follow it with: kiabatch status --watch {batch_id}")
+            return
+        batch.start_prepare()
+        with ProgressBar(status.progress.total, batch_id, enabled=not quiet) as bar:
+            batch.resume(wait=True, on_update=bar.update)
+    raise click.exceptions.Exit(conclude(settings_, batch, reduce=None, quiet=quiet))
+
+
+def register(cli: click.Group) -> None:
+    """Attach the managing commands."""
+    cli.add_command(delete_command)
+    cli.add_command(resume_command)

@@ -1,0 +1,124 @@
+"""Turn statuses, results and failures into text tables or JSON."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import click
+
+from .. import items as items_mod
+from ..model import FailedItem, ItemResult, Status
+
+
+def when(timestamp: float | None) -> str:
+    """A local time, or '-'."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp)) if timestamp else "-"
+
+
+def duration(status: Status) -> str:
+    """How long the batch ran (so far)."""
+    if not status.started_at:
+        return "-"
+    end = status.finished_at or time.time()
+    return f"{end - status.started_at:.1f}s"
+
+
+def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
+    """A plain aligned text table."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def progress_text(status: Status) -> str:
+    """``7/10 done, 1 failed, 2 running``."""
+    p = status.progress
+    return f"{p.done}/{p.total} done, {p.failed} failed, {p.running} running"
+
+
+def status_block(status: Status) -> str:
+    """The detailed view of one batch."""
+    lines = [
+        ("batch", status.id),
+        ("state", status.state),
+        ("workload", status.workload),
+        ("backend", status.backend),
+        ("source", status.source),
+        ("progress", progress_text(status)),
+        ("tasks", f"{status.tasks} (parallelism {status.parallelism})"),
+        ("created", when(status.created_at)),
+        ("started", when(status.started_at)),
+        ("finished", when(status.finished_at)),
+        ("duration", duration(status)),
+    ]
+    for key, value in sorted(status.detail.items()):
+        if isinstance(value, dict | list):
+            value = (
+                ", ".join(f"{k}={v}" for k, v in value.items())
+                if isinstance(value, dict)
+                else ", ".join(map(str, value))
+            )
+        lines.append((key.replace("_", " "), value))
+    width = max(len(k) for k, _ in lines)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in lines)
+
+
+def status_rows(statuses: Sequence[Status]) -> str:
+    """One line per batch."""
+    rows = [
+        (s.id, s.state, s.workload, s.backend, f"{s.progress.done}/{s.progress.total}", s.progress.failed,
+         when(s.created_at), duration(s))
+        for s in statuses
+    ]  # fmt: skip
+    return table(rows, ["BATCH", "STATE", "WORKLOAD", "BACKEND", "DONE", "FAILED", "CREATED", "DURATION"])
+
+
+def result_value(result: bytes) -> dict[str, Any]:
+    """JSON form of a result: ``result`` text if UTF-8, else ``result_base64``."""
+    try:
+        return {"result": result.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"result_base64": base64.b64encode(result).decode()}
+
+
+def result_dict(r: ItemResult) -> dict[str, Any]:
+    """JSON form of one item result."""
+    return {"index": r.index, "position": r.position, "item": r.item, "exit_code": r.exit_code,
+            "duration": r.duration, "attempt": r.attempt, **result_value(r.result)}  # fmt: skip
+
+
+def failed_dict(f: FailedItem) -> dict[str, Any]:
+    """JSON form of one dead-lettered item."""
+    return {"index": f.index, "position": f.position, "item": f.item, "exit_code": f.exit_code,
+            "reason": f.reason, "attempts": f.attempts, "stderr": f.stderr}  # fmt: skip
+
+
+def result_text(result: bytes) -> str:
+    """A result on one line: text with newlines escaped, or a byte count for binary."""
+    try:
+        text = result.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"<{len(result)} bytes, binary; use --json or --raw>"
+    return text.rstrip("\n").replace("\n", "\\n")
+
+
+def print_results(results: Sequence[ItemResult]) -> None:
+    """``ITEM<TAB>RESULT`` per item."""
+    for r in results:
+        click.echo(f"{items_mod.text(r.item)}\t{result_text(r.result)}")
+
+
+def print_failed(failed: Sequence[FailedItem]) -> None:
+    """The dead-letter set on stderr, one item per line plus its last stderr line."""
+    for f in failed:
+        code = "-" if f.exit_code is None else f.exit_code
+        click.echo(
+            f"FAILED {items_mod.text(f.item)}: {f.reason} (exit {code}, attempts {f.attempts})", err=True
+        )
+        last = f.stderr.strip().splitlines()[-1:] if f.stderr else []
+        if last and last[0] != f.reason:
+            click.echo(f"       stderr: {last[0][:200]}", err=True)

@@ -1,0 +1,60 @@
+"""``kiabatch server``: the embedded Redis server."""
+
+from __future__ import annotations
+
+import click
+
+from .. import embedded
+from .context import CliError, Settings, emit_json, note, pass_settings
+
+
+@click.group("server")
+def server_group() -> None:
+    """The embedded Redis (used when no --redis-url is given).
+
+    It starts on demand, listens on a unix socket only, keeps its data in
+    $KIABATCH_HOME/redis, and stops by itself once no client has been connected
+    for KIABATCH_EMBEDDED_IDLE_TIMEOUT seconds (default 30).
+    """
+
+
+@server_group.command("status")
+@pass_settings
+def status_command(settings_: Settings) -> None:
+    """Show whether the embedded server runs, its pid, socket, clients and data directory."""
+    info = embedded.status()
+    if settings_.json:
+        emit_json(info)
+        return
+    if not info["running"]:
+        click.echo(f"not running (data in {info['data_dir']})")
+        return
+    for key in (
+        "server_pid",
+        "supervisor_pid",
+        "socket",
+        "data_dir",
+        "version",
+        "clients",
+        "uptime_seconds",
+        "used_memory_human",
+        "idle_timeout",
+    ):
+        click.echo(f"{key.replace('_', ' '):<18} {info.get(key)}")
+
+
+@server_group.command("stop")
+@click.option("--force", is_flag=True, help="Stop even while other kiabatch processes are connected.")
+def stop_command(force: bool) -> None:
+    """Stop the embedded server now (its data is saved)."""
+    info = embedded.status()
+    if info["running"] and info.get("clients", 0) > 0 and not force:
+        raise CliError(
+            f"{info['clients']} other client(s) are connected (a batch may be running); use --force"
+        )
+    note("stopped the embedded Redis" if embedded.stop() else "the embedded Redis was not running")
+
+
+def register(cli: click.Group) -> None:
+    """Attach ``server``."""
+    cli.add_command(server_group)

@@ -1,0 +1,305 @@
+"""``kiabatch submit``: one subcommand per workload; bare options mean ``exec``."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .. import backends, settings, workloads
+from .. import items as items_mod
+from ..batch import Batch
+from ..errors import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE
+from ..progress import ProgressBar
+from ..submission import submit
+from .context import CliError, Settings, emit_json, note, pass_settings, user_errors
+from .render import duration, failed_dict, print_failed, print_results, progress_text, result_dict
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class Duration(click.ParamType):
+    """Seconds, or a number with unit s/m/h/d (``90``, ``30m``, ``7d``)."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, int | float):
+            return float(value)
+        match = _DURATION.match(str(value))
+        if not match or float(match.group(1)) <= 0:
+            self.fail(
+                f"{value!r} is not a positive duration; use seconds or a number with s, m, h or d (e.g. 30m)"
+            )
+        return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+class WorkloadGroup(click.Group):
+    """``submit WORKLOAD ...``; options without a workload name mean the exec workload."""
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        if args and args[0].startswith("-") and args[0] not in ("-h", "--help"):
+            return "exec", self.commands["exec"], args
+        if args and args[0] not in self.commands:
+            raise click.UsageError(
+                f"unknown workload {args[0]!r}; available: {', '.join(sorted(self.commands))} "
+                "(or give --command for your own program)",
+                ctx,
+            )
+        return super().resolve_command(ctx, args)
+
+
+def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Options every workload takes."""
+    options = [
+        click.option("--parallel", "-p", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Tasks running at once (Job parallelism)."),
+        click.option("--tasks", type=click.IntRange(min=1), help="Number of tasks (Job completions); "
+                     "default one per chunk of items."),
+        click.option("--retries", type=click.IntRange(min=0), default=3, show_default=True,
+                     help="Retries per task before its items are dead-lettered (backoffLimitPerIndex)."),
+        click.option("--timeout", type=Duration(), help="Batch deadline, e.g. 2h (activeDeadlineSeconds)."),
+        click.option("--task-timeout", type=Duration(), help="Time limit of one task attempt, e.g. 10m."),
+        click.option("--ttl", type=Duration(), default=str(settings.DEFAULT_TTL), show_default="7d",
+                     help="Keep a finished batch's results this long."),
+        click.option("--batch-id", help="Id for the batch (DNS label, <= 52 chars); default WORKLOAD-xxxxx."),
+        click.option("--backend", type=click.Choice(backends.NAMES), default=backends.LOCAL,
+                     envvar=settings.ENV_BACKEND, show_default=True,
+                     help="Where tasks run. Env: KIABATCH_BACKEND."),
+        click.option("--wait/--no-wait", default=True, show_default=True,
+                     help="Wait for the batch and print its results (else print its id and return)."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary on stderr."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@click.group(
+    cls=WorkloadGroup,
+    invoke_without_command=True,
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+)
+@click.pass_context
+def submit_group(ctx: click.Context) -> None:
+    """Submit a batch: a workload name and its options, or --command for your own program.
+
+    \b
+    Examples:
+      kiabatch submit pi --digits 5000 --parallel 3
+      kiabatch submit --command 'convert {item} -resize 64x64 thumbs/{item}' --lines files.txt -p 4
+      kiabatch submit --items jobs.jsonl -p 8 -- python my_worker.py --url {url}
+      kiabatch submit --from-queue thumbs --command 'python thumb.py {input}'
+    """
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
+
+
+@submit_group.command("pi")
+@click.option(
+    "--digits",
+    "-d",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help=f"Decimals of pi to compute (up to {workloads.pi.MAX_DIGITS:,} without --force).",
+)
+@click.option("--force", is_flag=True, help="Allow more than 10^8 digits.")
+@common_options
+@pass_settings
+def submit_pi(settings_: Settings, digits: int, force: bool, **common: Any) -> None:
+    """Digits of pi: the Chudnovsky series cut into --tasks ranges (default --parallel), reduced here."""
+    run_submit(settings_, "pi", common, digits=digits, force=force)
+
+
+@submit_group.command("exec", context_settings={"allow_interspersed_args": False})
+@click.option(
+    "--command",
+    "-c",
+    "command_text",
+    metavar="TEMPLATE",
+    help="Worker command; {item}, {FIELD}, {input}, {output}, {index} are filled per item.",
+)
+@click.option("--item", "item_values", multiple=True, metavar="JSON", help="One item (JSON). Repeatable.")
+@click.option(
+    "--items",
+    "items_file",
+    type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+    help="File of items, one JSON value per line ('-' for stdin).",
+)
+@click.option(
+    "--lines",
+    "lines_file",
+    type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+    help="File whose non-blank lines are string items ('-' for stdin).",
+)
+@click.option("--from-queue", metavar="QUEUE", help="Take everything queued in this named queue right now.")
+@click.option("--chunk", type=click.IntRange(min=1), help="Items per task (default 1).")
+@click.option("--stdin", "use_stdin", is_flag=True, help="Feed each item's text to the worker's stdin.")
+@click.option(
+    "--non-retriable-exit-code",
+    "non_retriable",
+    type=click.IntRange(1, 255),
+    multiple=True,
+    help="An exit code that fails the item at once, without retries. Repeatable.",
+)
+@click.option("--env", "env_pairs", multiple=True, metavar="NAME=VALUE", help="Environment for the worker.")
+@click.option("--image", envvar=settings.ENV_IMAGE, help="Worker container image (kubernetes backend).")
+@common_options
+@click.argument("argv", nargs=-1, type=click.UNPROCESSED)
+@pass_settings
+def submit_exec(
+    settings_: Settings,
+    command_text: str | None,
+    item_values: tuple[str, ...],
+    items_file: Path | None,
+    lines_file: Path | None,
+    from_queue: str | None,
+    chunk: int | None,
+    use_stdin: bool,
+    non_retriable: tuple[int, ...],
+    env_pairs: tuple[str, ...],
+    image: str | None,
+    argv: tuple[str, ...],
+    **common: Any,
+) -> None:
+    """Run your own program once per item (the command after -- or in --command)."""
+    if command_text and argv:
+        raise click.UsageError("give the command either with --command or after --, not both")
+    command: str | list[str] | None = command_text or (list(argv) if argv else None)
+    if command is None:
+        raise click.UsageError("no worker command; give --command 'prog {item}' or put it after --")
+    with user_errors():
+        values: list[Any] | None = [items_mod.parse(v, f"--item {v!r}") for v in item_values]
+        if items_file is not None:
+            values += items_mod.read_jsonl(items_file)
+        if lines_file is not None:
+            values += _read_lines(lines_file)
+    if from_queue is not None:
+        if values:
+            raise click.UsageError("--from-queue takes its items from the queue; drop --item/--items/--lines")
+        values = None
+    options = {
+        "command": command,
+        "items": values,
+        "from_queue": from_queue,
+        "chunk": chunk,
+        "stdin": use_stdin,
+        "non_retriable_exit_codes": list(non_retriable),
+        "env": _parse_env(env_pairs),
+        "image": image,
+    }
+    run_submit(settings_, "exec", common, **options)
+
+
+def _read_lines(path: Path) -> list[str]:
+    import sys
+
+    try:
+        text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CliError(f"cannot read --lines file {path}: {exc.strerror}") from None
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+            raise click.BadParameter(
+                f"{pair!r} is not NAME=VALUE with a valid variable name", param_hint="--env"
+            )
+        env[name] = value
+    return env
+
+
+def run_submit(settings_: Settings, workload: str, common: dict[str, Any], **options: Any) -> None:
+    """Submit, show progress, then print the answer (or results) and exit with the batch's code."""
+    quiet = common.pop("quiet")
+    wait = common["wait"]
+    if common.get("ttl") is not None:
+        common["ttl"] = int(common["ttl"])
+    with contextlib.ExitStack() as stack:
+        bars: list[ProgressBar] = []
+
+        def created(batch: Batch) -> None:
+            if not quiet and wait:
+                total = batch.progress().total
+                note(f"batch {batch.id}: {total} item(s), {workload} on {common['backend']}")
+                bars.append(stack.enter_context(ProgressBar(total, batch.id)))
+
+        def update(progress: Any) -> None:
+            for bar in bars:
+                bar.update(progress)
+
+        with user_errors():
+            if options.get("from_queue") is None:
+                options.pop("from_queue", None)
+            batch = submit(
+                workload,
+                redis=settings_.redis_url,
+                on_created=created,
+                on_update=update,
+                **{k: v for k, v in common.items() if v is not None},
+                **options,
+            )
+    if batch is None:
+        note(f"queue {options.get('from_queue')!r} is empty: nothing to run, no batch created")
+        raise click.exceptions.Exit(EXIT_OK)
+    if not wait:
+        click.echo(batch.id)
+        if not quiet:
+            note(f"started in the background; follow it with: kiabatch status --watch {batch.id}")
+        return
+    raise click.exceptions.Exit(conclude(settings_, batch, reduce=None, quiet=quiet))
+
+
+def conclude(settings_: Settings, batch: Batch, *, reduce: bool | None, quiet: bool = False) -> int:
+    """Print a finished batch's answer or results, its failures, and return the exit code."""
+    with user_errors():
+        status = batch.status()
+        failed = batch.failed()
+        workload = workloads.get(status.workload)
+        reducible = isinstance(workload, workloads.Reducible)
+        if not quiet:
+            note(f"batch {batch.id} {status.state}: {progress_text(status)} in {duration(status)}")
+        if failed:
+            if settings_.json:
+                for entry in failed:
+                    emit_json({"failed": True, **failed_dict(entry)})
+            print_failed(failed)
+            return EXIT_ITEMS_FAILED
+        if reduce is None:
+            reduce = reducible
+        if reduce:
+            if not reducible:
+                raise CliError(f"workload {status.workload!r} has no reduce step", EXIT_USAGE)
+            answer = batch.reduce()
+            if settings_.json:
+                emit_json({"batch": batch.id, "answer": answer})
+            else:
+                click.echo(answer)
+            return EXIT_OK
+        results = batch.results()
+        if settings_.json:
+            for result in results:
+                emit_json(result_dict(result))
+        else:
+            print_results(results)
+    return EXIT_OK
+
+
+def register(cli: click.Group) -> None:
+    """Attach ``submit`` to the root command."""
+    cli.add_command(submit_group, "submit")
+
+
+__all__ = ["Duration", "common_options", "conclude", "register", "run_submit"]

@@ -1,0 +1,107 @@
+"""``kiabatch task``: the steps of one task, as the Kubernetes pod runs them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+import click
+
+from .. import settings, task
+from ..backends.local import LocalRunner
+from .context import CliError, Settings, emit_json, note, pass_settings, user_errors
+
+
+@click.group("task")
+def task_group() -> None:
+    """Per-task steps (claim, report) that backends run; for pods and debugging."""
+
+
+def _index(index: int | None) -> int:
+    if index is not None:
+        return index
+    raw = os.environ.get("JOB_COMPLETION_INDEX")
+    if raw is None or not raw.isdigit():
+        raise CliError("no --index given and JOB_COMPLETION_INDEX is not set to a number")
+    return int(raw)
+
+
+@task_group.command("claim")
+@click.option(
+    "--batch", "batch_id", required=True, envvar="KIABATCH_BATCH", help="Batch id. Env: KIABATCH_BATCH."
+)
+@click.option("--index", type=click.IntRange(min=0), help="Completion index (default $JOB_COMPLETION_INDEX).")
+@click.option(
+    "--dir",
+    "directory",
+    required=True,
+    envvar="KIABATCH_TASK_DIR",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Task directory (the emptyDir).",
+)
+@pass_settings
+def claim_command(settings_: Settings, batch_id: str, index: int | None, directory: Path) -> None:
+    """Claim a task's items (the same ones on every retry) and lay them out in DIR."""
+    position = _index(index)
+    store = settings_.store(retry_seconds=settings.worker_retry_seconds())
+    with user_errors():
+        info = task.claim_into(store, batch_id, position, directory)
+    message = {"batch": batch_id, "index": position, "attempt": info.attempt, "items": info.items,
+               "status": info.status}  # fmt: skip
+    if settings_.json:
+        emit_json(message)
+    else:
+        note(
+            f"claimed index {position} of {batch_id}: {info.items} item(s), attempt {info.attempt}"
+            + (" (already settled; nothing to run)" if info.status != "ok" else "")
+        )
+
+
+@task_group.command("report")
+@click.option(
+    "--dir",
+    "directory",
+    required=True,
+    envvar="KIABATCH_TASK_DIR",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="Task directory.",
+)
+@click.option(
+    "--await",
+    "await_worker",
+    is_flag=True,
+    help="Sidecar mode: wait for run.sh to finish, report, then idle until terminated.",
+)
+@pass_settings
+def report_command(settings_: Settings, directory: Path, await_worker: bool) -> None:
+    """Report the outcome of the task in DIR to Redis (idempotent)."""
+    store = settings_.store(retry_seconds=settings.worker_retry_seconds())
+    with user_errors():
+        result = (
+            task.await_and_report(store, directory) if await_worker else task.report_from(store, directory)
+        )
+    summary = result.status if result is not None else "nothing to report"
+    note(f"reported {directory}: {summary}")
+    if await_worker:
+        # A native sidecar must keep running until the pod's main container exits.
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        stop.wait()
+
+
+@task_group.command("run-batch", hidden=True)
+@click.argument("batch_id")
+@pass_settings
+def run_batch_command(settings_: Settings, batch_id: str) -> None:
+    """Run a local batch in this process (what `submit --no-wait` starts in the background)."""
+    store = settings_.store(retry_seconds=settings.worker_retry_seconds())
+    with user_errors():
+        status = LocalRunner(store, batch_id).run()
+    note(f"batch {batch_id} {status.state}")
+
+
+def register(cli: click.Group) -> None:
+    """Attach ``task``."""
+    cli.add_command(task_group)

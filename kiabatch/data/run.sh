@@ -1,0 +1,46 @@
+#!/bin/sh
+# kiabatch task runner: runs the worker once per claimed item of this task.
+#
+# The claim step wrote, for item N, items/N/argv/* (one file per argument) and
+# optionally items/N/stdin. Item content is only ever read from those files into
+# "$@" with quoted expansion: it is never parsed as shell text.
+#
+# Writes items/N/{started,stdout,stderr,exit_code}, then "done" holding the task's
+# exit status (0, or the first failing item's code). With KIABATCH_AWAIT_REPORT=1
+# (the Kubernetes pod) it then waits until the reporter sidecar has written
+# "reported", so the pod only succeeds once the outcome is safely in Redis.
+set -u
+dir=${KIABATCH_TASK_DIR:-${0%/*}}
+status=0
+for item in "$dir"/items/*; do
+  [ -d "$item" ] || continue
+  [ -f "$item/invalid" ] && continue  # the reporter fails it with the reason given
+  set --
+  for file in "$item"/argv/*; do
+    [ -f "$file" ] || continue
+    value=$(cat "$file"; printf x)
+    set -- "$@" "${value%x}"
+  done
+  input=/dev/null
+  [ -f "$item/stdin" ] && input="$item/stdin"
+  : >"$item/started"
+  "$@" <"$input" >"$item/stdout" 2>"$item/stderr"
+  code=$?
+  printf '%s\n' "$code" >"$item/exit_code"
+  if [ "$code" -ne 0 ] && [ "$status" -eq 0 ]; then status=$code; fi
+done
+# Readers treat a file without a complete line as "not yet", so no rename is needed.
+printf '%s\n' "$status" >"$dir/done"
+if [ "${KIABATCH_AWAIT_REPORT:-0}" = 1 ]; then
+  waited=0
+  limit=${KIABATCH_REPORT_TIMEOUT:-600}
+  while [ ! -f "$dir/reported" ]; do
+    if [ "$waited" -ge "$limit" ]; then
+      echo "kiabatch: the reporter did not confirm within ${limit}s; failing so the index is retried" >&2
+      exit 75
+    fi
+    sleep 1
+    waited=$((waited + 1))
+  done
+fi
+exit "$status"

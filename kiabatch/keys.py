@@ -1,0 +1,94 @@
+"""Every Redis key name kiabatch uses, built here and nowhere else.
+
+Layout (``{...}`` is a Redis Cluster hash tag, so all keys of one batch, or of
+one named queue, live in the same slot):
+
+=====================================  ======  =============================================
+key                                    type    holds
+=====================================  ======  =============================================
+``kiabatch:{B}:meta``                  hash    spec, counts, state, timestamps of batch B
+``kiabatch:{B}:queue``                 list    items (JSON text) not yet claimed by a task
+``kiabatch:{B}:claims``                hash    index -> JSON array of the items it claimed
+``kiabatch:{B}:sizes``                 hash    index -> number of items in its claim
+``kiabatch:{B}:attempts``              hash    index -> attempts started (claims made)
+``kiabatch:{B}:failures``              hash    index -> failed attempts reported
+``kiabatch:{B}:reported``              set     ``index:attempt`` already reported
+``kiabatch:{B}:final``                 set     indexes whose outcome is settled
+``kiabatch:{B}:running``               hash    index -> items, for attempts in progress
+``kiabatch:{B}:progress``              hash    total, done, failed, running (items)
+``kiabatch:{B}:results``               hash    ``index:pos`` -> result bytes
+``kiabatch:{B}:outcomes``              hash    ``index:pos`` -> JSON exit code, duration, attempt
+``kiabatch:{B}:failed``                hash    ``index:pos`` -> JSON dead-letter entry
+``kiabatch:{B}:logs``                  hash    ``index:attempt`` -> tail of the worker's stderr
+``kiabatch:batches``                   zset    batch id -> creation time (for ``list``)
+``kiabatch:queue:{Q}``                 list    named queue Q
+``kiabatch:queues``                    set     names of named queues ever used
+``kiabatch:schedules``                 hash    schedule name -> JSON definition
+``kiabatch:schedule:{S}:runs``         zset    run id -> tick time, for ``history``
+=====================================  ======  =============================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+PREFIX = "kiabatch"
+
+#: Sorted set of every batch id, scored by creation time.
+BATCH_INDEX = f"{PREFIX}:batches"
+#: Set of the names of named queues.
+QUEUE_INDEX = f"{PREFIX}:queues"
+#: Hash of schedule definitions for the local scheduler.
+SCHEDULES = f"{PREFIX}:schedules"
+
+
+@dataclass(frozen=True)
+class BatchKeys:
+    """The keys of one batch; all share the batch id as hash tag."""
+
+    meta: str
+    queue: str
+    claims: str
+    sizes: str
+    attempts: str
+    failures: str
+    reported: str
+    final: str
+    running: str
+    progress: str
+    results: str
+    outcomes: str
+    failed: str
+    logs: str
+
+    def all(self) -> list[str]:
+        """Every key of the batch, in a fixed order (for DEL and EXPIRE)."""
+        return [getattr(self, f.name) for f in fields(self)]
+
+
+def batch_keys(batch_id: str) -> BatchKeys:
+    """Build the keys of ``batch_id``."""
+    tag = f"{PREFIX}:{{{batch_id}}}"
+    return BatchKeys(**{f.name: f"{tag}:{f.name}" for f in fields(BatchKeys)})
+
+
+def queue_key(name: str) -> str:
+    """The list holding the items of named queue ``name``."""
+    return f"{PREFIX}:queue:{{{name}}}"
+
+
+def schedule_runs_key(name: str) -> str:
+    """Sorted set of the runs of local schedule ``name``."""
+    return f"{PREFIX}:schedule:{{{name}}}:runs"
+
+
+def result_field(index: int, position: int) -> str:
+    """Hash field naming item ``position`` of task ``index``."""
+    return f"{index}:{position}"
+
+
+def parse_result_field(field: str | bytes) -> tuple[int, int]:
+    """Inverse of :func:`result_field`."""
+    text = field.decode() if isinstance(field, bytes) else field
+    index, position = text.split(":", 1)
+    return int(index), int(position)

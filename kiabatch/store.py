@@ -1,0 +1,369 @@
+"""Redis operations on batches: create, claim, report, read. No backend logic here.
+
+Every method that writes accepts an optional ``pipeline`` where it can be
+batched with other writes (the Lua scripts run atomically on their own).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from . import items as items_mod
+from . import keys, lua
+from .errors import NotFoundError, UsageError
+from .model import (
+    QUEUED,
+    BatchSpec,
+    FailedItem,
+    ItemResult,
+    Progress,
+    Status,
+    validate_batch_id,
+)
+
+_PUSH_CHUNK = 5000
+#: Last bytes of stderr kept with a dead-lettered item.
+DEAD_LETTER_STDERR = 4096
+#: Last bytes of stderr kept per attempt for ``kiabatch logs``.
+LOG_TAIL = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What CLAIM returned for one task."""
+
+    status: str  # "ok" or "final"
+    attempt: int
+    raw: bytes  # the claim's JSON array text, exactly as stored
+
+    @property
+    def items(self) -> list[Any]:
+        """The claimed items."""
+        return json.loads(self.raw)
+
+    @property
+    def sha1(self) -> str:
+        """Fingerprint a report must present (catches claims lost in a Redis crash)."""
+        return hashlib.sha1(self.raw).hexdigest()  # noqa: S324 - an identity check, not security
+
+
+@dataclass(frozen=True)
+class ItemOutcome:
+    """How one item of a task attempt ended."""
+
+    ok: bool
+    exit_code: int | None
+    duration: float
+    result: bytes = b""
+    stderr: bytes = b""
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    """What REPORT decided."""
+
+    status: str  # done, failed, retry, duplicate, stale
+    finished: bool
+
+
+class Store:
+    """Batch state in one Redis database."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+        self._claim = client.register_script(lua.CLAIM)
+        self._report = client.register_script(lua.REPORT)
+        self._release = client.register_script(lua.RELEASE)
+        self._snapshot = client.register_script(lua.SNAPSHOT)
+
+    # -- creating batches -------------------------------------------------------------
+
+    def create(self, spec: BatchSpec, encoded_items: Sequence[str]) -> None:
+        """Write a new batch and its items in one transaction (all or nothing)."""
+        k = keys.batch_keys(spec.id)
+        if self.redis.exists(k.meta):
+            raise UsageError(f"batch {spec.id!r} already exists; choose another id or delete it first")
+        with self.redis.pipeline(transaction=True) as pipe:
+            for start in range(0, len(encoded_items), _PUSH_CHUNK):
+                pipe.rpush(k.queue, *encoded_items[start : start + _PUSH_CHUNK])
+            pipe.hset(k.meta, mapping={**spec.to_fields(), "state": QUEUED})
+            pipe.hset(k.progress, mapping={"total": spec.total, "done": 0, "failed": 0, "running": 0})
+            pipe.zadd(keys.BATCH_INDEX, {spec.id: spec.created_at})
+            pipe.execute()
+
+    def create_from_queue(
+        self, spec: BatchSpec, queue_name: str, *, chunk: int | None, tasks: int | None
+    ) -> int:
+        """Start batch ``spec.id`` with a snapshot of named queue ``queue_name``.
+
+        ``spec``'s tasks, chunk and total are placeholders: the script derives them
+        from the snapshot. Returns the number of items taken (0: nothing written).
+        """
+        k = keys.batch_keys(spec.id)
+        fields = {**spec.to_fields(), "state": QUEUED}
+        for derived in ("tasks", "chunk", "total"):
+            fields.pop(derived, None)
+        flat: list[str] = [part for pair in fields.items() for part in pair]
+        return int(
+            self._snapshot(
+                keys=[keys.queue_key(queue_name), k.queue, k.meta, k.progress, keys.BATCH_INDEX],
+                args=[spec.id, spec.created_at, chunk or 0, tasks or 0, *flat],
+            )
+        )
+
+    # -- the task protocol ------------------------------------------------------------
+
+    def claim(self, batch_id: str, index: int) -> Claim:
+        """Claim task ``index``'s items (the same items on every call)."""
+        k = keys.batch_keys(batch_id)
+        status, attempt, raw = self._claim(
+            keys=[k.meta, k.queue, k.claims, k.sizes, k.attempts, k.final, k.running, k.progress],
+            args=[index, time.time()],
+        )
+        status = status.decode()
+        if status == "missing":
+            raise NotFoundError(f"no batch {batch_id!r} (it may have expired or been deleted)")
+        if status == "bad-index":
+            tasks = self.redis.hget(k.meta, "tasks")
+            raise UsageError(
+                f"bad completion index {index} for batch {batch_id!r}: must be 0 to {int(tasks) - 1}"
+            )
+        return Claim(status=status, attempt=int(attempt), raw=raw)
+
+    def report(
+        self,
+        batch_id: str,
+        index: int,
+        attempt: int,
+        claim_sha1: str,
+        outcomes: Sequence[ItemOutcome],
+        *,
+        claimed_items: Sequence[Any],
+        non_retriable: bool = False,
+        stderr_tail: bytes = b"",
+    ) -> ReportResult:
+        """Record one attempt of task ``index``; safe to call again with the same values."""
+        k = keys.batch_keys(batch_id)
+        all_ok = all(outcome.ok for outcome in outcomes)
+        per_item: list[Any] = []
+        for position, outcome in enumerate(outcomes):
+            outcome_json = json.dumps(
+                {"exit_code": outcome.exit_code, "duration": round(outcome.duration, 6), "attempt": attempt}
+            )
+            dead_letter = ""
+            if not outcome.ok:
+                dead_letter = json.dumps(
+                    {
+                        "item": claimed_items[position],
+                        "exit_code": outcome.exit_code,
+                        "reason": outcome.reason,
+                        "stderr": outcome.stderr[-DEAD_LETTER_STDERR:].decode("utf-8", errors="replace"),
+                        "attempts": attempt,
+                    },
+                    ensure_ascii=False,
+                )
+            per_item += ["1" if outcome.ok else "0", outcome.result, outcome_json, dead_letter]
+        report_keys = [k.meta, k.claims, k.sizes, k.failures, k.reported, k.final, k.running, k.progress]
+        report_keys += [k.results, k.outcomes, k.failed, k.logs, *k.all()]
+        status, finished = self._report(
+            keys=report_keys,
+        )
+        status = status.decode()
+        if status == "missing":
+            raise NotFoundError(f"no batch {batch_id!r} (it may have expired or been deleted)")
+        return ReportResult(status=status, finished=bool(finished))
+
+    def release(self, batch_id: str, index: int, pipeline: redis.client.Pipeline | None = None) -> None:
+        """Mark task ``index`` as no longer running (its worker was stopped)."""
+        k = keys.batch_keys(batch_id)
+        self._release(keys=[k.running, k.progress], args=[index], client=pipeline or self.redis)
+
+    def release_all(self, batch_id: str) -> int:
+        """Release every index marked running (after a runner crash). Returns how many."""
+        k = keys.batch_keys(batch_id)
+        indexes = [int(i) for i in self.redis.hkeys(k.running)]
+        for index in indexes:
+            self.release(batch_id, index)
+        return len(indexes)
+
+    def set_state(
+        self, batch_id: str, state: str, pipeline: redis.client.Pipeline | None = None, **extra: Any
+    ) -> None:
+        """Set the batch state (and any extra meta fields)."""
+        fields = {"state": state, **{name: str(value) for name, value in extra.items()}}
+        (pipeline or self.redis).hset(keys.batch_keys(batch_id).meta, mapping=fields)
+
+    def set_meta(self, batch_id: str, pipeline: redis.client.Pipeline | None = None, **values: Any) -> None:
+        """Set extra meta fields (runner pid, Job name, ...)."""
+        (pipeline or self.redis).hset(
+            keys.batch_keys(batch_id).meta, mapping={n: str(v) for n, v in values.items()}
+        )
+
+    # -- reading ----------------------------------------------------------------------
+
+    def exists(self, batch_id: str) -> bool:
+        """True if the batch exists (not expired or deleted)."""
+        return bool(self.redis.exists(keys.batch_keys(batch_id).meta))
+
+    def meta(self, batch_id: str) -> dict[str, str]:
+        """The raw meta hash as text; NotFoundError if there is none."""
+        validate_batch_id(batch_id)
+        raw = self.redis.hgetall(keys.batch_keys(batch_id).meta)
+        if not raw:
+            raise NotFoundError(f"no batch {batch_id!r} (it may have expired or been deleted)")
+        return {key.decode(): value.decode() for key, value in raw.items()}
+
+    def spec(self, batch_id: str) -> BatchSpec:
+        """The batch's definition."""
+        meta = self.meta(batch_id)
+        return BatchSpec.from_fields({key.encode(): value.encode() for key, value in meta.items()})
+
+    def progress(self, batch_id: str) -> Progress:
+        """Item counters, read in O(1)."""
+        raw = self.redis.hgetall(keys.batch_keys(batch_id).progress)
+        values = {key.decode(): int(value) for key, value in raw.items()}
+        return Progress(
+            total=values.get("total", 0),
+            done=values.get("done", 0),
+            failed=values.get("failed", 0),
+            running=max(0, values.get("running", 0)),
+        )
+
+    def status(self, batch_id: str) -> Status:
+        """State and progress of one batch."""
+        meta = self.meta(batch_id)
+
+        def when(name: str) -> float | None:
+            return float(meta[name]) if meta.get(name) else None
+
+        return Status(
+            id=batch_id,
+            state=meta.get("state", QUEUED),
+            progress=self.progress(batch_id),
+            workload=meta.get("workload", ""),
+            backend=meta.get("backend", "local"),
+            tasks=int(meta.get("tasks", 0)),
+            parallelism=int(meta.get("parallelism", 0)),
+            created_at=float(meta.get("created_at", 0)),
+            started_at=when("started_at"),
+            finished_at=when("finished_at"),
+            source=meta.get("source", "items"),
+        )
+
+    def unsettled_indexes(self, batch_id: str) -> list[int]:
+        """Task indexes whose outcome is not settled yet, in order."""
+        k = keys.batch_keys(batch_id)
+        tasks = int(self.redis.hget(k.meta, "tasks") or 0)
+        settled = {int(i) for i in self.redis.smembers(k.final)}
+        return [i for i in range(tasks) if i not in settled]
+
+    def failure_count(self, batch_id: str, index: int) -> int:
+        """Failed attempts reported for task ``index``."""
+        return int(self.redis.hget(keys.batch_keys(batch_id).failures, index) or 0)
+
+    def _claimed_items(self, batch_id: str) -> dict[int, list[Any]]:
+        raw = self.redis.hgetall(keys.batch_keys(batch_id).claims)
+        return {int(index): json.loads(value) for index, value in raw.items()}
+
+    def results(self, batch_id: str) -> list[ItemResult]:
+        """Results of the successful items, in (index, position) order."""
+        self.meta(batch_id)
+        k = keys.batch_keys(batch_id)
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(k.results)
+            pipe.hgetall(k.outcomes)
+            pipe.hgetall(k.claims)
+            results, outcomes, claims = pipe.execute()
+        claimed = {int(index): json.loads(value) for index, value in claims.items()}
+        out = []
+        for field, value in results.items():
+            index, position = keys.parse_result_field(field)
+            info = json.loads(outcomes.get(field, b"{}"))
+            out.append(
+                ItemResult(
+                    index=index,
+                    position=position,
+                    item=claimed[index][position],
+                    result=value,
+                    exit_code=info.get("exit_code", 0),
+                    duration=info.get("duration", 0.0),
+                    attempt=info.get("attempt", 0),
+                )
+            )
+        return sorted(out, key=lambda r: (r.index, r.position))
+
+    def failed(self, batch_id: str) -> list[FailedItem]:
+        """The dead-letter set, in (index, position) order."""
+        self.meta(batch_id)
+        raw = self.redis.hgetall(keys.batch_keys(batch_id).failed)
+        out = []
+        for field, value in raw.items():
+            index, position = keys.parse_result_field(field)
+            entry = json.loads(value)
+            out.append(
+                FailedItem(
+                    index=index,
+                    position=position,
+                    item=entry["item"],
+                    exit_code=entry.get("exit_code"),
+                    reason=entry.get("reason", ""),
+                    stderr=entry.get("stderr", ""),
+                    attempts=entry.get("attempts", 0),
+                )
+            )
+        return sorted(out, key=lambda f: (f.index, f.position))
+
+    def logs(self, batch_id: str, index: int | None = None) -> list[tuple[int, int, bytes]]:
+        """Stored stderr tails as (index, attempt, bytes), oldest attempt first."""
+        self.meta(batch_id)
+        raw = self.redis.hgetall(keys.batch_keys(batch_id).logs)
+        entries = []
+        for field, value in raw.items():
+            task, attempt = keys.parse_result_field(field)
+            if index is None or task == index:
+                entries.append((task, attempt, value))
+        return sorted(entries)
+
+    def list_batches(self, limit: int = 100) -> list[Status]:
+        """Recent batches, newest first; ids whose keys expired are pruned."""
+        ids = [i.decode() for i in self.redis.zrevrange(keys.BATCH_INDEX, 0, limit - 1)]
+        statuses, gone = [], []
+        for batch_id in ids:
+            try:
+                statuses.append(self.status(batch_id))
+            except NotFoundError:
+                gone.append(batch_id)
+        if gone:
+            self.redis.zrem(keys.BATCH_INDEX, *gone)
+        return statuses
+
+    # -- removing ---------------------------------------------------------------------
+
+    def delete(self, batch_id: str, *, keep_results: bool = False) -> bool:
+        """Delete a batch at once (``keep_results``: keep what ``results`` and ``status`` read)."""
+        validate_batch_id(batch_id)
+        k = keys.batch_keys(batch_id)
+        keep = (
+            {k.meta, k.progress, k.results, k.outcomes, k.failed, k.claims, k.logs} if keep_results else set()
+        )
+        doomed = [key for key in k.all() if key not in keep]
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.exists(k.meta)
+            pipe.delete(*doomed)
+            if not keep_results:
+                pipe.zrem(keys.BATCH_INDEX, batch_id)
+            existed = pipe.execute()[0]
+        return bool(existed)
+
+
+def encode_items(values: Iterable[Any]) -> list[str]:
+    """Encode items for :meth:`Store.create`."""
+    return list(items_mod.encode_many(values))

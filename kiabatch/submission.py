@@ -1,0 +1,147 @@
+"""``submit``: turn a workload and its options into a batch, and start it."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from . import backends, settings, workloads
+from . import items as items_mod
+from .batch import Batch, open_store
+from .errors import UsageError
+from .model import BatchSpec, Progress, new_batch_id, validate_batch_id, validate_queue_name
+
+
+def _positive_int(name: str, value: Any, *, minimum: int = 1, allow_none: bool = True) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UsageError(f"{name} must be an integer >= {minimum}, not {value!r}")
+    return value
+
+
+def _positive_seconds(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0 or math.isinf(value):
+        raise UsageError(f"{name} must be a positive number of seconds, not {value!r}")
+    return float(value)
+
+
+def cut_tasks(total: int, *, tasks: int | None, chunk: int | None) -> tuple[int, int]:
+    """(tasks, chunk) for ``total`` items: ``tasks`` wanted, or ``chunk`` items each (default 1)."""
+    if tasks is not None and chunk is not None:
+        raise UsageError("give either tasks or chunk, not both (chunk = items per task)")
+    if tasks is not None:
+        chunk = math.ceil(total / tasks)
+    chunk = chunk or 1
+    return math.ceil(total / chunk), chunk
+
+
+def submit(
+    workload: str = "exec",
+    *,
+    items: Iterable[Any] | None = None,
+    command: str | Sequence[str] | None = None,
+    from_queue: str | None = None,
+    parallel: int = 1,
+    tasks: int | None = None,
+    chunk: int | None = None,
+    retries: int = 3,
+    timeout: float | None = None,
+    task_timeout: float | None = None,
+    ttl: int = settings.DEFAULT_TTL,
+    batch_id: str | None = None,
+    backend: str = backends.LOCAL,
+    redis: redis.Redis | str | None = None,
+    wait: bool = False,
+    home: Path | None = None,
+    on_update: Callable[[Progress], None] | None = None,
+    on_created: Callable[[Batch], None] | None = None,
+    **options: Any,
+) -> Batch | None:
+    """Create a batch and start it; returns its :class:`Batch` handle.
+
+    ``workload`` is ``"exec"`` (``command`` plus ``items`` or ``from_queue``) or
+    a named workload such as ``"pi"`` with its options (``digits=5000``).
+    ``parallel`` caps concurrent tasks; ``tasks`` / ``chunk`` cut the items
+    (default: one item per task); ``retries`` is the per-task retry limit;
+    ``timeout`` the batch deadline and ``task_timeout`` the per-attempt limit,
+    in seconds. With ``wait`` the batch runs to the end before returning (on
+    the local backend, in this process). Returns None when ``from_queue`` names
+    an empty queue: nothing is created. Bad input raises UsageError before
+    anything is written.
+    """
+    _positive_int("parallel", parallel, allow_none=False)
+    _positive_int("tasks", tasks)
+    _positive_int("chunk", chunk)
+    _positive_int("retries", retries, minimum=0, allow_none=False)
+    _positive_int("ttl", ttl, minimum=0, allow_none=False)
+    deadline = _positive_seconds("timeout", timeout)
+    per_task = _positive_seconds("task_timeout", task_timeout)
+    backends.validate(backend)
+    chosen = workloads.get(workload)
+    if batch_id is not None:
+        validate_batch_id(batch_id)
+    if from_queue is not None:
+        validate_queue_name(from_queue)
+        if workload != "exec" or items is not None:
+            raise UsageError("from_queue works with the exec workload and no explicit items")
+    target = backends.get(backend)
+    workload_options = dict(options)
+    if workload == "exec":
+        workload_options.update(
+            command=command, items=list(items) if items is not None else None, chunk=chunk
+        )
+    elif command is not None or items is not None:
+        raise UsageError(f"workload {workload!r} makes its own items and command; drop command/items")
+    plan = chosen.plan(target.runtime(), parallel=parallel, tasks=tasks, **workload_options)
+
+    # A batch run in this process must ride out a Redis restart; a detached one only writes once.
+    store = open_store(redis, retry_seconds=settings.worker_retry_seconds() if wait else 0.0)
+    spec = BatchSpec(
+        id=batch_id or new_batch_id(workload if from_queue is None else from_queue),
+        workload=chosen.name,
+        worker=plan.worker,
+        tasks=0,
+        parallelism=parallel,
+        chunk=0,
+        retries=retries,
+        total=0,
+        created_at=time.time(),
+        ttl=ttl,
+        backend=backend,
+        options=plan.options,
+        deadline=deadline,
+        task_timeout=per_task,
+        source="items" if from_queue is None else f"queue:{from_queue}",
+        cwd=os.getcwd(),
+    )
+    if from_queue is not None:
+        taken = store.create_from_queue(spec, from_queue, chunk=plan.chunk, tasks=plan.tasks)
+        if taken == 0:
+            return None
+        spec = store.spec(spec.id)
+    else:
+        if not plan.items:
+            raise UsageError(
+                "no items to run; give items (--item, --items FILE, --lines FILE) or --from-queue"
+            )
+        encoded = list(items_mod.encode_many(plan.items))
+        count, size = cut_tasks(len(encoded), tasks=plan.tasks, chunk=plan.chunk)
+        spec = replace(spec, tasks=count, chunk=size, total=len(encoded))
+        store.create(spec, encoded)
+    batch = Batch(spec.id, store.redis, home=home)
+    if on_created is not None:
+        on_created(batch)
+    if wait:
+        batch.start_prepare()
+    target.launch(store, spec, wait=wait, home=home, on_update=on_update)
+    return batch

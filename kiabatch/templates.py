@@ -1,0 +1,96 @@
+"""Worker command templates: argv lists with ``{placeholder}`` substitution.
+
+Substitution happens per argument and yields a list for ``exec``; an item never
+passes through a shell. Placeholders:
+
+``{item}``    the item's text (strings as is, other values as compact JSON)
+``{input}``   path of a file holding the item's JSON
+``{output}``  path of a file the worker writes; its content becomes the result
+``{index}``   the task's completion index
+``{FIELD}``   field FIELD of an object item (its text)
+
+``{{`` and ``}}`` stand for literal braces.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from . import items as items_mod
+from .errors import UsageError
+
+RESERVED = ("item", "input", "output", "index")
+_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+
+
+def placeholders(command: Sequence[str]) -> list[str]:
+    """Every placeholder name used in ``command``, in order, validating the syntax."""
+    names: list[str] = []
+    for argument in command:
+        for match in _TOKEN.finditer(argument):
+            token = match.group(0)
+            if token in ("{{", "}}"):
+                continue
+            name = match.group(1)
+            if name is None or not name.strip():
+                raise UsageError(
+                    f"bad command template argument {argument!r}: unmatched or empty brace; "
+                    "use {item}, {input}, {output}, {index} or {FIELD}, and {{ }} for literal braces"
+                )
+            names.append(name)
+    return names
+
+
+def validate(command: Sequence[str]) -> list[str]:
+    """Check a command template; returns its placeholder names."""
+    if not command or not command[0]:
+        raise UsageError(
+            "the worker command is empty; give a program and its arguments, e.g. --command 'echo {item}'"
+        )
+    return placeholders(command)
+
+
+def fields(command: Sequence[str]) -> list[str]:
+    """Placeholder names that refer to item fields rather than reserved names."""
+    return [name for name in placeholders(command) if name not in RESERVED]
+
+
+def check_item(command: Sequence[str], item: Any, where: str = "item") -> None:
+    """Raise UsageError if ``item`` lacks a field the template substitutes."""
+    needed = fields(command)
+    if not needed:
+        return
+    if not isinstance(item, dict):
+        raise UsageError(
+            f"{where} {items_mod.text(item)!r:.80} is not a JSON object, but the command uses "
+            f"{{{needed[0]}}}; give object items or use {{item}}"
+        )
+    for name in needed:
+        if name not in item:
+            raise UsageError(
+                f"{where} {items_mod.text(item)!r:.80} has no field {name!r}, which the command uses"
+            )
+
+
+def check_items(command: Sequence[str], values: Iterable[Any]) -> None:
+    """``check_item`` for every item, numbering them from 1 in messages."""
+    if not fields(command):
+        return
+    for number, value in enumerate(values, start=1):
+        check_item(command, value, where=f"item {number}")
+
+
+def render(command: Sequence[str], item: Any, *, input_path: str, output_path: str, index: int) -> list[str]:
+    """The argv for one item. Raises UsageError if a field is missing."""
+    check_item(command, item)
+    known = {"item": items_mod.text(item), "input": input_path, "output": output_path, "index": str(index)}
+
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(0) in ("{{", "}}"):
+            return match.group(0)[0]
+        name = match.group(1)
+        return known[name] if name in known else items_mod.text(item[name])
+
+    return [_TOKEN.sub(substitute, argument) for argument in command]

@@ -1,0 +1,71 @@
+"""What a workload is: how to turn user options into items plus a worker command."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from ..model import ItemResult, WorkerSpec
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where a backend's workers find Python and kiabatch's worker programs."""
+
+    python: str
+    workers_dir: str
+
+    def worker(self, name: str) -> str:
+        """Path of worker program ``name`` on this runtime."""
+        return f"{self.workers_dir}/{name}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A workload's answer: the items, the worker, and how to cut tasks."""
+
+    items: list[Any]
+    worker: WorkerSpec
+    #: Options kept with the batch for the reduce step.
+    options: dict[str, Any] = field(default_factory=dict)
+    #: Items per task (None: derive from ``tasks``, else 1).
+    chunk: int | None = None
+    #: Number of tasks wanted (None: one per chunk).
+    tasks: int | None = None
+
+
+@runtime_checkable
+class Workload(Protocol):
+    """A named kind of batch. Optional hooks: ``prepare`` and ``reduce``."""
+
+    name: str
+    description: str
+
+    def plan(self, runtime: Runtime, *, parallel: int, tasks: int | None, **options: Any) -> Plan:
+        """Validate ``options`` (raise UsageError) and describe the batch."""
+        ...
+
+
+@runtime_checkable
+class Reducible(Protocol):
+    """A workload whose results combine into one answer, client-side."""
+
+    def prepare(self, options: dict[str, Any]) -> Any:
+        """Work that can overlap the map step (run in a thread while tasks run)."""
+        ...
+
+    def reduce(self, results: list[ItemResult], options: dict[str, Any], prepared: Any) -> str:
+        """Combine the results (in index order) into the batch's answer."""
+        ...
+
+
+def local_runtime() -> Runtime:
+    """The runtime of the local backend: this interpreter, the installed workers."""
+    import sys
+
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "_workers", here.parent / "workers"):
+        if candidate.is_dir():
+            return Runtime(python=sys.executable, workers_dir=str(candidate))
+    raise FileNotFoundError(f"kiabatch's worker programs are missing (looked in {here / '_workers'})")

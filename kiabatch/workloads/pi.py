@@ -1,0 +1,176 @@
+"""The π workload: a parallel map/reduce over the Chudnovsky series.
+
+Map: the series' terms [0, N) are cut into T ranges of equal *cost* (a term's
+integers grow with its index, so equal-length ranges would leave the last task
+with the most work). Each task runs ``workers/pi --range A B``, which writes the
+binary-splitting triple (P, Q, T) of its range.
+
+Reduce (client-side): the triples are combined pairwise in series order into the
+triple of [0, N), and π = 426880·√10005·Q/T is evaluated in integer arithmetic
+to D decimals plus guard digits, then truncated. √10005 is computed while the
+tasks run (``prepare``), so it costs no wall time.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+from typing import Any
+
+from mpmath.libmp import MPZ, isqrt, numeral
+
+from ..errors import UsageError
+from ..model import ItemResult, WorkerSpec
+from .base import Plan, Runtime
+
+#: Decimal digits each Chudnovsky term adds: log10(640320^3 / (24*6*2*6)).
+DIGITS_PER_TERM = math.log10(151931373056000)
+#: Extra digits of series accuracy beyond what is printed.
+_SERIES_MARGIN = 30
+_GUARD_DIGITS = 20
+MAX_DIGITS = 10**8
+_MAGIC = b"KBPI1\n"
+
+
+def terms_for(digits: int) -> int:
+    """Series terms needed for ``digits`` decimals (with a safety margin)."""
+    return math.ceil((digits + _SERIES_MARGIN) / DIGITS_PER_TERM) + 1
+
+
+def _cost_before(m: int) -> float:
+    """Approximate bits in the terms [0, m): |p(k)|·q(k) has ~59.5 + 6·log2(k) bits."""
+    if m <= 1:
+        return 60.0 * m
+    return 60.0 + 59.5 * (m - 1) + 6 * math.lgamma(m) / math.log(2)
+
+
+def balanced_ranges(terms: int, tasks: int) -> list[tuple[int, int]]:
+    """Cut [0, terms) into ``tasks`` non-empty ranges of about equal cost."""
+    if not 1 <= tasks <= terms:
+        raise ValueError(f"need 1 <= tasks <= terms, got {tasks} tasks for {terms} terms")
+    total = _cost_before(terms)
+    cuts = [0]
+    for j in range(1, tasks):
+        target = total * j / tasks
+        # Smallest m with cost_before(m) >= target, kept strictly increasing and
+        # leaving at least one term for every later range.
+        m = bisect.bisect_left(range(terms + 1), target, key=_cost_before)
+        m = max(m, cuts[-1] + 1)
+        m = min(m, terms - (tasks - j))
+        cuts.append(m)
+    cuts.append(terms)
+    return list(itertools.pairwise(cuts))
+
+
+def decode_triple(data: bytes) -> tuple[int, int, int]:
+    """Parse the worker's binary triple (see workers/pi)."""
+    if not data.startswith(_MAGIC):
+        raise ValueError("not a pi triple (bad magic)")
+    offset, numbers = len(_MAGIC), []
+    for _ in range(3):
+        negative = data[offset] == 1
+        length = int.from_bytes(data[offset + 1 : offset + 9], "big")
+        start = offset + 9
+        value = MPZ(int.from_bytes(data[start : start + length], "big"))
+        numbers.append(-value if negative else value)
+        offset = start + length
+    if offset != len(data):
+        raise ValueError("trailing bytes after pi triple")
+    return numbers[0], numbers[1], numbers[2]
+
+
+def combine(left: tuple[int, int, int], right: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Triple of [a, c) from the triples of [a, b) and [b, c)."""
+    p1, q1, t1 = left
+    p2, q2, t2 = right
+    return p1 * p2, q1 * q2, t1 * q2 + p1 * t2
+
+
+def combine_all(triples: list[tuple[int, int, int]]) -> tuple[int, int, int]:
+    """Combine adjacent triples pairwise (a balanced tree keeps the products even)."""
+    while len(triples) > 1:
+        paired = [combine(triples[i], triples[i + 1]) for i in range(0, len(triples) - 1, 2)]
+        if len(triples) % 2:
+            paired.append(triples[-1])
+        triples = paired
+    return triples[0]
+
+
+def sqrt_10005(digits: int) -> int:
+    """floor(√10005 · 10^(digits + guard)), the slow part that overlaps the map step."""
+    return isqrt(MPZ(10005) * MPZ(10) ** (2 * (digits + _GUARD_DIGITS)))
+
+
+def evaluate(q: int, t: int, digits: int, root: int | None = None) -> str:
+    """π to ``digits`` decimals, truncated, from the triple of the whole series."""
+    root = root if root is not None else sqrt_10005(digits)
+    scaled = (426880 * root * q) // t  # ≈ π·10^(digits+guard), within ±2
+    kept, guard = divmod(scaled, MPZ(10) ** _GUARD_DIGITS)
+    if not 2 < guard < 10**_GUARD_DIGITS - 3:
+        # The truncation point sits within the error bound: a run of 20 nines or
+        # zeros. Never seen below 10^8 digits; refuse rather than guess.
+        raise ArithmeticError(f"cannot decide digit {digits} of pi from {_GUARD_DIGITS} guard digits")
+    text = numeral(kept)
+    return f"{text[0]}.{text[1:]}"
+
+
+class PiWorkload:
+    """``kiabatch submit pi --digits D``: digits of π as a parallel map/reduce."""
+
+    name = "pi"
+    description = "digits of pi: Chudnovsky series split across tasks, combined client-side"
+
+    def plan(
+        self,
+        runtime: Runtime,
+        *,
+        parallel: int,
+        tasks: int | None,
+        digits: int = 1000,
+        force: bool = False,
+        **unknown: Any,
+    ) -> Plan:
+        """Items are the term ranges; one range per task."""
+        if unknown:
+            raise UsageError(
+                f"unknown option(s) for workload pi: {', '.join(sorted(unknown))}; allowed: digits, force"
+            )
+        if isinstance(digits, bool) or not isinstance(digits, int):
+            raise UsageError(f"digits must be a positive integer, not {digits!r}")
+        if digits <= 0:
+            raise UsageError(f"digits must be a positive integer (1 to {MAX_DIGITS:,}), not {digits}")
+        if digits > MAX_DIGITS and not force:
+            raise UsageError(
+                f"digits {digits:,} is more than {MAX_DIGITS:,}; add --force to compute it anyway"
+            )
+        terms = terms_for(digits)
+        wanted = tasks if tasks is not None else parallel
+        if wanted > terms:
+            raise UsageError(
+                f"tasks {wanted} is more than the {terms} Chudnovsky terms {digits} digits need; "
+                f"use at most {terms} (tasks defaults to --parallel)"
+            )
+        ranges = balanced_ranges(terms, wanted)
+        worker = WorkerSpec(command=[runtime.python, runtime.worker("pi"), "--range", "{a}", "{b}"])
+        return Plan(
+            items=[{"a": a, "b": b} for a, b in ranges],
+            worker=worker,
+            options={"digits": digits},
+            chunk=1,
+        )
+
+    def prepare(self, options: dict[str, Any]) -> int:
+        """√10005 at the batch's precision (runs while the tasks run)."""
+        return sqrt_10005(int(options["digits"]))
+
+    def reduce(self, results: list[ItemResult], options: dict[str, Any], prepared: Any = None) -> str:
+        """Combine the triples in series order and evaluate π."""
+        ordered = sorted(results, key=lambda r: r.item["a"])
+        expected = 0
+        for result in ordered:
+            if result.item["a"] != expected:
+                raise ValueError(f"pi results do not cover the series: a gap at term {expected}")
+            expected = result.item["b"]
+        _, q, t = combine_all([decode_triple(r.result) for r in ordered])
+        return evaluate(q, t, int(options["digits"]), prepared)
