@@ -175,6 +175,17 @@ class Store:
         report_keys += [k.results, k.outcomes, k.failed, k.logs, *k.all()]
         status, finished = self._report(
             keys=report_keys,
+            args=[
+                index,
+                attempt,
+                claim_sha1,
+                time.time(),
+                "1" if all_ok else "0",
+                "1" if non_retriable else "0",
+                stderr_tail[-LOG_TAIL:],
+                len(outcomes),
+                *per_item,
+            ],
         )
         status = status.decode()
         if status == "missing":
