@@ -18,7 +18,7 @@ import itertools
 import math
 from typing import Any
 
-from mpmath.libmp import MPZ, isqrt, numeral
+from mpmath.libmp import MPZ, isqrt
 
 from ..errors import UsageError
 from ..model import ItemResult, WorkerSpec
@@ -111,8 +111,23 @@ def evaluate(q: int, t: int, digits: int, root: int | None = None) -> str:
         # The truncation point sits within the error bound: a run of 20 nines or
         # zeros. Never seen below 10^8 digits; refuse rather than guess.
         raise ArithmeticError(f"cannot decide digit {digits} of pi from {_GUARD_DIGITS} guard digits")
-    text = numeral(kept)
+    text = decimal_text(kept)
     return f"{text[0]}.{text[1:]}"
+
+
+def decimal_text(n: int) -> str:
+    """Decimal digits of ``n`` >= 0, fast for gmpy2 integers and unlimited for Python ones.
+
+    Python caps ``str(int)`` at 4300 digits (and mpmath's conversion inherits
+    the cap); rather than lift it for the whole process, split the number.
+    """
+    if not isinstance(n, int):
+        return str(n)  # gmpy2.mpz: GMP's subquadratic conversion, no cap
+    if n < 10**4000:
+        return str(n)
+    half = int(n.bit_length() * 0.30103) // 2  # about half its decimal digits
+    high, low = divmod(n, 10**half)
+    return decimal_text(high) + decimal_text(low).rjust(half, "0")
 
 
 class PiWorkload:

@@ -1,0 +1,166 @@
+"""π: the worker's triples, the balanced split and the reduce give mpmath's digits, truncated."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mpmath
+import pytest
+
+from kiabatch import submit
+from kiabatch.errors import UsageError
+from kiabatch.workloads import local_runtime
+from kiabatch.workloads.pi import (
+    PiWorkload,
+    _cost_before,
+    balanced_ranges,
+    combine_all,
+    decode_triple,
+    evaluate,
+    terms_for,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+WORKER = REPO / "workers" / "pi"
+DIGITS = [1, 2, 13, 14, 15, 100, 5000, 100000]
+
+
+def load_worker():
+    loader = importlib.machinery.SourceFileLoader("pi_worker", str(WORKER))
+    spec = importlib.util.spec_from_loader("pi_worker", loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def truth(digits: int) -> str:
+    """mpmath's π at higher precision, truncated to ``digits`` decimals."""
+    if hasattr(sys, "set_int_max_str_digits"):
+        sys.set_int_max_str_digits(0)  # mpmath's own conversion needs it without gmpy2
+    with mpmath.workdps(digits + 40):
+        text = mpmath.nstr(mpmath.pi, digits + 30, strip_zeros=False)
+    return text[: digits + 2]
+
+
+def pi_via_split(digits: int, tasks: int) -> str:
+    worker = load_worker()
+    ranges = balanced_ranges(terms_for(digits), tasks)
+    triples = [decode_triple(worker.encode(worker.split(a, b))) for a, b in ranges]
+    _, q, t = combine_all(triples)
+    return evaluate(q, t, digits)
+
+
+@pytest.mark.parametrize("digits", DIGITS)
+@pytest.mark.parametrize("tasks", [1, 2, 3, 4])
+def test_split_and_reduce_give_the_truncated_digits(digits, tasks):
+    if tasks > terms_for(digits):
+        pytest.skip("more tasks than terms is refused (tested below)")
+    result = pi_via_split(digits, tasks)
+    assert result == truth(digits)
+    assert len(result) == digits + 2 and result.startswith("3.")
+
+
+def test_truncation_not_rounding():
+    # The 6th decimal is 2 followed by 6: rounding would give 3.141593.
+    assert pi_via_split(5, 2) == "3.14159"
+    assert pi_via_split(6, 2) == "3.141592"
+
+
+def test_the_plain_python_integer_backend_gives_the_same_digits():
+    """MPMATH_NOGMPY=1: mpmath falls back to Python integers; worker and reduce still agree."""
+    script = f"""
+import sys, mpmath.libmp
+assert mpmath.libmp.BACKEND == "python", mpmath.libmp.BACKEND
+sys.path.insert(0, {str(REPO / "tests")!r})
+from test_pi import pi_via_split, truth, DIGITS
+for digits in DIGITS:
+    for tasks in (1, 3):
+        assert pi_via_split(digits, tasks) == truth(digits), (digits, tasks)
+print("ok")
+"""
+    env = {**os.environ, "MPMATH_NOGMPY": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+def test_the_worker_plain_mode_prints_pi_to_n_decimals():
+    for digits in (1, 15, 1000):
+        done = subprocess.run(
+            [sys.executable, str(WORKER), "--digits", str(digits)], capture_output=True, text=True, check=True
+        )
+        assert done.stdout.strip() == truth(digits)
+
+
+def test_the_worker_refuses_bad_arguments_with_usage_errors():
+    for args in (["--digits", "0"], ["--range", "5", "5"], []):
+        done = subprocess.run([sys.executable, str(WORKER), *args], capture_output=True, text=True)
+        assert done.returncode == 2 and "error" in done.stderr
+
+
+def test_the_workers_never_import_kiabatch():
+    import ast
+
+    for program in (REPO / "workers").iterdir():
+        tree = ast.parse(program.read_text())
+        imported = {
+            alias.name.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for alias in node.names
+        }
+        imported |= {
+            node.module.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module
+        }
+        assert "kiabatch" not in imported, program
+
+
+def test_balanced_ranges_cover_the_series_and_even_out_the_cost():
+    terms = terms_for(10**6)
+    for tasks in (2, 3, 8):
+        ranges = balanced_ranges(terms, tasks)
+        assert ranges[0][0] == 0 and ranges[-1][1] == terms
+        assert all(a < b for a, b in ranges)
+        assert all(ranges[i][1] == ranges[i + 1][0] for i in range(tasks - 1))
+        costs = [_cost_before(b) - _cost_before(a) for a, b in ranges]
+        assert max(costs) / min(costs) < 1.001
+        # ... and are not simply equal-length ranges (later terms are bigger).
+        assert ranges[0][1] - ranges[0][0] > ranges[-1][1] - ranges[-1][0]
+
+
+def test_more_tasks_than_terms_is_refused():
+    runtime = local_runtime()
+    with pytest.raises(UsageError, match=r"tasks 5 is more than the 4 Chudnovsky terms 1 digits need"):
+        PiWorkload().plan(runtime, parallel=1, tasks=5, digits=1)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"digits": 0}, "digits must be a positive integer"),
+        ({"digits": -3}, "digits must be a positive integer"),
+        ({"digits": "12"}, "digits must be a positive integer"),
+        ({"digits": 2.5}, "digits must be a positive integer"),
+        ({"digits": 10**8 + 1}, "add --force"),
+        ({"digits": 10, "colour": "red"}, "unknown option"),
+    ],
+)
+def test_bad_pi_options_are_refused(options, message):
+    with pytest.raises(UsageError, match=message):
+        PiWorkload().plan(local_runtime(), parallel=1, tasks=None, **options)
+
+
+@pytest.mark.parametrize(("digits", "parallel", "tasks"), [(5000, 3, None), (100, 2, 5), (100000, 2, 4)])
+def test_a_pi_batch_through_the_local_backend_prints_the_truth(redis_url, home, digits, parallel, tasks):
+    batch = submit("pi", digits=digits, parallel=parallel, tasks=tasks, wait=True, home=home)
+    assert batch.status().progress.done == (tasks or parallel)
+    assert batch.reduce() == truth(digits)
