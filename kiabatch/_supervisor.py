@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 _PR_SET_PDEATHSIG = 1
 _MAX_RESTARTS = 5
@@ -109,7 +111,9 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
-    client = redis.Redis(unix_socket_path=args.socket, socket_timeout=5, socket_connect_timeout=2)
+    client = redis.Redis(
+        unix_socket_path=args.socket, socket_timeout=5, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0)
+    )
     server = _start_server(args)
     if not _wait_ready(client, server):
         print("kiabatch supervisor: redis-server did not become ready", file=sys.stderr)
@@ -174,7 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lockfile", required=True)
     parser.add_argument("--redis-server", required=True)
     parser.add_argument("--idle-timeout", type=float, required=True)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    # Detach from whoever started us (a CLI run, or a long-lived program using the
+    # API): it must not have to reap us, and our exit must not depend on it.
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    return run(args)
 
 
 if __name__ == "__main__":

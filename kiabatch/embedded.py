@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from . import settings
 from .errors import UnreachableError
@@ -122,8 +124,15 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def quick_client(socket: Path | str) -> redis.Redis:
+    """A client that fails at once instead of retrying (redis-py retries by default)."""
+    return redis.Redis(
+        unix_socket_path=str(socket), socket_timeout=5, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0)
+    )
+
+
 def _answers(socket: Path) -> bool:
-    client = redis.Redis(unix_socket_path=str(socket), socket_timeout=2, socket_connect_timeout=2)
+    client = quick_client(socket)
     try:
         return bool(client.ping())
     except (redis.ConnectionError, redis.TimeoutError, OSError):
@@ -143,6 +152,7 @@ def _start_supervisor(paths: ServerPaths, idle_timeout: float) -> None:
     paths.pidfile.unlink(missing_ok=True)
     paths.socket.unlink(missing_ok=True)
     binary = redis_server_binary()
+    offset = paths.log.stat().st_size if paths.log.exists() else 0
     with open(paths.log, "ab") as log:
         supervisor = subprocess.Popen(
             [
@@ -168,18 +178,27 @@ def _start_supervisor(paths: ServerPaths, idle_timeout: float) -> None:
             start_new_session=True,  # survive Ctrl-C in the terminal that started it
             close_fds=True,
         )
+    supervisor.wait()  # it forks the real supervisor and exits at once
     deadline = time.monotonic() + _START_TIMEOUT
     while time.monotonic() < deadline:
-        if supervisor.poll() is not None:
-            break
-        if paths.pidfile.exists() and _answers(paths.socket):
+        record = read_pidfile(paths)
+        if record and _answers(paths.socket):
             return
+        if record is None and "kiabatch supervisor:" in _log_since(paths, offset):
+            break
         time.sleep(0.02)
-    if supervisor.poll() is None:
-        supervisor.kill()
-    tail = paths.log.read_text(errors="replace").strip().splitlines()[-3:] if paths.log.exists() else []
+    tail = _log_since(paths, offset).strip().splitlines()[-3:]
     detail = f": {' | '.join(tail)}" if tail else ""
     raise UnreachableError(f"the embedded Redis server did not start (log {paths.log}){detail}")
+
+
+def _log_since(paths: ServerPaths, offset: int) -> str:
+    try:
+        with open(paths.log, "rb") as handle:
+            handle.seek(offset)
+            return handle.read().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def connect(home: Path | None = None, **client_options: Any) -> redis.Redis:
@@ -211,7 +230,7 @@ def status(home: Path | None = None) -> dict[str, Any]:
         return result
     result.update(record, running=_answers(Path(record["socket"])))
     if result["running"]:
-        client = redis.Redis(unix_socket_path=record["socket"], socket_timeout=2)
+        client = quick_client(record["socket"])
         try:
             info = client.info()
             result["version"] = info.get("redis_version")

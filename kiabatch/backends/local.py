@@ -123,6 +123,7 @@ class LocalRunner:
         self._stop_signal: int | None = None
         self._selector = selectors.DefaultSelector()
         self._attempt_serial = 0
+        self._abandoned = False
 
     # -- public -----------------------------------------------------------------------
 
@@ -135,9 +136,14 @@ class LocalRunner:
             self.store.set_meta(self.batch_id, runner=f"pid {os.getpid()} on {socket.gethostname()}")
             self._kill_orphans()
             self.store.release_all(self.batch_id)
-            pending = deque(self.store.unsettled_indexes(self.batch_id))
             try:
-                self._loop(pending)
+                # Loop until Redis agrees every index is settled: a Redis that crashed
+                # without persisting its last writes can "forget" reports we made.
+                while self._stop_signal is None and not self._abandoned:
+                    pending = deque(self.store.unsettled_indexes(self.batch_id))
+                    if not pending:
+                        break
+                    self._loop(pending)
             except BaseException:
                 # Redis lost for good, or a bug: never leave workers running unattended.
                 self._kill_all_quietly()
@@ -297,6 +303,7 @@ class LocalRunner:
         )
 
     def _abandon_unsettled(self, reason: str) -> None:
+        self._abandoned = True
         for index in self.store.unsettled_indexes(self.batch_id):
             self._abandon_index(index, reason)
         self.store.set_meta(self.batch_id, failure_reason="DeadlineExceeded")
