@@ -28,12 +28,13 @@ _URL_HELP = (
 def redact(url: str) -> str:
     """``url`` with any password replaced by ``***``, safe to print."""
     parts = urlsplit(url)
-    if parts.password is None:
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    # "user:password@" keeps the user; a lone "secret@" may be a password, so hide it.
+    user, colon, _ = userinfo.partition(":")
+    hidden = f"{user}:***" if colon else "***"
+    return urlunsplit(parts._replace(netloc=f"{hidden}@{hostport}"))
 
 
 def validate_url(url: str) -> str:

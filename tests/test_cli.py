@@ -1,0 +1,193 @@
+"""The CLI: commands, output formats, exit codes, and one clear line for every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kiabatch.cli import cli
+from tests.conftest import run_cli
+from tests.test_pi import truth
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def invoke(runner: CliRunner, *args: str, input: str | None = None):
+    return runner.invoke(cli, list(args), input=input, catch_exceptions=False)
+
+
+def assert_one_line_error(result, code: int, *fragments: str) -> None:
+    assert result.exit_code == code, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("kiabatch: error: ")
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_submit_pi_prints_exactly_the_digits(runner, redis_url):
+    result = invoke(runner, "submit", "pi", "--digits", "100", "--parallel", "3")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == truth(100) + "\n"
+    assert "succeeded" in result.stderr
+
+
+def test_submit_exec_prints_item_and_result_per_line(runner, redis_url, tmp_path):
+    lines = tmp_path / "names.txt"
+    lines.write_text("alpha\n\nbeta\n")
+    result = invoke(runner, "submit", "--command", "echo got {item}", "--lines", str(lines), "-p", "2")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.splitlines() == ["alpha\tgot alpha", "beta\tgot beta"]
+
+
+def test_submit_exec_with_the_command_after_a_double_dash_and_jsonl_items(runner, redis_url, tmp_path):
+    items = tmp_path / "items.jsonl"
+    items.write_text('{"url": "a"}\n{"url": "b"}\n')
+    result = invoke(runner, "-o", "json", "submit", "--items", str(items), "--", "echo", "{url}")
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["item"], r["result"]) for r in rows] == [({"url": "a"}, "a\n"), ({"url": "b"}, "b\n")]
+
+
+def test_failed_items_are_listed_and_the_exit_code_is_one(runner, redis_url):
+    result = invoke(runner, "submit", "--retries", "0", "--item", '"fine"', "--item", '"bad"', "--",
+                    "sh", "-c", 'test "$1" = fine || {{ echo "cannot do $1" >&2; exit 4; }}', "sh", "{item}")
+    assert result.exit_code == 1
+    assert "FAILED bad: exited with status 4 (exit 4, attempts 1)" in result.stderr
+    assert "cannot do bad" in result.stderr
+
+
+def test_no_wait_prints_the_batch_id_and_status_results_logs_follow_it(runner, redis_url):
+    submitted = invoke(runner, "submit", "--no-wait", "--batch-id", "bg-batch", "--item", "1", "--item", "2",
+                       "--command", "sh -c 'echo out $0; echo err $0 >&2' {item}")
+    assert submitted.exit_code == 0 and submitted.stdout == "bg-batch\n"
+    watched = invoke(runner, "status", "--watch", "--interval", "0.1", "bg-batch")
+    assert watched.exit_code == 0 and "succeeded" in watched.stdout
+    status = json.loads(invoke(runner, "-o", "json", "status", "bg-batch").stdout)
+    assert status["state"] == "succeeded" and status["progress"]["done"] == 2
+    results = invoke(runner, "results", "bg-batch")
+    assert results.stdout.splitlines() == ["1\tout 1", "2\tout 2"]
+    logs = invoke(runner, "logs", "bg-batch", "--index", "0")
+    assert logs.stdout.splitlines()[0] == "==> index 0, attempt 1 <=="
+    assert logs.stdout.splitlines()[1].startswith("err ")
+    listed = json.loads(invoke(runner, "-o", "json", "list").stdout)
+    assert [b["id"] for b in listed] == ["bg-batch"]
+    assert invoke(runner, "status").stdout.strip() == "no unfinished batches"
+
+
+def test_results_reduce_by_default_for_pi_and_per_item_on_request(runner, redis_url):
+    invoke(runner, "submit", "pi", "--digits", "30", "-p", "2", "--batch-id", "pi-thirty")
+    assert invoke(runner, "results", "pi-thirty").stdout == truth(30) + "\n"
+    per_item = invoke(runner, "-o", "json", "results", "pi-thirty", "--no-reduce").stdout.splitlines()
+    ranges = [(json.loads(line)["item"]["a"], json.loads(line)["item"]["b"]) for line in per_item]
+    assert len(ranges) == 2 and ranges[0][0] == 0 and ranges[0][1] == ranges[1][0]
+    raw = invoke(runner, "results", "pi-thirty", "--raw")
+    assert raw.stdout_bytes.startswith(b"KBPI1\n")
+
+
+def test_delete_removes_a_batch_and_unknown_ids_exit_two(runner, redis_url, client):
+    invoke(runner, "submit", "--batch-id", "doomed", "--item", "1", "--command", "true")
+    deleted = invoke(runner, "delete", "doomed")
+    assert deleted.exit_code == 0 and "deleted batch doomed" in deleted.stderr
+    assert client.keys("kiabatch:{doomed}*") == []
+    assert_one_line_error(invoke(runner, "delete", "doomed"), 2, "no batch 'doomed'")
+    assert_one_line_error(invoke(runner, "status", "doomed"), 2, "no batch 'doomed'")
+    assert_one_line_error(invoke(runner, "results", "Not_A_Label"), 2, "bad batch id")
+
+
+def test_queue_commands_enqueue_list_purge_and_submit_from_queue(runner, redis_url):
+    assert invoke(runner, "queue", "enqueue", "jobs", '"a"', '{"n": 2}').exit_code == 0
+    listing = invoke(runner, "queue", "list")
+    assert listing.stdout.splitlines()[1].split() == ["jobs", "2"]
+    assert invoke(runner, "queue", "list", "jobs").stdout.splitlines() == ["a", '{"n":2}']
+    submitted = invoke(runner, "submit", "--from-queue", "jobs", "--command", "echo {item}")
+    assert submitted.exit_code == 0 and len(submitted.stdout.splitlines()) == 2
+    empty = invoke(runner, "submit", "--from-queue", "jobs", "--command", "echo {item}")
+    assert empty.exit_code == 0 and "is empty: nothing to run" in empty.stderr
+    invoke(runner, "queue", "enqueue", "jobs", "1")
+    assert invoke(runner, "queue", "purge", "jobs", "--yes").stderr.strip() == "removed 1 item(s) from 'jobs'"
+
+
+BAD_INPUTS = [
+    (["submit", "pi", "--digits", "0"], 2, ["--digits", "x>=1"]),
+    (["submit", "pi", "--digits", "-5"], 2, ["--digits"]),
+    (["submit", "pi", "--digits", "abc"], 2, ["--digits", "not a valid integer"]),
+    (["submit", "pi", "--digits", "1.5"], 2, ["--digits", "not a valid integer"]),
+    (["submit", "pi", "--digits", "100000001"], 2, ["more than 100,000,000", "--force"]),
+    (["submit", "pi", "--digits", "100", "--parallel", "0"], 2, ["--parallel", "x>=1"]),
+    (["submit", "pi", "--digits", "10", "--tasks", "9"], 2, ["tasks 9", "use at most 4"]),
+    (["submit", "fizz"], 2, ["unknown workload 'fizz'", "exec, pi"]),
+    (["submit", "--command", "echo {item}", "--item", "{oops"], 2, ["malformed item JSON", "--item"]),
+    (["submit", "--command", "echo {url}", "--item", '{"x": 1}'], 2, ["has no field 'url'"]),
+    (["submit", "--command", "echo {", "--item", "1"], 2, ["unmatched or empty brace"]),
+    (["submit", "--item", "1"], 2, ["no worker command"]),
+    (["submit", "--command", "true"], 2, ["no items to run"]),
+    (["submit", "--command", "true", "--item", "1", "--timeout", "soon"], 2, ["--timeout", "not a positive duration"]),
+    (["submit", "--command", "true", "--item", "1", "--backend", "mars"], 2, ["--backend", "'local'"]),
+    (["submit", "--command", "true", "--item", "1", "--batch-id", "Bad_Id"], 2, ["bad batch id"]),
+    (["submit", "--command", "true", "--item", "1", "--env", "1X=2"], 2, ["--env"]),
+    (["queue", "enqueue", "q{x}", "1"], 2, ["bad queue name"]),
+]
+
+
+@pytest.mark.parametrize(("args", "code", "fragments"), BAD_INPUTS, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_input_gets_one_line_a_documented_code_and_writes_nothing(runner, redis_url, client, args, code, fragments):
+    assert_one_line_error(invoke(runner, *args), code, *fragments)
+    assert client.dbsize() == 0
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("http://example.org", "scheme must be one of"),
+        ("redis://:pw@host:notaport", "bad Redis URL 'redis://:***@host"),
+        ("redis://localhost/zero", "database must be a number"),
+        ("unix://", "needs a socket path"),
+    ],
+)
+def test_a_bad_redis_url_exits_two_and_never_prints_the_password(runner, home, url, fragment):
+    result = invoke(runner, "--redis-url", url, "list")
+    assert_one_line_error(result, 2, fragment)
+    assert "pw" not in result.stderr.replace("pw@", "") or ":***@" in result.stderr
+
+
+def test_an_unreachable_redis_exits_three(runner, home, tmp_path):
+    for url in (f"unix://{tmp_path}/nothing.sock", "redis://127.0.0.1:1/0"):
+        assert_one_line_error(invoke(runner, "--redis-url", url, "list"), 3, "cannot reach")
+    env_result = runner.invoke(cli, ["list"], env={"KIABATCH_REDIS_URL": "redis://:secret@127.0.0.1:1"})
+    assert_one_line_error(env_result, 3, "redis://:***@127.0.0.1:1")
+    assert "secret" not in env_result.stderr
+
+
+def test_the_quick_start_works_as_a_real_process_in_a_fresh_home(tmp_path):
+    env = {"KIABATCH_HOME": str(tmp_path / "fresh"), "KIABATCH_EMBEDDED_IDLE_TIMEOUT": "2"}
+    env_without_url = {k: v for k, v in os.environ.items() if k != "KIABATCH_REDIS_URL"} | env
+    done = run_cli("submit", "pi", "--digits", "5000", "--parallel", "3", env=env_without_url)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == truth(5000) + "\n"
+    listed = run_cli("list", env=env_without_url)
+    assert "succeeded" in listed.stdout and " pi " in listed.stdout
+    run_cli("server", "stop", "--force", env=env_without_url)
+
+
+def test_pi_through_the_cli_with_the_python_integer_backend(redis_url):
+    done = run_cli("submit", "pi", "--digits", "2000", "-p", "2", env={"MPMATH_NOGMPY": "1"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == truth(2000) + "\n"
+
+
+def test_help_lists_every_command_and_exit_codes_are_documented(runner):
+    text = invoke(runner, "--help").stdout
+    for command in ("submit", "status", "list", "results", "logs", "delete", "resume", "queue", "server", "task"):
+        assert f"  {command}" in text
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for code in ("| 0 |", "| 1 |", "| 2 |", "| 3 |", "| 130 |"):
+        assert code in readme
