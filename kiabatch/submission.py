@@ -62,6 +62,7 @@ def submit(
     backend: str = backends.LOCAL,
     redis: redis.Redis | str | None = None,
     wait: bool = False,
+    start: bool = True,
     home: Path | None = None,
     on_update: Callable[[Progress], None] | None = None,
     on_created: Callable[[Batch], None] | None = None,
@@ -76,8 +77,9 @@ def submit(
     ``timeout`` the batch deadline and ``task_timeout`` the per-attempt limit,
     in seconds. With ``wait`` the batch runs to the end before returning (on
     the local backend, in this process). Returns None when ``from_queue`` names
-    an empty queue: nothing is created. Bad input raises UsageError before
-    anything is written.
+    an empty queue: nothing is created. With ``start=False`` the batch is only
+    written to Redis: run its tasks yourself with ``kiabatch task claim`` /
+    ``task report``. Bad input raises UsageError before anything is written.
     """
     _positive_int("parallel", parallel, allow_none=False)
     _positive_int("tasks", tasks)
@@ -141,6 +143,8 @@ def submit(
     batch = Batch(spec.id, store.redis, home=home)
     if on_created is not None:
         on_created(batch)
+    if not start:
+        return batch
     if wait:
         batch.start_prepare()
     target.launch(store, spec, wait=wait, home=home, on_update=on_update)

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from .. import settings, task
-from ..backends.local import LocalRunner
+from ..backends.local_runner import LocalRunner
 from .context import CliError, Settings, emit_json, note, pass_settings, user_errors
 
 
