@@ -121,7 +121,8 @@ class Batch:
     def resume(self, wait: bool = False, on_update: Any = None) -> Batch:
         """Run the batch's unsettled tasks again (after an interruption)."""
         spec = self.store.spec(self.id)
-        _backend_for(spec.backend).resume(self.store, spec, wait=wait, home=self.home, on_update=on_update)
+        _backend_for(spec.backend).resume(self.store, spec, wait=wait, home=self.home, on_update=on_update,
+                                          on_running=self.start_prepare if wait else None)  # fmt: skip
         return self
 
     def delete(self, keep_results: bool = False) -> bool:

@@ -145,7 +145,8 @@ def submit(
         on_created(batch)
     if not start:
         return batch
-    if wait:
-        batch.start_prepare()
-    target.launch(store, spec, wait=wait, home=home, on_update=on_update)
+    # The workload's prepare step (e.g. π's square root) overlaps the map step; it
+    # starts once workers run, as it may hold the GIL for a while.
+    target.launch(store, spec, wait=wait, home=home, on_update=on_update,
+                  on_running=batch.start_prepare if wait else None)
     return batch

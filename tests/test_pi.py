@@ -50,7 +50,8 @@ def truth(digits: int) -> str:
 def pi_via_split(digits: int, tasks: int) -> str:
     worker = load_worker()
     ranges = balanced_ranges(terms_for(digits), tasks)
-    triples = [decode_triple(worker.encode(worker.split(a, b))) for a, b in ranges]
+    terms = terms_for(digits)
+    triples = [decode_triple(worker.encode(worker.split(a, b, need_p=b != terms))) for a, b in ranges]
     _, q, t = combine_all(triples)
     return evaluate(q, t, digits)
 
@@ -164,3 +165,16 @@ def test_a_pi_batch_through_the_local_backend_prints_the_truth(redis_url, home, 
     batch = submit("pi", digits=digits, parallel=parallel, tasks=tasks, wait=True, home=home)
     assert batch.status().progress.done == (tasks or parallel)
     assert batch.reduce() == truth(digits)
+
+
+def test_large_numbers_convert_to_decimal_the_same_in_one_or_two_processes():
+    from mpmath.libmp import MPZ
+
+    from kiabatch.workloads import pi as pi_module
+
+    if not hasattr(MPZ(1), "digits"):
+        pytest.skip("needs gmpy2")
+    n = MPZ(7) ** 4_000_000  # ~3.4 million digits: above the two-process threshold
+    assert n.bit_length() > pi_module._FORK_CONVERSION_BITS
+    assert pi_module._decimal_text_in_two_processes(n) == str(n)
+    assert pi_module.decimal_text(MPZ(10) ** 3_000_000) == "1" + "0" * 3_000_000

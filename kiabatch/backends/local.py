@@ -134,12 +134,17 @@ class LocalBackend:
         wait: bool,
         home: Path | None = None,
         on_update: Callable[[Progress], None] | None = None,
+        on_running: Callable[[], None] | None = None,
     ) -> Status | None:
-        """Run the batch in this process (``wait``) or in a background process."""
+        """Run the batch in this process (``wait``) or in a background process.
+
+        ``on_update`` gets the progress after every settled task; ``on_running`` is
+        called once, when the first worker has started.
+        """
         if wait:
             from .local_runner import LocalRunner
 
-            return LocalRunner(store, spec.id, home=home, on_update=on_update).run()
+            return LocalRunner(store, spec.id, home=home, on_update=on_update, on_running=on_running).run()
         from ..connection import url_of
 
         launch_detached(spec.id, home, url_of(store.redis))
@@ -153,9 +158,10 @@ class LocalBackend:
         wait: bool,
         home: Path | None = None,
         on_update: Callable[[Progress], None] | None = None,
+        on_running: Callable[[], None] | None = None,
     ) -> Status | None:
         """Same as launch: the runner only runs what is unsettled."""
-        return self.launch(store, spec, wait=wait, home=home, on_update=on_update)
+        return self.launch(store, spec, wait=wait, home=home, on_update=on_update, on_running=on_running)
 
     def augment_status(self, store: Store, status: Status, *, home: Path | None = None) -> Status:
         """Add whether this machine's runner of the batch is alive."""

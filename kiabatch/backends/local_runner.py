@@ -84,12 +84,14 @@ class LocalRunner:
         *,
         home: Path | None = None,
         on_update: Callable[[Progress], None] | None = None,
+        on_running: Callable[[], None] | None = None,
         grace: float = _GRACE,
     ) -> None:
         self.store = store
         self.batch_id = batch_id
         self.home = home or settings.home()
         self.on_update = on_update
+        self._on_running = on_running
         self.grace = grace
         self.spec: BatchSpec = store.spec(batch_id)
         self.scratch = scratch_dir(batch_id, self.home)
@@ -290,6 +292,9 @@ class LocalRunner:
         with self._lock:
             self._workers[index] = process
             stopping = self._stop_reason is not None
+            first, self._on_running = self._on_running, None
+        if first is not None:
+            first()
         if stopping:  # a stop raced with this start
             self._signal_group(process, signal.SIGKILL)
 

@@ -53,7 +53,6 @@ def resume_command(settings_: Settings, batch_id: str, wait: bool, quiet: bool) 
             batch.resume(wait=False)
             note(f"resumed {batch_id} in the background; follow it with: kiabatch status --watch {batch_id}")
             return
-        batch.start_prepare()
         with ProgressBar(status.progress.total, batch_id, enabled=not quiet) as bar:
             batch.resume(wait=True, on_update=bar.update)
     raise click.exceptions.Exit(conclude(settings_, batch, reduce=None, quiet=quiet))

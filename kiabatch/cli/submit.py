@@ -46,6 +46,9 @@ class WorkloadGroup(click.Group):
         self, ctx: click.Context, args: list[str]
     ) -> tuple[str | None, click.Command | None, list[str]]:
         if args and args[0].startswith("-") and args[0] not in ("-h", "--help"):
+            misplaced = _first_positional_token(self.commands["exec"], args)
+            if misplaced in self.commands and misplaced != "exec":
+                raise click.UsageError(f"put the workload name first: 'kiabatch submit {misplaced} [OPTIONS]'", ctx)
             return "exec", self.commands["exec"], args
         if args and args[0] not in self.commands:
             raise click.UsageError(
@@ -54,6 +57,26 @@ class WorkloadGroup(click.Group):
                 ctx,
             )
         return super().resolve_command(ctx, args)
+
+
+def _value_options(command: click.Command) -> set[str]:
+    return {name for p in command.params if isinstance(p, click.Option) and not p.is_flag for name in p.opts}
+
+
+def _first_positional_token(command: click.Command, args: list[str]) -> str | None:
+    """The first argument that is neither an option nor an option's value."""
+    takes_value = _value_options(command)
+    skip = False
+    for token in args:
+        if token == "--":
+            return None
+        if skip:
+            skip = False
+        elif token.startswith("-"):
+            skip = token in takes_value
+        else:
+            return token
+    return None
 
 
 def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
