@@ -40,11 +40,15 @@ class Batch:
 
     # -- reading ----------------------------------------------------------------------
 
-    def status(self) -> Status:
-        """State and progress (also merges backend detail, e.g. the Kubernetes Job)."""
+    def status(self, read_only: bool = False) -> Status:
+        """State and progress, merged with backend detail (e.g. the Kubernetes Job).
+
+        ``read_only`` never writes (on Kubernetes, status otherwise settles in
+        Redis the indexes the Job gave up on).
+        """
         status = self.store.status(self.id)
         backend = _backend_for(status.backend)
-        return backend.augment_status(self.store, status, home=self.home)
+        return backend.augment_status(self.store, status, home=self.home, read_only=read_only)
 
     def progress(self) -> Progress:
         """Item counters: total, done, failed, running (O(1))."""
@@ -81,6 +85,10 @@ class Batch:
         started = time.monotonic()
         status = self.store.status(self.id)
         backend = _backend_for(status.backend)
+        if hasattr(backend, "wait") and not status.finished:
+            with ProgressBar(status.progress.total, f"{self.id}", enabled=progress) as bar:
+                backend.wait(self.store, self.id, on_update=bar.update, timeout=timeout)
+            return self
         with ProgressBar(status.progress.total, f"{self.id}", enabled=progress) as bar:
             while True:
                 status = backend.augment_status(self.store, self.store.status(self.id), home=self.home)

@@ -194,6 +194,23 @@ class Store:
             raise NotFoundError(f"no batch {batch_id!r} (it may have expired or been deleted)")
         return ReportResult(status=status, finished=bool(finished))
 
+    def abandon(self, batch_id: str, indexes: Iterable[int], reason: str) -> int:
+        """Settle ``indexes`` as failed without a worker report (a deadline passed, the Job
+        failed them). Their items are dead-lettered with ``reason``; settled indexes are
+        left alone. Returns how many indexes this settled."""
+        settled = 0
+        for index in indexes:
+            claim = self.claim(batch_id, index)
+            if claim.status != "ok":
+                continue
+            values = claim.items
+            outcomes = [ItemOutcome(ok=False, exit_code=None, duration=0.0, reason=reason) for _ in values]
+            result = self.report(
+                batch_id, index, claim.attempt, claim.sha1, outcomes, claimed_items=values, non_retriable=True
+            )
+            settled += result.status == "failed"
+        return settled
+
     def release(self, batch_id: str, index: int, pipeline: redis.client.Pipeline | None = None) -> None:
         """Mark task ``index`` as no longer running (its worker was stopped)."""
         k = keys.batch_keys(batch_id)

@@ -6,7 +6,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,8 @@ import redis
 from . import backends, settings, workloads
 from . import items as items_mod
 from .batch import Batch, open_store
+from .connection import url_of
+from .kube.batch_job import KubeOptions
 from .errors import UsageError
 from .model import BatchSpec, Progress, new_batch_id, validate_batch_id, validate_queue_name
 
@@ -45,7 +47,19 @@ def cut_tasks(total: int, *, tasks: int | None, chunk: int | None) -> tuple[int,
     return math.ceil(total / chunk), chunk
 
 
-def submit(
+@dataclass(frozen=True)
+class PlannedBatch:
+    """A validated batch that has not been written anywhere yet."""
+
+    spec: BatchSpec
+    #: Encoded items; None when they come from a named queue at submit time.
+    items: list[str] | None
+    from_queue: str | None
+    plan_chunk: int | None
+    plan_tasks: int | None
+
+
+def plan_batch(
     workload: str = "exec",
     *,
     items: Iterable[Any] | None = None,
@@ -60,26 +74,11 @@ def submit(
     ttl: int = settings.DEFAULT_TTL,
     batch_id: str | None = None,
     backend: str = backends.LOCAL,
-    redis: redis.Redis | str | None = None,
-    wait: bool = False,
-    start: bool = True,
-    home: Path | None = None,
-    on_update: Callable[[Progress], None] | None = None,
-    on_created: Callable[[Batch], None] | None = None,
     **options: Any,
-) -> Batch | None:
-    """Create a batch and start it; returns its :class:`Batch` handle.
+) -> PlannedBatch:
+    """Validate everything and build the batch's spec; touches neither Redis nor a cluster.
 
-    ``workload`` is ``"exec"`` (``command`` plus ``items`` or ``from_queue``) or
-    a named workload such as ``"pi"`` with its options (``digits=5000``).
-    ``parallel`` caps concurrent tasks; ``tasks`` / ``chunk`` cut the items
-    (default: one item per task); ``retries`` is the per-task retry limit;
-    ``timeout`` the batch deadline and ``task_timeout`` the per-attempt limit,
-    in seconds. With ``wait`` the batch runs to the end before returning (on
-    the local backend, in this process). Returns None when ``from_queue`` names
-    an empty queue: nothing is created. With ``start=False`` the batch is only
-    written to Redis: run its tasks yourself with ``kiabatch task claim`` /
-    ``task report``. Bad input raises UsageError before anything is written.
+    Raises UsageError naming the first bad value. (``kiabatch render`` stops here.)
     """
     _positive_int("parallel", parallel, allow_none=False)
     _positive_int("tasks", tasks)
@@ -96,18 +95,12 @@ def submit(
         validate_queue_name(from_queue)
         if workload != "exec" or items is not None:
             raise UsageError("from_queue works with the exec workload and no explicit items")
-    target = backends.get(backend)
     workload_options = dict(options)
     if workload == "exec":
-        workload_options.update(
-            command=command, items=list(items) if items is not None else None, chunk=chunk
-        )
+        workload_options.update(command=command, items=list(items) if items is not None else None, chunk=chunk)
     elif command is not None or items is not None:
         raise UsageError(f"workload {workload!r} makes its own items and command; drop command/items")
-    plan = chosen.plan(target.runtime(), parallel=parallel, tasks=tasks, **workload_options)
-
-    # A batch run in this process must ride out a Redis restart; a detached one only writes once.
-    store = open_store(redis, retry_seconds=settings.worker_retry_seconds() if wait else 0.0)
+    plan = chosen.plan(backends.get(backend).runtime(), parallel=parallel, tasks=tasks, **workload_options)
     spec = BatchSpec(
         id=batch_id or new_batch_id(workload if from_queue is None else from_queue),
         workload=chosen.name,
@@ -127,19 +120,64 @@ def submit(
         cwd=os.getcwd(),
     )
     if from_queue is not None:
-        taken = store.create_from_queue(spec, from_queue, chunk=plan.chunk, tasks=plan.tasks)
+        return PlannedBatch(spec, None, from_queue, plan.chunk, plan.tasks)
+    if not plan.items:
+        raise UsageError("no items to run; give items (--item, --items FILE, --lines FILE) or --from-queue")
+    encoded = list(items_mod.encode_many(plan.items))
+    count, size = cut_tasks(len(encoded), tasks=plan.tasks, chunk=plan.chunk)
+    return PlannedBatch(replace(spec, tasks=count, chunk=size, total=len(encoded)), encoded, None, None, None)
+
+
+def submit(
+    workload: str = "exec",
+    *,
+    redis: redis.Redis | str | None = None,
+    wait: bool = False,
+    start: bool = True,
+    home: Path | None = None,
+    on_update: Callable[[Progress], None] | None = None,
+    on_created: Callable[[Batch], None] | None = None,
+    kube: KubeOptions | None = None,
+    **options: Any,
+) -> Batch | None:
+    """Create a batch and start it; returns its :class:`Batch` handle.
+
+    ``workload`` is ``"exec"`` (``command`` plus ``items`` or ``from_queue``) or
+    a named workload such as ``"pi"`` with its options (``digits=5000``).
+    ``parallel`` caps concurrent tasks; ``tasks`` / ``chunk`` cut the items
+    (default: one item per task); ``retries`` is the per-task retry limit;
+    ``timeout`` the batch deadline and ``task_timeout`` the per-attempt limit,
+    in seconds; ``backend`` is ``"local"`` or ``"kubernetes"`` (see
+    :func:`plan_batch` for every option). With ``wait`` the batch runs to the end
+    before returning (on the local backend, in this process). Returns None when
+    ``from_queue`` names an empty queue: nothing is created. With ``start=False``
+    the batch is only written to Redis: run its tasks yourself with
+    ``kiabatch task claim`` / ``task report``. ``kube`` holds the cluster-side
+    settings of the kubernetes backend (namespace, image, resources, ...). Bad
+    input raises UsageError (an unusable cluster ClusterError) before anything is
+    written.
+    """
+    planned = plan_batch(workload, **options)
+    spec = planned.spec
+    target = backends.get(spec.backend)
+    # A batch run in this process must ride out a Redis restart; a detached one only writes once.
+    store = open_store(redis, retry_seconds=settings.worker_retry_seconds() if wait else 0.0)
+    extra: dict[str, Any] = {}
+    if spec.backend == backends.KUBERNETES:
+        if url_of(store.redis) is None:
+            raise UsageError(
+                "the kubernetes backend needs a Redis the cluster can reach: give --redis-url "
+                "(or KIABATCH_REDIS_URL), and store the URL pods use with: kiabatch secret create"
+            )
+        if start:
+            extra = {"kube": kube, "cluster": target.preflight(kube or KubeOptions())}
+    if planned.from_queue is not None:
+        taken = store.create_from_queue(spec, planned.from_queue, chunk=planned.plan_chunk, tasks=planned.plan_tasks)
         if taken == 0:
             return None
         spec = store.spec(spec.id)
     else:
-        if not plan.items:
-            raise UsageError(
-                "no items to run; give items (--item, --items FILE, --lines FILE) or --from-queue"
-            )
-        encoded = list(items_mod.encode_many(plan.items))
-        count, size = cut_tasks(len(encoded), tasks=plan.tasks, chunk=plan.chunk)
-        spec = replace(spec, tasks=count, chunk=size, total=len(encoded))
-        store.create(spec, encoded)
+        store.create(spec, planned.items or [])
     batch = Batch(spec.id, store.redis, home=home)
     if on_created is not None:
         on_created(batch)
@@ -148,5 +186,5 @@ def submit(
     # The workload's prepare step (e.g. π's square root) overlaps the map step; it
     # starts once workers run, as it may hold the GIL for a while.
     target.launch(store, spec, wait=wait, home=home, on_update=on_update,
-                  on_running=batch.start_prepare if wait else None)
+                  on_running=batch.start_prepare if wait else None, **extra)  # fmt: skip
     return batch

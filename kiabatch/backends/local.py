@@ -163,7 +163,9 @@ class LocalBackend:
         """Same as launch: the runner only runs what is unsettled."""
         return self.launch(store, spec, wait=wait, home=home, on_update=on_update, on_running=on_running)
 
-    def augment_status(self, store: Store, status: Status, *, home: Path | None = None) -> Status:
+    def augment_status(
+        self, store: Store, status: Status, *, home: Path | None = None, read_only: bool = False
+    ) -> Status:
         """Add whether this machine's runner of the batch is alive."""
         if status.finished:
             return status

@@ -332,17 +332,9 @@ class LocalRunner:
         return bool(started) and time.time() - float(started) > self.spec.deadline
 
     def _abandon_unsettled(self) -> None:
-        """Settle every unsettled index as failed without running it (the batch deadline passed)."""
+        """Settle every unsettled index as failed: the batch deadline passed."""
         reason = f"DeadlineExceeded: the batch deadline of {self.spec.deadline:g}s passed before this item finished"
-        for index in self.store.unsettled_indexes(self.batch_id):
-            claim = self.store.claim(self.batch_id, index)
-            if claim.status != "ok":
-                continue
-            values = claim.items
-            outcomes = [ItemOutcome(ok=False, exit_code=None, duration=0.0, reason=reason) for _ in values]
-            self.store.report(
-                self.batch_id, index, claim.attempt, claim.sha1, outcomes, claimed_items=values, non_retriable=True
-            )
+        self.store.abandon(self.batch_id, self.store.unsettled_indexes(self.batch_id), reason)
         self.store.set_meta(self.batch_id, failure_reason="DeadlineExceeded")
         self.store.set_state(self.batch_id, FAILED)
         self._notify()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -11,11 +12,14 @@ from typing import Any
 import click
 
 from .. import backends, settings, workloads
+from ..backends import KUBERNETES
+from ..kube.batch_job import REDIS_SECRET, KubeOptions, batch_objects
+from ..kube.objects import to_yaml
 from .. import items as items_mod
 from ..batch import Batch
 from ..errors import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE
 from ..progress import ProgressBar
-from ..submission import submit
+from ..submission import plan_batch, submit
 from .context import CliError, Settings, emit_json, note, pass_settings, user_errors
 from .render import duration, failed_dict, print_failed, print_results, progress_text, result_dict
 
@@ -99,6 +103,27 @@ def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--wait/--no-wait", default=True, show_default=True,
                      help="Wait for the batch and print its results (else print its id and return)."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary on stderr."),
+        click.option("--dry-run", is_flag=True,
+                     help="Print the Kubernetes objects submit would create (as YAML) and exit."),
+        # Kubernetes backend settings (ignored by the local backend).
+        click.option("--context", "kube_context", metavar="NAME", help="kubeconfig context (default: current)."),
+        click.option("--namespace", "-n", "kube_namespace", envvar="KIABATCH_NAMESPACE",
+                     help="Namespace (default: the context's, else 'default'). Env: KIABATCH_NAMESPACE."),
+        click.option("--image", "kube_image", envvar=settings.ENV_IMAGE, metavar="IMAGE",
+                     help="The kiabatch image for pods. Env: KIABATCH_IMAGE."),
+        click.option("--image-pull-policy", "kube_image_pull_policy",
+                     type=click.Choice(["Always", "IfNotPresent", "Never"]), help="imagePullPolicy of pods."),
+        click.option("--cpu", "kube_cpu", default="1", show_default=True, help="CPU request and limit of a worker."),
+        click.option("--memory", "kube_memory", default="1Gi", show_default=True,
+                     help="Memory request and limit of a worker."),
+        click.option("--redis-secret", "kube_redis_secret", default=REDIS_SECRET, show_default=True,
+                     help="Secret whose 'url' key holds the Redis URL pods use (kiabatch secret create)."),
+        click.option("--max-failed-indexes", "kube_max_failed_indexes", type=click.IntRange(min=1),
+                     help="Failed tasks after which the Job stops (default: 10% of tasks, at least 10)."),
+        click.option("--job-ttl", "kube_ttl_after_finished", type=Duration(), default="1d", show_default=True,
+                     help="Delete the finished Job (not the results) after this long (ttlSecondsAfterFinished)."),
+        click.option("--writable-root", "kube_writable_root", is_flag=True,
+                     help="Give the worker container a writable root filesystem (default: read-only + /tmp)."),
     ]  # fmt: skip
     for option in reversed(options):
         func = option(func)
@@ -174,7 +199,8 @@ def submit_pi(settings_: Settings, digits: int, force: bool, **common: Any) -> N
     help="An exit code that fails the item at once, without retries. Repeatable.",
 )
 @click.option("--env", "env_pairs", multiple=True, metavar="NAME=VALUE", help="Environment for the worker.")
-@click.option("--image", envvar=settings.ENV_IMAGE, help="Worker container image (kubernetes backend).")
+@click.option("--worker-image", "worker_image", metavar="IMAGE",
+              help="Run the worker in this image (kubernetes backend; default: the kiabatch image).")
 @common_options
 @click.argument("argv", nargs=-1, type=click.UNPROCESSED)
 @pass_settings
@@ -189,7 +215,7 @@ def submit_exec(
     use_stdin: bool,
     non_retriable: tuple[int, ...],
     env_pairs: tuple[str, ...],
-    image: str | None,
+    worker_image: str | None,
     argv: tuple[str, ...],
     **common: Any,
 ) -> None:
@@ -217,7 +243,7 @@ def submit_exec(
         "stdin": use_stdin,
         "non_retriable_exit_codes": list(non_retriable),
         "env": _parse_env(env_pairs),
-        "image": image,
+        "image": worker_image,
     }
     run_submit(settings_, "exec", common, **options)
 
@@ -244,12 +270,29 @@ def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
     return env
 
 
+def kube_options(common: dict[str, Any]) -> KubeOptions:
+    """Pop the ``kube_*`` CLI values out of ``common`` into KubeOptions."""
+    values = {key[len("kube_") :]: common.pop(key) for key in [k for k in common if k.startswith("kube_")]}
+    writable = values.pop("writable_root", False)
+    values["read_only_root"] = not writable
+    values["ttl_after_finished"] = int(values["ttl_after_finished"])
+    values["namespace"] = values.get("namespace") or None
+    return KubeOptions(**{key: value for key, value in values.items() if value is not None})
+
+
 def run_submit(settings_: Settings, workload: str, common: dict[str, Any], **options: Any) -> None:
     """Submit, show progress, then print the answer (or results) and exit with the batch's code."""
     quiet = common.pop("quiet")
+    dry_run = common.pop("dry_run") or getattr(click.get_current_context().parent.command, "dry_run", False)
+    kube = kube_options(common)
     wait = common["wait"]
     if common.get("ttl") is not None:
         common["ttl"] = int(common["ttl"])
+    if options.get("from_queue") is None:
+        options.pop("from_queue", None)
+    if dry_run:
+        render_batch(workload, kube, common, options)
+        return
     with contextlib.ExitStack() as stack:
         bars: list[ProgressBar] = []
 
@@ -264,13 +307,12 @@ def run_submit(settings_: Settings, workload: str, common: dict[str, Any], **opt
                 bar.update(progress)
 
         with user_errors():
-            if options.get("from_queue") is None:
-                options.pop("from_queue", None)
             batch = submit(
                 workload,
                 redis=settings_.redis_url,
                 on_created=created,
                 on_update=update,
+                kube=kube,
                 **{k: v for k, v in common.items() if v is not None},
                 **options,
             )
@@ -283,6 +325,17 @@ def run_submit(settings_: Settings, workload: str, common: dict[str, Any], **opt
             note(f"started in the background; follow it with: kiabatch status --watch {batch.id}")
         return
     raise click.exceptions.Exit(conclude(settings_, batch, reduce=None, quiet=quiet))
+
+
+def render_batch(workload: str, kube: KubeOptions, common: dict[str, Any], options: dict[str, Any]) -> None:
+    """Print the YAML of what ``submit --backend kubernetes`` would create; write nothing."""
+    if options.get("from_queue"):
+        raise CliError("cannot render a batch from a queue: its size is known only when it is submitted")
+    values = {k: v for k, v in common.items() if v is not None and k != "wait"}
+    values["backend"] = KUBERNETES
+    with user_errors():
+        planned = plan_batch(workload, **values, **options)
+    click.echo(to_yaml(batch_objects(planned.spec, replace(kube, namespace=kube.namespace or "default"))), nl=False)
 
 
 def conclude(settings_: Settings, batch: Batch, *, reduce: bool | None, quiet: bool = False) -> int:
@@ -320,9 +373,34 @@ def conclude(settings_: Settings, batch: Batch, *, reduce: bool | None, quiet: b
     return EXIT_OK
 
 
+@click.group(
+    cls=WorkloadGroup,
+    invoke_without_command=True,
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+)
+@click.pass_context
+def render_group(ctx: click.Context) -> None:
+    """Print the Kubernetes objects `submit --backend kubernetes` would create, as YAML.
+
+    Takes the same arguments as submit and writes nothing (no Redis, no cluster):
+
+    
+      kiabatch render pi --digits 5000 -p 3 -n batch --image registry.example/kiabatch:0.1.0
+      kiabatch render --lines urls.txt -n batch -- curl -sS -o {output} {item} | kubectl apply --dry-run=server -f -
+    """
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
+
+
+render_group.dry_run = True  # type: ignore[attr-defined]
+for _command in (submit_pi, submit_exec):
+    render_group.add_command(_command)
+
+
 def register(cli: click.Group) -> None:
-    """Attach ``submit`` to the root command."""
+    """Attach ``submit`` and ``render`` to the root command."""
     cli.add_command(submit_group, "submit")
+    cli.add_command(render_group, "render")
 
 
 __all__ = ["Duration", "common_options", "conclude", "register", "run_submit"]

@@ -1,0 +1,340 @@
+"""The Kubernetes backend: one Indexed Job per batch (see ``kiabatch.kube.batch_job``).
+
+Redis stays the source of truth for items and results; the Job is the executor.
+This module creates the Job, follows it with a watch until it reaches a terminal
+condition, merges its status into ``kiabatch status``, settles in Redis what the
+Job gave up on (failed indexes, a failed Job), and deletes it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ..errors import ClusterError, KiabatchError, UsageError
+from ..kube import batch_job
+from ..kube.api import Cluster
+from ..kube.batch_job import KubeOptions
+from ..kube.objects import BATCH_LABEL, COMPLETION_INDEX_LABEL
+from ..model import FAILED, BatchSpec, Progress, Status
+from ..store import Store
+
+JOB = ("batch/v1", "Job")
+#: Container waiting reasons that will not fix themselves.
+PULL_PROBLEMS = frozenset(
+    {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError", "CreateContainerError"}
+)
+#: Seconds a pull problem may last before ``--wait`` gives up (a registry may be slow).
+DEFAULT_PULL_GRACE = 120.0
+_WATCH_SECONDS = 5
+
+
+def parse_indexes(text: str | None) -> list[int]:
+    """Indexes from the Job status format: ``"1,3-5,7"`` -> [1, 3, 4, 5, 7]."""
+    result: list[int] = []
+    for part in (text or "").split(","):
+        if not part:
+            continue
+        low, _, high = part.partition("-")
+        result.extend(range(int(low), int(high or low) + 1))
+    return result
+
+
+def conditions(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The Job's true conditions by type."""
+    found = job.get("status", {}).get("conditions") or []
+    return {c["type"]: c for c in found if c.get("status") == "True"}
+
+
+def job_outcome(job: dict[str, Any]) -> str | None:
+    """"succeeded" or "failed" once the Job reached (or is about to reach) a terminal state."""
+    true = conditions(job)
+    if "Complete" in true or "SuccessCriteriaMet" in true:
+        return "succeeded"
+    if "Failed" in true or "FailureTarget" in true:
+        return "failed"
+    return None
+
+
+def pod_problems(pods: list[dict[str, Any]]) -> list[str]:
+    """One line per container stuck on an image or configuration problem."""
+    problems = []
+    for pod in pods:
+        statuses = (pod.get("status", {}).get("initContainerStatuses") or []) + (
+            pod.get("status", {}).get("containerStatuses") or []
+        )
+        for status in statuses:
+            waiting = (status.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in PULL_PROBLEMS:
+                message = (waiting.get("message") or "").splitlines()[0][:200] if waiting.get("message") else ""
+                problems.append(
+                    f"pod {pod['metadata']['name']} container {status['name']} ({status.get('image', '?')}): "
+                    f"{waiting['reason']}" + (f": {message}" if message else "")
+                )
+    return problems
+
+
+def job_summary(job: dict[str, Any] | None) -> dict[str, Any]:
+    """The Job fields ``status`` shows."""
+    if job is None:
+        return {"job": "gone (removed after ttlSecondsAfterFinished, or deleted)"}
+    status = job.get("status", {})
+    true = conditions(job)
+    return {
+        "job": f"{job['metadata']['namespace']}/{job['metadata']['name']}",
+        "job_pods": f"active {status.get('active', 0)}, ready {status.get('ready', 0)}, "
+        f"succeeded {status.get('succeeded', 0)}, failed {status.get('failed', 0)}",
+        "job_failed_indexes": status.get("failedIndexes") or "-",
+        "job_conditions": ", ".join(f"{t}" + (f" ({c.get('reason')})" if c.get("reason") else "") for t, c in true.items())
+        or "-",
+    }
+
+
+class KubernetesBackend:
+    """Backend protocol implementation for Kubernetes."""
+
+    name = "kubernetes"
+
+    def runtime(self) -> Any:
+        """Python and the worker programs inside the kiabatch image."""
+        return batch_job.IMAGE_RUNTIME
+
+    # -- submitting ----------------------------------------------------------------------
+
+    def preflight(self, options: KubeOptions) -> Cluster:
+        """Check the cluster before anything is written: reachable, >= 1.33, namespace exists."""
+        cluster = Cluster.connect(options.context, options.namespace)
+        cluster.check_version()
+        cluster.check_namespace()
+        try:
+            secret = cluster.get(("v1", "Secret"), options.redis_secret)
+        except ClusterError:
+            secret = {}  # may not read Secrets; the pods will tell
+        if secret is None:
+            raise ClusterError(
+                f"Secret {options.redis_secret!r} (the Redis URL for pods) does not exist in namespace "
+                f"{cluster.namespace!r}; create it with: kiabatch secret create -n {cluster.namespace} "
+                "--redis-url URL-AS-SEEN-FROM-PODS"
+            )
+        return cluster
+
+    def create_job(self, cluster: Cluster, store: Store, spec: BatchSpec, options: KubeOptions) -> dict[str, Any]:
+        """Create the batch's ServiceAccount (if missing) and Job; record where it runs."""
+        options = replace(options, namespace=cluster.namespace)
+        account, job = batch_job.batch_objects(spec, options)
+        cluster.create(account, exist_ok=True)
+        created = cluster.create(job)
+        store.set_meta(
+            spec.id,
+            namespace=cluster.namespace,
+            job=job["metadata"]["name"],
+            kube_context=cluster.config.context or "",
+            kube_image=options.image,
+            kube_cpu=options.cpu,
+            kube_memory=options.memory,
+            kube_redis_secret=options.redis_secret,
+        )
+        return created
+
+    def launch(
+        self,
+        store: Store,
+        spec: BatchSpec,
+        *,
+        wait: bool,
+        home: Path | None = None,
+        on_update: Callable[[Progress], None] | None = None,
+        on_running: Callable[[], None] | None = None,
+        kube: KubeOptions | None = None,
+        cluster: Cluster | None = None,
+    ) -> Status | None:
+        """Create the Job; with ``wait``, follow it until it ends."""
+        del home
+        options = kube or KubeOptions()
+        cluster = cluster or self.preflight(options)
+        try:
+            self.create_job(cluster, store, spec, options)
+        except KiabatchError:
+            store.delete(spec.id)  # nothing half-made stays behind
+            raise
+        if on_running is not None:
+            on_running()
+        if not wait:
+            return None
+        return self.wait(store, spec.id, on_update=on_update, cluster=cluster)
+
+    def resume(
+        self,
+        store: Store,
+        spec: BatchSpec,
+        *,
+        wait: bool,
+        home: Path | None = None,
+        on_update: Callable[[Progress], None] | None = None,
+        on_running: Callable[[], None] | None = None,
+    ) -> Status | None:
+        """Run the unsettled indexes again in a new Job (settled ones exit at once)."""
+        meta = store.meta(spec.id)
+        cluster = Cluster.connect(meta.get("kube_context") or None, meta.get("namespace") or None)
+        old = meta.get("job")
+        if old:
+            current = cluster.get(JOB, old)
+            if current is not None and job_outcome(current) is None:
+                raise UsageError(f"Job {old} of batch {spec.id} is still running; wait for it or delete it first")
+            cluster.delete(JOB, old)
+        generation = int(meta.get("job_generation", "0")) + 1
+        store.set_meta(spec.id, job_generation=generation)
+        store.release_all(spec.id)
+        options = KubeOptions(namespace=cluster.namespace, job_name=f"{spec.id}-r{generation}", context=None,
+                              **_stored_options(meta))  # fmt: skip
+        self.create_job(cluster, store, spec, options)
+        if on_running is not None:
+            on_running()
+        return self.wait(store, spec.id, on_update=on_update, cluster=cluster) if wait else None
+
+    # -- following -----------------------------------------------------------------------
+
+    def cluster_for(self, store: Store, batch_id: str) -> tuple[Cluster, str]:
+        """The cluster and Job name of a batch."""
+        meta = store.meta(batch_id)
+        if not meta.get("job"):
+            raise UsageError(f"batch {batch_id} has no Kubernetes Job (it was never started on a cluster)")
+        return Cluster.connect(meta.get("kube_context") or None, meta.get("namespace") or None), meta["job"]
+
+    def reconcile(self, store: Store, batch_id: str, job: dict[str, Any]) -> None:
+        """Settle in Redis what the Job gave up on, so the batch's state matches the Job's.
+
+        An index the Job marked failed (its pods failed without reporting, e.g. an
+        image that cannot run) and, once the Job failed (a deadline, too many failed
+        indexes), every unsettled index are dead-lettered with the Job's reason.
+        """
+        status = job.get("status", {})
+        failed = parse_indexes(status.get("failedIndexes"))
+        if failed:
+            store.abandon(batch_id, failed, "the Job failed this index after its retries (see kiabatch logs)")
+        if job_outcome(job) == "failed":
+            condition = conditions(job).get("Failed") or conditions(job).get("FailureTarget") or {}
+            reason = f"{condition.get('reason', 'JobFailed')}: {condition.get('message', 'the Job failed')}"
+            store.abandon(batch_id, store.unsettled_indexes(batch_id), reason)
+            store.set_meta(batch_id, failure_reason=condition.get("reason", "JobFailed"))
+            store.set_state(batch_id, FAILED)
+
+    def wait(
+        self,
+        store: Store,
+        batch_id: str,
+        *,
+        on_update: Callable[[Progress], None] | None = None,
+        cluster: Cluster | None = None,
+        pull_grace: float = DEFAULT_PULL_GRACE,
+        timeout: float | None = None,
+    ) -> Status:
+        """Follow the Job with a watch until it ends; returns the batch's final status.
+
+        Raises ClusterError when pods cannot start (an image that cannot be pulled,
+        a missing Secret) for longer than ``pull_grace`` seconds, and KiabatchError
+        when the Job completed but Redis misses outcomes (a Redis that lost writes).
+        """
+        if cluster is None:
+            cluster, job_name = self.cluster_for(store, batch_id)
+        else:
+            job_name = store.meta(batch_id)["job"]
+        started = time.monotonic()
+        stuck_since: float | None = None
+        for job in self._job_states(cluster, job_name):
+            self.reconcile(store, batch_id, job)
+            if on_update is not None:
+                on_update(store.progress(batch_id))
+            outcome = job_outcome(job)
+            status = store.status(batch_id)
+            if status.finished:
+                return status
+            if outcome == "succeeded":
+                missing = len(store.unsettled_indexes(batch_id))
+                raise KiabatchError(
+                    f"Job {job_name} completed but Redis has no outcome for {missing} task(s) (did Redis lose "
+                    f"writes?); run them again with: kiabatch resume {batch_id}"
+                )
+            problems = pod_problems(cluster.pods(f"{BATCH_LABEL}={batch_id}"))
+            if problems:
+                stuck_since = stuck_since or time.monotonic()
+                if time.monotonic() - stuck_since > pull_grace:
+                    raise ClusterError(f"batch {batch_id} cannot start its pods: {problems[0]}")
+            else:
+                stuck_since = None
+            if timeout is not None and time.monotonic() - started > timeout:
+                raise TimeoutError(f"batch {batch_id} did not finish within {timeout:g}s")
+        raise ClusterError(f"Job {job_name} disappeared while we waited for it")
+
+    def _job_states(self, cluster: Cluster, name: str) -> Iterator[dict[str, Any]]:
+        """The Job now, then every change, then its state at least every few seconds."""
+        while True:
+            job = cluster.get(JOB, name)
+            if job is None:
+                return
+            yield job
+            version = job["metadata"].get("resourceVersion")
+            for changed in cluster.watch_job(name, version, _WATCH_SECONDS):
+                yield changed
+
+    # -- reading -------------------------------------------------------------------------
+
+    def augment_status(
+        self, store: Store, status: Status, *, home: Path | None = None, read_only: bool = False
+    ) -> Status:
+        """Merge the Job's status (and pod problems) into the batch's."""
+        del home
+        meta = store.meta(status.id)
+        if not meta.get("job"):
+            return status
+        cluster, job_name = self.cluster_for(store, status.id)
+        job = cluster.get(JOB, job_name)
+        if job is not None and not read_only and not status.finished:
+            self.reconcile(store, status.id, job)
+            status = store.status(status.id)
+        detail = {**status.detail, **job_summary(job)}
+        if job is not None and job_outcome(job) is None:
+            problems = pod_problems(cluster.pods(f"{BATCH_LABEL}={status.id}"))
+            if problems:
+                detail["problem"] = problems[0]
+        return replace(status, detail=detail)
+
+    def delete(self, store: Store, spec: BatchSpec, *, home: Path | None = None) -> None:
+        """Delete the batch's Job; its pods go with it (background propagation)."""
+        del home
+        meta = store.meta(spec.id)
+        if meta.get("job"):
+            cluster, job_name = self.cluster_for(store, spec.id)
+            cluster.delete(JOB, job_name, propagation="Background")
+
+    def logs(
+        self, store: Store, batch_id: str, *, index: int | None = None, follow: bool = False
+    ) -> Iterator[tuple[str, bytes]]:
+        """(label, chunk) pairs from the pods' init, sidecar and worker containers."""
+        cluster, _ = self.cluster_for(store, batch_id)
+        selector = f"{BATCH_LABEL}={batch_id}"
+        if index is not None:
+            selector += f",{COMPLETION_INDEX_LABEL}={index}"
+        pods = sorted(
+            cluster.pods(selector),
+            key=lambda p: (int(p["metadata"].get("labels", {}).get(COMPLETION_INDEX_LABEL, 0)),
+                           p["metadata"].get("creationTimestamp", "")),
+        )  # fmt: skip
+        for pod in pods:
+            number = pod["metadata"].get("labels", {}).get(COMPLETION_INDEX_LABEL, "?")
+            for container in ("claim", "reporter", "worker"):
+                label = f"index {number} {pod['metadata']['name']} {container}"
+                for chunk in cluster.pod_log(pod["metadata"]["name"], container, follow=follow and container == "worker"):
+                    yield label, chunk
+
+
+def _stored_options(meta: dict[str, str]) -> dict[str, Any]:
+    """KubeOptions fields kept in the batch meta at submit time."""
+    keep = {}
+    for field in ("image", "cpu", "memory", "redis_secret"):
+        if meta.get(f"kube_{field}"):
+            keep[field] = meta[f"kube_{field}"]
+    return keep
