@@ -74,7 +74,10 @@ def bench_enqueue(count: int, repeat: int, rq_sample: int) -> None:
              kiabatch_seconds=round(result["kiabatch"], 3), baseline_seconds=round(result["redis-benchmark"], 3),
              goal="<= 3.0", ok=ratio <= 3.0)  # fmt: skip
     else:
-        emit("enqueue_many vs redis-benchmark", skipped="redis-benchmark not installed (apt-get install redis-tools)")
+        emit(
+            "enqueue_many vs redis-benchmark",
+            skipped="redis-benchmark not installed (apt-get install redis-tools)",
+        )
     try:
         import rq
     except ImportError:
@@ -96,7 +99,7 @@ def bench_local(tasks: int, repeat: int) -> None:
     from kiabatch import submit
 
     def xargs() -> None:
-        subprocess.run(f"seq {tasks} | xargs -P 2 -n 1 true", shell=True, check=True)  # noqa: S602
+        subprocess.run(f"seq {tasks} | xargs -P 2 -n 1 true", shell=True, check=True)
 
     def ours() -> None:
         batch = submit(items=list(range(tasks)), command=["true"], parallel=2, wait=True)
@@ -112,7 +115,18 @@ def bench_local(tasks: int, repeat: int) -> None:
 
 def bench_pi(digits: int, repeat: int) -> None:
     single = [sys.executable, str(REPO / "workers" / "pi"), "--digits", str(digits)]
-    ours = [sys.executable, "-m", "kiabatch", "submit", "pi", "-q", "--digits", str(digits), "--parallel", "2"]
+    ours = [
+        sys.executable,
+        "-m",
+        "kiabatch",
+        "submit",
+        "pi",
+        "-q",
+        "--digits",
+        str(digits),
+        "--parallel",
+        "2",
+    ]
     outputs: dict[str, str] = {}
 
     def run(name: str, command: list[str]) -> Callable[[], None]:
@@ -147,7 +161,7 @@ def main() -> int:
         if "local" in chosen:
             bench_local(200 if args.quick else 1000, repeat)
         if "pi" in chosen:
-            for digits in ([10**5] if args.quick else [10**6, 10**7]):
+            for digits in [10**5] if args.quick else [10**6, 10**7]:
                 bench_pi(digits, repeat)
     finally:
         from kiabatch import embedded

@@ -16,8 +16,8 @@ from . import backends, settings, workloads
 from . import items as items_mod
 from .batch import Batch, open_store
 from .connection import url_of
-from .kube.batch_job import KubeOptions
 from .errors import UsageError
+from .kube.batch_job import KubeOptions
 from .model import BatchSpec, Progress, new_batch_id, validate_batch_id, validate_queue_name
 
 
@@ -97,7 +97,9 @@ def plan_batch(
             raise UsageError("from_queue works with the exec workload and no explicit items")
     workload_options = dict(options)
     if workload == "exec":
-        workload_options.update(command=command, items=list(items) if items is not None else None, chunk=chunk)
+        workload_options.update(
+            command=command, items=list(items) if items is not None else None, chunk=chunk
+        )
     elif command is not None or items is not None:
         raise UsageError(f"workload {workload!r} makes its own items and command; drop command/items")
     plan = chosen.plan(backends.get(backend).runtime(), parallel=parallel, tasks=tasks, **workload_options)
@@ -172,7 +174,9 @@ def submit(
         if start:
             extra = {"kube": kube, "cluster": target.preflight(kube or KubeOptions())}
     if planned.from_queue is not None:
-        taken = store.create_from_queue(spec, planned.from_queue, chunk=planned.plan_chunk, tasks=planned.plan_tasks)
+        taken = store.create_from_queue(
+            spec, planned.from_queue, chunk=planned.plan_chunk, tasks=planned.plan_tasks
+        )
         if taken == 0:
             return None
         spec = store.spec(spec.id)

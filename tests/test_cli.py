@@ -58,16 +58,41 @@ def test_submit_exec_with_the_command_after_a_double_dash_and_jsonl_items(runner
 
 
 def test_failed_items_are_listed_and_the_exit_code_is_one(runner, redis_url):
-    result = invoke(runner, "submit", "--retries", "0", "--item", '"fine"', "--item", '"bad"', "--",
-                    "sh", "-c", 'test "$1" = fine || {{ echo "cannot do $1" >&2; exit 4; }}', "sh", "{item}")
+    result = invoke(
+        runner,
+        "submit",
+        "--retries",
+        "0",
+        "--item",
+        '"fine"',
+        "--item",
+        '"bad"',
+        "--",
+        "sh",
+        "-c",
+        'test "$1" = fine || {{ echo "cannot do $1" >&2; exit 4; }}',
+        "sh",
+        "{item}",
+    )
     assert result.exit_code == 1
     assert "FAILED bad: exited with status 4 (exit 4, attempts 1)" in result.stderr
     assert "cannot do bad" in result.stderr
 
 
 def test_no_wait_prints_the_batch_id_and_status_results_logs_follow_it(runner, redis_url):
-    submitted = invoke(runner, "submit", "--no-wait", "--batch-id", "bg-batch", "--item", "1", "--item", "2",
-                       "--command", "sh -c 'echo out $0; echo err $0 >&2' {item}")
+    submitted = invoke(
+        runner,
+        "submit",
+        "--no-wait",
+        "--batch-id",
+        "bg-batch",
+        "--item",
+        "1",
+        "--item",
+        "2",
+        "--command",
+        "sh -c 'echo out $0; echo err $0 >&2' {item}",
+    )
     assert submitted.exit_code == 0 and submitted.stdout == "bg-batch\n"
     watched = invoke(runner, "status", "--watch", "--interval", "0.1", "bg-batch")
     assert watched.exit_code == 0 and "succeeded" in watched.stdout
@@ -130,7 +155,11 @@ BAD_INPUTS = [
     (["submit", "--command", "echo {", "--item", "1"], 2, ["unmatched or empty brace"]),
     (["submit", "--item", "1"], 2, ["no worker command"]),
     (["submit", "--command", "true"], 2, ["no items to run"]),
-    (["submit", "--command", "true", "--item", "1", "--timeout", "soon"], 2, ["--timeout", "not a positive duration"]),
+    (
+        ["submit", "--command", "true", "--item", "1", "--timeout", "soon"],
+        2,
+        ["--timeout", "not a positive duration"],
+    ),
     (["submit", "--command", "true", "--item", "1", "--backend", "mars"], 2, ["--backend", "'local'"]),
     (["submit", "--command", "true", "--item", "1", "--batch-id", "Bad_Id"], 2, ["bad batch id"]),
     (["submit", "--command", "true", "--item", "1", "--env", "1X=2"], 2, ["--env"]),
@@ -138,8 +167,12 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize(("args", "code", "fragments"), BAD_INPUTS, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
-def test_bad_input_gets_one_line_a_documented_code_and_writes_nothing(runner, redis_url, client, args, code, fragments):
+@pytest.mark.parametrize(
+    ("args", "code", "fragments"), BAD_INPUTS, ids=lambda v: " ".join(v) if isinstance(v, list) else None
+)
+def test_bad_input_gets_one_line_a_documented_code_and_writes_nothing(
+    runner, redis_url, client, args, code, fragments
+):
     assert_one_line_error(invoke(runner, *args), code, *fragments)
     assert client.dbsize() == 0
 
@@ -186,7 +219,18 @@ def test_pi_through_the_cli_with_the_python_integer_backend(redis_url):
 
 def test_help_lists_every_command_and_exit_codes_are_documented(runner):
     text = invoke(runner, "--help").stdout
-    for command in ("submit", "status", "list", "results", "logs", "delete", "resume", "queue", "server", "task"):
+    for command in (
+        "submit",
+        "status",
+        "list",
+        "results",
+        "logs",
+        "delete",
+        "resume",
+        "queue",
+        "server",
+        "task",
+    ):
         assert f"  {command}" in text
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     for code in ("| 0 |", "| 1 |", "| 2 |", "| 3 |", "| 130 |"):

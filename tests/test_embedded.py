@@ -73,8 +73,12 @@ def test_concurrent_invocations_share_one_server(embedded_home):
     with ThreadPoolExecutor(6) as pool:
         pids = set(pool.map(open_one, range(12)))
     assert len(pids) == 1
-    processes = [p for p in psutil.process_iter(["cmdline"]) if "kiabatch._supervisor" in " ".join(
-        p.info["cmdline"] or []) and str(embedded_home) in " ".join(p.info["cmdline"] or [])]
+    processes = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "kiabatch._supervisor" in " ".join(p.info["cmdline"] or [])
+        and str(embedded_home) in " ".join(p.info["cmdline"] or [])
+    ]
     assert len(processes) == 1
 
 
@@ -100,9 +104,16 @@ def test_the_server_stops_itself_once_the_last_client_is_gone(embedded_home):
 
 
 def test_a_client_killed_with_sigkill_does_not_keep_the_server_alive(embedded_home):
-    holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom kiabatch import connect\nc = connect()\n"
-                               "c.ping()\nprint('ready', flush=True)\ntime.sleep(600)"], stdout=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\nfrom kiabatch import connect\nc = connect()\n"
+            "c.ping()\nprint('ready', flush=True)\ntime.sleep(600)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "ready"
     info = record(embedded_home)
     holder.kill()

@@ -45,15 +45,21 @@ def outputs(batch: Batch) -> list[str]:
 def test_at_most_parallelism_workers_run_at_once(redis_url, home, tmp_path):
     log = tmp_path / "log"
     items = [str(i) for i in range(8)]
-    batch = submit(items=items, command=worker("--sleep", "0.3", "--log", str(log)), parallel=3, wait=True,
-                   home=home)
+    batch = submit(
+        items=items, command=worker("--sleep", "0.3", "--log", str(log)), parallel=3, wait=True, home=home
+    )
     assert outputs(batch) == sorted(f"done {i}" for i in items)
     assert max_overlap(read_log(log)) == 3
 
 
 def test_each_task_sees_its_completion_index(redis_url, home):
-    batch = submit(items=list(range(5)), command=["sh", "-c", 'echo "$JOB_COMPLETION_INDEX $KIABATCH_BATCH"'],
-                   parallel=2, wait=True, home=home)
+    batch = submit(
+        items=list(range(5)),
+        command=["sh", "-c", 'echo "$JOB_COMPLETION_INDEX $KIABATCH_BATCH"'],
+        parallel=2,
+        wait=True,
+        home=home,
+    )
     assert [r.text.split() for r in batch.results()] == [[str(r.index), batch.id] for r in batch.results()]
     assert sorted(r.index for r in batch.results()) == list(range(5))
 
@@ -61,8 +67,13 @@ def test_each_task_sees_its_completion_index(redis_url, home):
 def test_failed_attempts_are_retried_up_to_the_limit(redis_url, home, tmp_path):
     state = tmp_path / "state"
     state.mkdir()
-    batch = submit(items=["a", "b"], command=worker("--fail-times", "2", "--state", str(state)), retries=2,
-                   wait=True, home=home)
+    batch = submit(
+        items=["a", "b"],
+        command=worker("--fail-times", "2", "--state", str(state)),
+        retries=2,
+        wait=True,
+        home=home,
+    )
     assert outputs(batch) == ["done a", "done b"]
     assert {r.attempt for r in batch.results()} == {3}
     assert batch.failed() == []
@@ -72,8 +83,14 @@ def test_failed_attempts_are_retried_up_to_the_limit(redis_url, home, tmp_path):
 
 
 def test_a_poison_item_is_dead_lettered_and_the_rest_succeed(redis_url, home):
-    batch = submit(items=["ok1", "bad", "ok2"], command=worker("--poison", "bad", "--exit", "9"), retries=1,
-                   parallel=2, wait=True, home=home)
+    batch = submit(
+        items=["ok1", "bad", "ok2"],
+        command=worker("--poison", "bad", "--exit", "9"),
+        retries=1,
+        parallel=2,
+        wait=True,
+        home=home,
+    )
     assert outputs(batch) == ["done ok1", "done ok2"]
     [dead] = batch.failed()
     assert (dead.item, dead.exit_code, dead.attempts) == ("bad", 9, 2)
@@ -82,14 +99,22 @@ def test_a_poison_item_is_dead_lettered_and_the_rest_succeed(redis_url, home):
 
 
 def test_a_non_retriable_exit_code_fails_the_item_on_the_first_attempt(redis_url, home):
-    batch = submit(items=["bad"], command=worker("--poison", "bad", "--exit", "42"), retries=5,
-                   non_retriable_exit_codes=[42], wait=True, home=home)
+    batch = submit(
+        items=["bad"],
+        command=worker("--poison", "bad", "--exit", "42"),
+        retries=5,
+        non_retriable_exit_codes=[42],
+        wait=True,
+        home=home,
+    )
     [dead] = batch.failed()
     assert (dead.exit_code, dead.attempts) == (42, 1)
 
 
 def test_chunks_run_several_items_per_task(redis_url, home):
-    batch = submit(items=list(range(10)), command=["echo", "{item}"], chunk=3, parallel=2, wait=True, home=home)
+    batch = submit(
+        items=list(range(10)), command=["echo", "{item}"], chunk=3, parallel=2, wait=True, home=home
+    )
     status = batch.status()
     assert status.tasks == 4 and status.progress.done == 10
     assert [(r.index, r.position) for r in batch.results()].count((3, 0)) == 1
@@ -98,14 +123,18 @@ def test_chunks_run_several_items_per_task(redis_url, home):
 
 def test_items_reach_the_worker_on_stdin_and_as_an_input_file(redis_url, home):
     via_stdin = submit(items=[{"n": 1}, "text"], command=["cat"], stdin=True, wait=True, home=home)
-    assert sorted(r.text for r in via_stdin.results()) == ['text', '{"n":1}']
+    assert sorted(r.text for r in via_stdin.results()) == ["text", '{"n":1}']
     via_file = submit(items=[{"n": 2}], command=["cat", "{input}"], wait=True, home=home)
     assert [r.text for r in via_file.results()] == ['{"n":2}']
 
 
 def test_a_declared_output_file_is_the_result(redis_url, home):
-    batch = submit(items=["x"], command=["sh", "-c", 'printf "from file" > "$1"; echo stdout', "sh", "{output}"],
-                   wait=True, home=home)
+    batch = submit(
+        items=["x"],
+        command=["sh", "-c", 'printf "from file" > "$1"; echo stdout', "sh", "{output}"],
+        wait=True,
+        home=home,
+    )
     assert [r.result for r in batch.results()] == [b"from file"]
     missing = submit(items=["x"], command=["true", "{output}"], retries=0, wait=True, home=home)
     assert "did not write its {output} file" in missing.failed()[0].reason
@@ -113,8 +142,9 @@ def test_a_declared_output_file_is_the_result(redis_url, home):
 
 def test_the_batch_deadline_stops_everything_and_dead_letters_the_rest(redis_url, home):
     started = time.monotonic()
-    batch = submit(items=list(range(6)), command=worker("--sleep", "30"), parallel=2, timeout=1, wait=True,
-                   home=home)
+    batch = submit(
+        items=list(range(6)), command=worker("--sleep", "30"), parallel=2, timeout=1, wait=True, home=home
+    )
     assert time.monotonic() - started < 15
     status = batch.status()
     assert status.state == "failed" and status.progress.failed == 6
@@ -122,8 +152,9 @@ def test_the_batch_deadline_stops_everything_and_dead_letters_the_rest(redis_url
 
 
 def test_a_task_over_its_time_limit_is_stopped_and_retried(redis_url, home):
-    batch = submit(items=["slow"], command=worker("--sleep", "30"), task_timeout=0.5, retries=1, wait=True,
-                   home=home)
+    batch = submit(
+        items=["slow"], command=worker("--sleep", "30"), task_timeout=0.5, retries=1, wait=True, home=home
+    )
     [dead] = batch.failed()
     assert dead.attempts == 2 and "timed out after 0.5s" in dead.reason
 
@@ -147,14 +178,20 @@ def test_a_worker_killed_with_sigkill_is_retried_and_every_item_counts_once(redi
     thread = threading.Thread(target=assassin)
     thread.start()
     items = [str(i) for i in range(6)]
-    batch = submit(items=items, command=worker("--sleep", "1", "--pid-dir", str(pid_dir)), parallel=2, retries=2,
-                   wait=True, home=home)
+    batch = submit(
+        items=items,
+        command=worker("--sleep", "1", "--pid-dir", str(pid_dir)),
+        parallel=2,
+        retries=2,
+        wait=True,
+        home=home,
+    )
     thread.join()
     assert killed
     assert outputs(batch) == sorted(f"done {i}" for i in items)
     by_item = {r.item: r for r in batch.results()}
     assert by_item["3"].attempt == 2
-    assert b"" == b"".join(f.stderr.encode() for f in batch.failed())
+    assert b"".join(f.stderr.encode() for f in batch.failed()) == b""
 
 
 def _wait_for_lines(path: Path, count: int, timeout: float = 60) -> None:
@@ -178,16 +215,29 @@ def _workers_alive(marker: str) -> list[psutil.Process]:
 
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
-def test_the_submitting_process_dies_mid_batch_and_resume_finishes_exactly_once(redis_url, home, tmp_path, how):
+def test_the_submitting_process_dies_mid_batch_and_resume_finishes_exactly_once(
+    redis_url, home, tmp_path, how
+):
     log = tmp_path / "log"
     items = [str(i) for i in range(16)]
     item_file = tmp_path / "items.txt"
     item_file.write_text("\n".join(items))
     marker = f"--log {log}"
     process = subprocess.Popen(
-        kiabatch_cmd("submit", "--batch-id", "violent-batch", "--lines", str(item_file), "-p", "3", "--",
-                     *worker("--sleep", "0.4", "--log", str(log))),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        kiabatch_cmd(
+            "submit",
+            "--batch-id",
+            "violent-batch",
+            "--lines",
+            str(item_file),
+            "-p",
+            "3",
+            "--",
+            *worker("--sleep", "0.4", "--log", str(log)),
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     _wait_for_lines(log, 6)
     process.send_signal(how)
@@ -219,8 +269,9 @@ def test_a_detached_batch_runs_in_the_background_and_can_be_waited_for(redis_url
 
 
 def test_waiting_on_a_batch_whose_runner_died_says_how_to_resume(redis_url, home, tmp_path):
-    batch = submit(items=[str(i) for i in range(4)], command=worker("--sleep", "1"), parallel=2, wait=False,
-                   home=home)
+    batch = submit(
+        items=[str(i) for i in range(4)], command=worker("--sleep", "1"), parallel=2, wait=False, home=home
+    )
     runner = Store(batch.store.redis).meta(batch.id)["runner"].split()[1]
     os.kill(int(runner), signal.SIGKILL)
     with pytest.raises(InterruptedBatchError, match=f"kiabatch resume {batch.id}"):

@@ -37,8 +37,14 @@ def test_a_batch_survives_its_redis_restarting_mid_batch(tmp_path, home, monkeyp
     thread = threading.Thread(target=restart)
     thread.start()
     try:
-        batch = submit(items=items, command=[sys.executable, WORKER, "{item}", "--sleep", "0.1", "--log", str(log)],
-                       parallel=2, retries=3, wait=True, home=home)
+        batch = submit(
+            items=items,
+            command=[sys.executable, WORKER, "{item}", "--sleep", "0.1", "--log", str(log)],
+            parallel=2,
+            retries=3,
+            wait=True,
+            home=home,
+        )
         thread.join()
         results = batch.results()
         assert sorted(r.item for r in results) == sorted(items)  # each item exactly once

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import time
@@ -17,7 +16,9 @@ from kiabatch.errors import UnreachableError
 from tests.conftest import run_cli
 
 DEBIAN_REDIS = "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
-needs_debian_redis = pytest.mark.skipif(DEBIAN_REDIS is None, reason="Debian's redis-server (7.x) is not installed")
+needs_debian_redis = pytest.mark.skipif(
+    DEBIAN_REDIS is None, reason="Debian's redis-server (7.x) is not installed"
+)
 
 
 def free_port() -> int:
@@ -28,8 +29,20 @@ def free_port() -> int:
 
 def start(binary: str, directory: Path, *args: str) -> subprocess.Popen[bytes]:
     directory.mkdir(parents=True, exist_ok=True)
-    process = subprocess.Popen([binary, "--bind", "127.0.0.1", "--dir", str(directory), "--save", "",
-                                "--logfile", str(directory / "log"), *args])
+    process = subprocess.Popen(
+        [
+            binary,
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(directory),
+            "--save",
+            "",
+            "--logfile",
+            str(directory / "log"),
+            *args,
+        ]
+    )
     return process
 
 
@@ -49,7 +62,9 @@ def password_redis(tmp_path):
     from kiabatch.embedded import redis_server_binary
 
     port = free_port()
-    process = start(str(redis_server_binary()), tmp_path / "pw", "--port", str(port), "--requirepass", "s3cr3t")
+    process = start(
+        str(redis_server_binary()), tmp_path / "pw", "--port", str(port), "--requirepass", "s3cr3t"
+    )
     wait_ready(redis.Redis(port=port, password="s3cr3t"))
     yield port
     process.terminate()
@@ -90,17 +105,68 @@ def test_redis_7_over_tls(tmp_path, home):
     def openssl(*args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=certs)
 
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=kiabatch-test-ca",
-            "-keyout", "ca.key", "-out", "ca.crt")
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key",
-            "-out", "server.csr")
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=kiabatch-test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    )
     (certs / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-            "-days", "2", "-extfile", "san.ext", "-out", "server.crt")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.crt",
+    )
     port = free_port()
-    process = start(DEBIAN_REDIS, tmp_path / "tls", "--port", "0", "--tls-port", str(port),
-                    "--tls-cert-file", str(certs / "server.crt"), "--tls-key-file", str(certs / "server.key"),
-                    "--tls-ca-cert-file", str(certs / "ca.crt"), "--tls-auth-clients", "no")
+    process = start(
+        DEBIAN_REDIS,
+        tmp_path / "tls",
+        "--port",
+        "0",
+        "--tls-port",
+        str(port),
+        "--tls-cert-file",
+        str(certs / "server.crt"),
+        "--tls-key-file",
+        str(certs / "server.key"),
+        "--tls-ca-cert-file",
+        str(certs / "ca.crt"),
+        "--tls-auth-clients",
+        "no",
+    )
     url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={certs / 'ca.crt'}"
     try:
         wait_ready(redis.Redis.from_url(url))

@@ -50,7 +50,9 @@ def assert_untouched(sandbox: Path) -> None:
         (["sh", "-c", 'printf %s "$1"', "sh", "{item}"], False),  # a shell script reading its argument
     ],
 )
-def test_hostile_items_reach_the_worker_verbatim_on_the_local_backend(redis_url, home, sandbox, command, stdin):
+def test_hostile_items_reach_the_worker_verbatim_on_the_local_backend(
+    redis_url, home, sandbox, command, stdin
+):
     batch = submit(items=HOSTILE, command=command, stdin=stdin, parallel=2, wait=True, home=home)
     results = {r.item: r.text for r in batch.results()}
     assert batch.failed() == []
@@ -66,12 +68,23 @@ def test_hostile_items_reach_the_worker_verbatim_on_the_local_backend(redis_url,
 def test_hostile_items_through_the_cli(redis_url, sandbox):
     items_file = sandbox / "items.txt"
     items_file.write_text("$(touch pwned); rm -rf ~\n' \" ; |\n")
-    done = run_cli("-o", "json", "submit", "--lines", str(items_file), "--command", "printf %s {item}",
-                   env={"HOME": os.environ["HOME"]}, cwd=sandbox / "work")
+    done = run_cli(
+        "-o",
+        "json",
+        "submit",
+        "--lines",
+        str(items_file),
+        "--command",
+        "printf %s {item}",
+        env={"HOME": os.environ["HOME"]},
+        cwd=sandbox / "work",
+    )
     assert done.returncode == 0, done.stderr
     import json
 
     rows = [json.loads(line) for line in done.stdout.splitlines()]
-    assert {r["item"]: r["result"] for r in rows} == {"$(touch pwned); rm -rf ~": "$(touch pwned); rm -rf ~",
-                                                      "' \" ; |": "' \" ; |"}
+    assert {r["item"]: r["result"] for r in rows} == {
+        "$(touch pwned); rm -rf ~": "$(touch pwned); rm -rf ~",
+        "' \" ; |": "' \" ; |",
+    }
     assert_untouched(sandbox)

@@ -24,8 +24,15 @@ def create(home: Path, **options) -> Batch:
 
 def run_task(store: Store, batch: Batch, index: int, directory: Path, env: dict | None = None):
     info = claim_into(store, batch.id, index, directory)
-    done = subprocess.run(["/bin/sh", str(directory / "run.sh")], env={**os.environ, **(env or {}),
-                          "KIABATCH_TASK_DIR": str(directory), "JOB_COMPLETION_INDEX": str(index)})
+    done = subprocess.run(
+        ["/bin/sh", str(directory / "run.sh")],
+        env={
+            **os.environ,
+            **(env or {}),
+            "KIABATCH_TASK_DIR": str(directory),
+            "JOB_COMPLETION_INDEX": str(index),
+        },
+    )
     return info, done.returncode, report_from(store, directory)
 
 
@@ -49,10 +56,17 @@ def test_run_sh_feeds_stdin_and_input_files_and_reads_declared_output(redis_url,
     assert [r.result for r in via_output.results()] == [b'"x"']
 
 
-def test_run_sh_runs_every_item_of_a_chunk_and_exits_with_the_first_failure(redis_url, home, tmp_path, client):
+def test_run_sh_runs_every_item_of_a_chunk_and_exits_with_the_first_failure(
+    redis_url, home, tmp_path, client
+):
     store = Store(client)
-    batch = create(home, items=["ok", "bad", "ok2"], chunk=3, retries=0,
-                   command=["sh", "-c", 'test "$1" != bad || exit 7; echo "$1"', "sh", "{item}"])
+    batch = create(
+        home,
+        items=["ok", "bad", "ok2"],
+        chunk=3,
+        retries=0,
+        command=["sh", "-c", 'test "$1" != bad || exit 7; echo "$1"', "sh", "{item}"],
+    )
     info, code, result = run_task(store, batch, 0, tmp_path / "c")
     assert info.items == 3 and code == 7 and done_status(tmp_path / "c") == 7
     assert result.status == "failed"
@@ -60,7 +74,9 @@ def test_run_sh_runs_every_item_of_a_chunk_and_exits_with_the_first_failure(redi
     assert [(f.item, f.exit_code) for f in batch.failed()] == [("bad", 7)]
 
 
-def test_an_item_missing_a_field_is_skipped_by_run_sh_and_failed_without_retry(redis_url, home, tmp_path, client):
+def test_an_item_missing_a_field_is_skipped_by_run_sh_and_failed_without_retry(
+    redis_url, home, tmp_path, client
+):
     from kiabatch import Queue
 
     Queue("mixed").enqueue_many([{"url": "u"}, {"uri": "v"}])
@@ -80,7 +96,8 @@ def test_a_retry_of_an_index_reruns_the_same_items(redis_url, home, tmp_path, cl
     second, _, r2 = run_task(store, batch, 1, tmp_path / "r2")
     assert (r1.status, r2.status) == ("retry", "failed")
     assert json.loads((tmp_path / "r1/items/00000/item.json").read_text()) == json.loads(
-        (tmp_path / "r2/items/00000/item.json").read_text())
+        (tmp_path / "r2/items/00000/item.json").read_text()
+    )
     assert (first.attempt, second.attempt) == (1, 2)
 
 
@@ -88,11 +105,15 @@ def test_the_sidecar_waits_for_the_worker_then_reports_and_the_worker_waits_for_
     """KIABATCH_AWAIT_REPORT: the worker only exits once the reporter confirmed; the reporter idles after."""
     batch = create(home, items=["x"], command=["sh", "-c", "sleep 0.5; echo hi"])
     directory = tmp_path / "pod"
-    claimed = run_cli("task", "claim", "--batch", batch.id, "--dir", str(directory), env={"JOB_COMPLETION_INDEX": "0"})
+    claimed = run_cli(
+        "task", "claim", "--batch", batch.id, "--dir", str(directory), env={"JOB_COMPLETION_INDEX": "0"}
+    )
     assert claimed.returncode == 0, claimed.stderr
     reporter = subprocess.Popen(kiabatch_cmd("task", "report", "--await", "--dir", str(directory)))
-    worker = subprocess.Popen(["/bin/sh", str(directory / "run.sh")],
-                              env={**os.environ, "KIABATCH_TASK_DIR": str(directory), "KIABATCH_AWAIT_REPORT": "1"})
+    worker = subprocess.Popen(
+        ["/bin/sh", str(directory / "run.sh")],
+        env={**os.environ, "KIABATCH_TASK_DIR": str(directory), "KIABATCH_AWAIT_REPORT": "1"},
+    )
     assert worker.wait(timeout=30) == 0
     assert (directory / "reported").exists()
     assert [r.text for r in batch.results()] == ["hi\n"]
@@ -105,10 +126,20 @@ def test_the_sidecar_waits_for_the_worker_then_reports_and_the_worker_waits_for_
 def test_the_worker_fails_when_the_reporter_never_confirms(redis_url, home, tmp_path):
     batch = create(home, items=["x"], command=["true"])
     directory = tmp_path / "pod"
-    assert run_cli("task", "claim", "--batch", batch.id, "--index", "0", "--dir", str(directory)).returncode == 0
-    worker = subprocess.run(["/bin/sh", str(directory / "run.sh")], capture_output=True, text=True,
-                            env={**os.environ, "KIABATCH_TASK_DIR": str(directory), "KIABATCH_AWAIT_REPORT": "1",
-                                 "KIABATCH_REPORT_TIMEOUT": "1"})
+    assert (
+        run_cli("task", "claim", "--batch", batch.id, "--index", "0", "--dir", str(directory)).returncode == 0
+    )
+    worker = subprocess.run(
+        ["/bin/sh", str(directory / "run.sh")],
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "KIABATCH_TASK_DIR": str(directory),
+            "KIABATCH_AWAIT_REPORT": "1",
+            "KIABATCH_REPORT_TIMEOUT": "1",
+        },
+    )
     assert worker.returncode == 75 and "did not confirm" in worker.stderr
     assert TaskInfo.load(directory).attempt == 1
 

@@ -67,7 +67,19 @@ def test_jsonl_errors_name_the_line(tmp_path):
 
 
 def test_the_fast_item_encoder_matches_the_general_one():
-    values = [0, -7, 10**30, "plain", 'quo"te\\', "tab\tnew\nline\x01", "ünï ✓", 1.5, True, None, [1, "a"],
-              {"k": [None, False]}]
+    values = [
+        0,
+        -7,
+        10**30,
+        "plain",
+        'quo"te\\',
+        "tab\tnew\nline\x01",
+        "ünï ✓",
+        1.5,
+        True,
+        None,
+        [1, "a"],
+        {"k": [None, False]},
+    ]
     assert list(items.encode_many(values)) == [items.encode(v) for v in values]
     assert [items.decode(t) for t in items.encode_many(values)] == values

@@ -25,7 +25,13 @@ from ..store import Store
 JOB = ("batch/v1", "Job")
 #: Container waiting reasons that will not fix themselves.
 PULL_PROBLEMS = frozenset(
-    {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError", "CreateContainerError"}
+    {
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+    }
 )
 #: Seconds a pull problem may last before ``--wait`` gives up (a registry may be slow).
 DEFAULT_PULL_GRACE = 120.0
@@ -50,7 +56,7 @@ def conditions(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def job_outcome(job: dict[str, Any]) -> str | None:
-    """"succeeded" or "failed" once the Job reached (or is about to reach) a terminal state."""
+    """ "succeeded" or "failed" once the Job reached (or is about to reach) a terminal state."""
     true = conditions(job)
     if "Complete" in true or "SuccessCriteriaMet" in true:
         return "succeeded"
@@ -69,7 +75,9 @@ def pod_problems(pods: list[dict[str, Any]]) -> list[str]:
         for status in statuses:
             waiting = (status.get("state") or {}).get("waiting") or {}
             if waiting.get("reason") in PULL_PROBLEMS:
-                message = (waiting.get("message") or "").splitlines()[0][:200] if waiting.get("message") else ""
+                message = (
+                    (waiting.get("message") or "").splitlines()[0][:200] if waiting.get("message") else ""
+                )
                 problems.append(
                     f"pod {pod['metadata']['name']} container {status['name']} ({status.get('image', '?')}): "
                     f"{waiting['reason']}" + (f": {message}" if message else "")
@@ -88,7 +96,9 @@ def job_summary(job: dict[str, Any] | None) -> dict[str, Any]:
         "job_pods": f"active {status.get('active', 0)}, ready {status.get('ready', 0)}, "
         f"succeeded {status.get('succeeded', 0)}, failed {status.get('failed', 0)}",
         "job_failed_indexes": status.get("failedIndexes") or "-",
-        "job_conditions": ", ".join(f"{t}" + (f" ({c.get('reason')})" if c.get("reason") else "") for t, c in true.items())
+        "job_conditions": ", ".join(
+            f"{t}" + (f" ({c.get('reason')})" if c.get("reason") else "") for t, c in true.items()
+        )
         or "-",
     }
 
@@ -121,7 +131,9 @@ class KubernetesBackend:
             )
         return cluster
 
-    def create_job(self, cluster: Cluster, store: Store, spec: BatchSpec, options: KubeOptions) -> dict[str, Any]:
+    def create_job(
+        self, cluster: Cluster, store: Store, spec: BatchSpec, options: KubeOptions
+    ) -> dict[str, Any]:
         """Create the batch's ServiceAccount (if missing) and Job; record where it runs."""
         options = replace(options, namespace=cluster.namespace)
         account, job = batch_job.batch_objects(spec, options)
@@ -164,7 +176,7 @@ class KubernetesBackend:
             on_running()
         if not wait:
             return None
-        return self.wait(store, spec.id, on_update=on_update, cluster=cluster)
+        return self.wait(store, spec.id, on_update=on_update, cluster=cluster, pull_grace=options.pull_grace)
 
     def resume(
         self,
@@ -183,7 +195,9 @@ class KubernetesBackend:
         if old:
             current = cluster.get(JOB, old)
             if current is not None and job_outcome(current) is None:
-                raise UsageError(f"Job {old} of batch {spec.id} is still running; wait for it or delete it first")
+                raise UsageError(
+                    f"Job {old} of batch {spec.id} is still running; wait for it or delete it first"
+                )
             cluster.delete(JOB, old)
         generation = int(meta.get("job_generation", "0")) + 1
         store.set_meta(spec.id, job_generation=generation)
@@ -232,7 +246,8 @@ class KubernetesBackend:
         pull_grace: float = DEFAULT_PULL_GRACE,
         timeout: float | None = None,
     ) -> Status:
-        """Follow the Job with a watch until it ends; returns the batch's final status.
+        """Follow the Job with a watch until it reaches a terminal condition (Complete,
+        SuccessCriteriaMet, Failed, FailureTarget); returns the batch's final status.
 
         Raises ClusterError when pods cannot start (an image that cannot be pulled,
         a missing Secret) for longer than ``pull_grace`` seconds, and KiabatchError
@@ -249,9 +264,8 @@ class KubernetesBackend:
             if on_update is not None:
                 on_update(store.progress(batch_id))
             outcome = job_outcome(job)
-            status = store.status(batch_id)
-            if status.finished:
-                return status
+            if outcome is not None and store.status(batch_id).finished:
+                return store.status(batch_id)
             if outcome == "succeeded":
                 missing = len(store.unsettled_indexes(batch_id))
                 raise KiabatchError(
@@ -267,6 +281,8 @@ class KubernetesBackend:
                 stuck_since = None
             if timeout is not None and time.monotonic() - started > timeout:
                 raise TimeoutError(f"batch {batch_id} did not finish within {timeout:g}s")
+        if store.status(batch_id).finished:
+            return store.status(batch_id)
         raise ClusterError(f"Job {job_name} disappeared while we waited for it")
 
     def _job_states(self, cluster: Cluster, name: str) -> Iterator[dict[str, Any]]:
@@ -327,7 +343,9 @@ class KubernetesBackend:
             number = pod["metadata"].get("labels", {}).get(COMPLETION_INDEX_LABEL, "?")
             for container in ("claim", "reporter", "worker"):
                 label = f"index {number} {pod['metadata']['name']} {container}"
-                for chunk in cluster.pod_log(pod["metadata"]["name"], container, follow=follow and container == "worker"):
+                for chunk in cluster.pod_log(
+                    pod["metadata"]["name"], container, follow=follow and container == "worker"
+                ):
                     yield label, chunk
 
 

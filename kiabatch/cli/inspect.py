@@ -40,8 +40,13 @@ def _show(settings_: Settings, status: Status) -> None:
     show_default=True,
     help="Seconds between updates with --watch.",
 )
+@click.option(
+    "--read-only", is_flag=True, help="Never write (do not settle what a Kubernetes Job gave up on)."
+)
 @pass_settings
-def status_command(settings_: Settings, batch_id: str | None, watch: bool, interval: float) -> None:
+def status_command(
+    settings_: Settings, batch_id: str | None, watch: bool, interval: float, read_only: bool
+) -> None:
     """Show a batch's state and progress (without BATCH_ID: every unfinished batch)."""
     if batch_id is None:
         with user_errors():
@@ -55,7 +60,7 @@ def status_command(settings_: Settings, batch_id: str | None, watch: bool, inter
         return
     batch = _batch(settings_, batch_id)
     with user_errors():
-        status = batch.status()
+        status = batch.status(read_only=read_only)
     if not watch or status.finished:
         _show(settings_, status)
         raise click.exceptions.Exit(_exit_code(status))
@@ -64,7 +69,7 @@ def status_command(settings_: Settings, batch_id: str | None, watch: bool, inter
     with ProgressBar(status.progress.total, batch_id) as bar, user_errors():
         last = None
         while True:
-            status = batch.status()
+            status = batch.status(read_only=read_only)
             bar.update(status.progress)
             if settings_.json and status.to_dict() != last:
                 last = status.to_dict()
@@ -150,10 +155,25 @@ def results_command(
 @click.command("logs")
 @click.argument("batch_id")
 @click.option("--index", "-i", type=click.IntRange(min=0), help="Only this task (completion index).")
+@click.option("--follow", "-f", is_flag=True, help="Kubernetes: keep streaming the workers' output.")
 @pass_settings
-def logs_command(settings_: Settings, batch_id: str, index: int | None) -> None:
-    """Print the workers' stderr, per task and attempt (the last 64 KiB of each)."""
+def logs_command(settings_: Settings, batch_id: str, index: int | None, follow: bool) -> None:
+    """Print the workers' stderr per task and attempt (the last 64 KiB of each).
+
+    For a Kubernetes batch: the logs of its pods' claim, reporter and worker
+    containers, each line labelled with its index, pod and container.
+    """
     batch = _batch(settings_, batch_id)
+    with user_errors():
+        backend = batch.store.spec(batch_id).backend
+    if backend == "kubernetes":
+        from ..backends import get
+
+        with user_errors():
+            for label, chunk in get(backend).logs(batch.store, batch_id, index=index, follow=follow):
+                for line in chunk.decode("utf-8", "replace").splitlines():
+                    click.echo(f"[{label}] {line}")
+        return
     with user_errors():
         entries = batch.logs(index)
     if settings_.json:

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import click
 
 from .. import backends, settings, workloads
-from ..backends import KUBERNETES
-from ..kube.batch_job import REDIS_SECRET, KubeOptions, batch_objects
-from ..kube.objects import to_yaml
 from .. import items as items_mod
+from ..backends import KUBERNETES
 from ..batch import Batch
 from ..errors import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE
+from ..kube.batch_job import REDIS_SECRET, KubeOptions, batch_objects
+from ..kube.objects import to_yaml
 from ..progress import ProgressBar
 from ..submission import plan_batch, submit
 from .context import CliError, Settings, emit_json, note, pass_settings, user_errors
@@ -52,7 +52,9 @@ class WorkloadGroup(click.Group):
         if args and args[0].startswith("-") and args[0] not in ("-h", "--help"):
             misplaced = _first_positional_token(self.commands["exec"], args)
             if misplaced in self.commands and misplaced != "exec":
-                raise click.UsageError(f"put the workload name first: 'kiabatch submit {misplaced} [OPTIONS]'", ctx)
+                raise click.UsageError(
+                    f"put the workload name first: 'kiabatch submit {misplaced} [OPTIONS]'", ctx
+                )
             return "exec", self.commands["exec"], args
         if args and args[0] not in self.commands:
             raise click.UsageError(
@@ -122,6 +124,10 @@ def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Failed tasks after which the Job stops (default: 10% of tasks, at least 10)."),
         click.option("--job-ttl", "kube_ttl_after_finished", type=Duration(), default="1d", show_default=True,
                      help="Delete the finished Job (not the results) after this long (ttlSecondsAfterFinished)."),
+        click.option("--image-pull-grace", "kube_pull_grace", type=Duration(), default="2m", show_default=True,
+                     help="With --wait, fail once pods could not start (image pull, missing Secret) this long."),
+        click.option("--report-timeout", "kube_report_timeout", type=Duration(), default="10m", show_default=True,
+                     help="How long a finished worker waits for its result to be uploaded before the pod fails."),
         click.option("--writable-root", "kube_writable_root", is_flag=True,
                      help="Give the worker container a writable root filesystem (default: read-only + /tmp)."),
     ]  # fmt: skip
@@ -199,8 +205,12 @@ def submit_pi(settings_: Settings, digits: int, force: bool, **common: Any) -> N
     help="An exit code that fails the item at once, without retries. Repeatable.",
 )
 @click.option("--env", "env_pairs", multiple=True, metavar="NAME=VALUE", help="Environment for the worker.")
-@click.option("--worker-image", "worker_image", metavar="IMAGE",
-              help="Run the worker in this image (kubernetes backend; default: the kiabatch image).")
+@click.option(
+    "--worker-image",
+    "worker_image",
+    metavar="IMAGE",
+    help="Run the worker in this image (kubernetes backend; default: the kiabatch image).",
+)
 @common_options
 @click.argument("argv", nargs=-1, type=click.UNPROCESSED)
 @pass_settings
@@ -276,6 +286,7 @@ def kube_options(common: dict[str, Any]) -> KubeOptions:
     writable = values.pop("writable_root", False)
     values["read_only_root"] = not writable
     values["ttl_after_finished"] = int(values["ttl_after_finished"])
+    values["report_timeout"] = int(values["report_timeout"])
     values["namespace"] = values.get("namespace") or None
     return KubeOptions(**{key: value for key, value in values.items() if value is not None})
 
@@ -335,7 +346,9 @@ def render_batch(workload: str, kube: KubeOptions, common: dict[str, Any], optio
     values["backend"] = KUBERNETES
     with user_errors():
         planned = plan_batch(workload, **values, **options)
-    click.echo(to_yaml(batch_objects(planned.spec, replace(kube, namespace=kube.namespace or "default"))), nl=False)
+    click.echo(
+        to_yaml(batch_objects(planned.spec, replace(kube, namespace=kube.namespace or "default"))), nl=False
+    )
 
 
 def conclude(settings_: Settings, batch: Batch, *, reduce: bool | None, quiet: bool = False) -> int:

@@ -5,13 +5,16 @@
 # optionally items/N/stdin. Item content is only ever read from those files into
 # "$@" with quoted expansion: it is never parsed as shell text.
 #
-# Writes items/N/{started,stdout,stderr,exit_code}, then "done" holding the task's
+# Writes items/N/{started,stdout,stderr,exit_code} (in a pod, stderr is also copied
+# live to the container log when the image has tee), then "done" holding the task's
 # exit status (0, or the first failing item's code). With KIABATCH_AWAIT_REPORT=1
 # (the Kubernetes pod) it then waits until the reporter sidecar has written
 # "reported", so the pod only succeeds once the outcome is safely in Redis.
 set -u
 dir=${KIABATCH_TASK_DIR:-${0%/*}}
 status=0
+live=
+if [ "${KIABATCH_AWAIT_REPORT:-0}" = 1 ] && command -v tee >/dev/null 2>&1; then live=1; fi
 for item in "$dir"/items/*; do
   [ -d "$item" ] || continue
   [ -f "$item/invalid" ] && continue  # the reporter fails it with the reason given
@@ -24,9 +27,14 @@ for item in "$dir"/items/*; do
   input=/dev/null
   [ -f "$item/stdin" ] && input="$item/stdin"
   : >"$item/started"
-  "$@" <"$input" >"$item/stdout" 2>"$item/stderr"
-  code=$?
-  printf '%s\n' "$code" >"$item/exit_code"
+  if [ -n "$live" ]; then
+    # stderr goes to a file for the reporter and, live, to this container's log.
+    ( "$@" <"$input" 2>&1 >"$item/stdout"; printf '%s\n' "$?" >"$item/exit_code" ) | tee "$item/stderr" >&2
+  else
+    "$@" <"$input" >"$item/stdout" 2>"$item/stderr"
+    printf '%s\n' "$?" >"$item/exit_code"
+  fi
+  read -r code <"$item/exit_code"
   if [ "$code" -ne 0 ] && [ "$status" -eq 0 ]; then status=$code; fi
 done
 # Readers treat a file without a complete line as "not yet", so no rename is needed.

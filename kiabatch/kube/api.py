@@ -9,7 +9,9 @@ an exceeded quota, an invalid object.
 from __future__ import annotations
 
 import json
+import os
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +61,9 @@ def explain(exc: Exception, action: str) -> ClusterError:
     if isinstance(exc, ApiException):
         message = _message(exc)
         if exc.status == 401:
-            return ClusterError(f"{action}: the API server rejected our credentials (401); check your kubeconfig")
+            return ClusterError(
+                f"{action}: the API server rejected our credentials (401); check your kubeconfig"
+            )
         if exc.status == 403 and "exceeded quota" in message:
             return ClusterError(f"{action}: quota exceeded: {message}")
         if exc.status == 403:
@@ -88,9 +92,11 @@ def load(context: str | None = None, namespace: str | None = None) -> ClusterCon
     The namespace is ``namespace``, else the context's, else the pod's own
     (in-cluster), else ``default``.
     """
+    # Read KUBECONFIG now (the kubernetes package reads it once, at import).
+    config_file = os.environ.get("KUBECONFIG") or str(Path("~/.kube/config").expanduser())
     try:
-        api = k8s_config.new_client_from_config(context=context)
-        contexts, active = k8s_config.list_kube_config_contexts()
+        api = k8s_config.new_client_from_config(config_file=config_file, context=context)
+        contexts, active = k8s_config.list_kube_config_contexts(config_file=config_file)
         chosen = next((c for c in contexts if c["name"] == context), active) if context else active
         default_namespace = (chosen or {}).get("context", {}).get("namespace") or "default"
         return ClusterConfig(api, namespace or default_namespace, (chosen or {}).get("name"))
@@ -175,7 +181,9 @@ class Cluster:
     # -- generic objects -----------------------------------------------------------------
 
     def _method(self, obj_or_kind: dict[str, Any] | tuple[str, str], verb: str) -> Any:
-        key = (obj_or_kind["apiVersion"], obj_or_kind["kind"]) if isinstance(obj_or_kind, dict) else obj_or_kind
+        key = (
+            (obj_or_kind["apiVersion"], obj_or_kind["kind"]) if isinstance(obj_or_kind, dict) else obj_or_kind
+        )
         api_class, suffix = _KINDS[key]
         return getattr(getattr(k8s, api_class)(self.api), f"{verb}_namespaced_{suffix}")
 
@@ -222,7 +230,9 @@ class Cluster:
 
     def list(self, kind: tuple[str, str], selector: str | None = None) -> list[dict[str, Any]]:
         """Objects of ``kind`` in the namespace, optionally by label selector."""
-        listing = self._call(f"listing {kind[1]}s", self._method(kind, "list"), self.namespace, label_selector=selector)
+        listing = self._call(
+            f"listing {kind[1]}s", self._method(kind, "list"), self.namespace, label_selector=selector
+        )
         return list(listing.get("items", []))
 
     def delete(self, kind: tuple[str, str], name: str, *, propagation: str = "Background") -> bool:
@@ -246,7 +256,13 @@ class Cluster:
         except ApiException as exc:
             if exc.status != 409:
                 raise explain(exc, f"creating Secret {name!r} in namespace {self.namespace!r}") from None
-            self._call(f"replacing Secret {name!r}", self.core.replace_namespaced_secret, name, self.namespace, secret)
+            self._call(
+                f"replacing Secret {name!r}",
+                self.core.replace_namespaced_secret,
+                name,
+                self.namespace,
+                secret,
+            )
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise explain(exc, f"creating Secret {name!r}") from None
 
@@ -284,16 +300,36 @@ class Cluster:
         """Pods matching a label selector."""
         return self.list(("v1", "Pod"), selector)
 
-    def pod_log(self, pod: str, container: str, *, follow: bool = False, tail: int | None = None) -> Iterator[bytes]:
-        """A container's log as chunks of bytes (streamed when ``follow``)."""
-        try:
-            response = self.core.read_namespaced_pod_log(
-                pod, self.namespace, container=container, follow=follow, tail_lines=tail, _preload_content=False
-            )
-            yield from response.stream(4096)
-        except ApiException as exc:
-            if exc.status == 400:  # the container has not started yet
+    def pod_log(
+        self, pod: str, container: str, *, follow: bool = False, tail: int | None = None
+    ) -> Iterator[bytes]:
+        """A container's log as chunks of bytes.
+
+        With ``follow`` the log is streamed until the container ends, waiting for
+        a container that has not started yet; without, such a container has no log.
+        """
+        while True:
+            try:
+                response = self.core.read_namespaced_pod_log(
+                    pod,
+                    self.namespace,
+                    container=container,
+                    follow=follow,
+                    tail_lines=tail,
+                    _preload_content=False,
+                )
+                yield from response.stream(4096)
                 return
-            raise explain(exc, f"reading logs of {pod}/{container}") from None
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise explain(exc, f"reading logs of {pod}/{container}") from None
+            except ApiException as exc:
+                if exc.status != 400:  # 400: the container is waiting to start
+                    raise explain(exc, f"reading logs of {pod}/{container}") from None
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                raise explain(exc, f"reading logs of {pod}/{container}") from None
+            current = self.get(("v1", "Pod"), pod)
+            if (
+                not follow
+                or current is None
+                or current.get("status", {}).get("phase") in ("Succeeded", "Failed")
+            ):
+                return
+            time.sleep(0.5)

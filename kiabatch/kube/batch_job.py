@@ -45,10 +45,10 @@ from .objects import (
 
 #: Where the task emptyDir is mounted in every container of the pod.
 TASK_DIR = "/kiabatch/task"
-#: The kiabatch image keeps the worker programs here (see the Dockerfile).
+#: The kiabatch image keeps the worker programs here, on PATH (see the Dockerfile).
 IMAGE_WORKERS_DIR = "/opt/kiabatch/workers"
-#: How workloads find Python and kiabatch's workers inside the kiabatch image.
-IMAGE_RUNTIME = Runtime(python="python3", workers_dir=IMAGE_WORKERS_DIR)
+#: In the kiabatch image the worker programs are commands on PATH.
+IMAGE_RUNTIME = Runtime(workers_dir=IMAGE_WORKERS_DIR)
 DEFAULT_IMAGE = "ghcr.io/kiabatch/kiabatch"
 WORKER_SERVICE_ACCOUNT = "kiabatch-worker"
 REDIS_SECRET = "kiabatch-redis"
@@ -86,6 +86,10 @@ class KubeOptions:
     job_name: str | None = None
     #: kubeconfig context (None: the current one). Not rendered.
     context: str | None = None
+    #: Seconds a finished worker waits for the reporter to confirm the upload before failing the pod.
+    report_timeout: int = 600
+    #: Seconds pods may fail to start (image pull, missing Secret) before ``--wait`` gives up. Not rendered.
+    pull_grace: float = 120.0
 
 
 def default_max_failed_indexes(tasks: int) -> int:
@@ -133,7 +137,10 @@ def pod_failure_policy(spec: BatchSpec) -> dict[str, Any]:
     codes = sorted(spec.worker.non_retriable_exit_codes)
     if codes:
         rules.append(
-            {"action": "FailIndex", "onExitCodes": {"containerName": "worker", "operator": "In", "values": codes}}
+            {
+                "action": "FailIndex",
+                "onExitCodes": {"containerName": "worker", "operator": "In", "values": codes},
+            }
         )
     return {"rules": rules}
 
@@ -145,6 +152,7 @@ def job(spec: BatchSpec, options: KubeOptions) -> dict[str, Any]:
         **spec.worker.env,
         "KIABATCH_TASK_DIR": TASK_DIR,
         "KIABATCH_AWAIT_REPORT": "1",
+        "KIABATCH_REPORT_TIMEOUT": str(options.report_timeout),
         "KIABATCH_BATCH": spec.id,
         "HOME": "/tmp",  # noqa: S108 - an emptyDir
     }
@@ -216,7 +224,9 @@ def worker_service_account(namespace: str, name: str = WORKER_SERVICE_ACCOUNT) -
     }
 
 
-def redis_secret(url: str, namespace: str, name: str = REDIS_SECRET, key: str = REDIS_SECRET_KEY) -> dict[str, Any]:
+def redis_secret(
+    url: str, namespace: str, name: str = REDIS_SECRET, key: str = REDIS_SECRET_KEY
+) -> dict[str, Any]:
     """The Secret holding the Redis URL pods use (created by ``kiabatch secret create``; never printed)."""
     return {
         "apiVersion": "v1",

@@ -11,14 +11,20 @@ from ..model import ItemResult, WorkerSpec
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where a backend's workers find Python and kiabatch's worker programs."""
+    """How a backend's workers start kiabatch's worker programs.
 
-    python: str
+    Locally: this interpreter and the program's path. In the kiabatch image the
+    programs are commands on PATH (``interpreter`` is None).
+    """
+
     workers_dir: str
+    interpreter: str | None = None
 
-    def worker(self, name: str) -> str:
-        """Path of worker program ``name`` on this runtime."""
-        return f"{self.workers_dir}/{name}"
+    def worker_command(self, name: str) -> list[str]:
+        """argv prefix that runs worker program ``name``."""
+        if self.interpreter is None:
+            return [name]
+        return [self.interpreter, f"{self.workers_dir}/{name}"]
 
 
 @dataclass(frozen=True)
@@ -67,5 +73,5 @@ def local_runtime() -> Runtime:
     here = Path(__file__).resolve().parent.parent
     for candidate in (here / "_workers", here.parent / "workers"):
         if candidate.is_dir():
-            return Runtime(python=sys.executable, workers_dir=str(candidate))
+            return Runtime(workers_dir=str(candidate), interpreter=sys.executable)
     raise FileNotFoundError(f"kiabatch's worker programs are missing (looked in {here / '_workers'})")

@@ -213,7 +213,7 @@ class PiWorkload:
                 f"use at most {terms} (tasks defaults to --parallel)"
             )
         ranges = balanced_ranges(terms, wanted)
-        command = [runtime.python, runtime.worker("pi"), "--range", "{a}", "{b}", "--of", str(terms)]
+        command = [*runtime.worker_command("pi"), "--range", "{a}", "{b}", "--of", str(terms)]
         worker = WorkerSpec(command=command)
         return Plan(
             items=[{"a": a, "b": b} for a, b in ranges],

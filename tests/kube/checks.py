@@ -10,12 +10,28 @@ import kubernetes_validate
 VERSIONS = ["1.33", "1.34", "1.35", "1.36", "1.37"]
 
 # https://kubernetes.io/docs/concepts/security/pod-security-standards/ (Baseline + Restricted)
-_ALLOWED_VOLUME_KEYS = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
-                        "projected", "secret"}
-_SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
-                 "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
-                 "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
-                 "net.ipv4.tcp_keepalive_probes"}
+_ALLOWED_VOLUME_KEYS = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+_SAFE_SYSCTLS = {
+    "kernel.shm_rmid_forced",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.tcp_syncookies",
+    "net.ipv4.ping_group_range",
+    "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.tcp_keepalive_time",
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
+}
 
 
 def validate_all_versions(obj: dict[str, Any]) -> None:
@@ -25,8 +41,9 @@ def validate_all_versions(obj: dict[str, Any]) -> None:
             kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
             path = ".".join(str(p) for p in exc.path)
-            raise AssertionError(f"{obj['kind']} {obj['metadata']['name']} invalid for {version} at {path}: "
-                                 f"{exc.message}") from None
+            raise AssertionError(
+                f"{obj['kind']} {obj['metadata']['name']} invalid for {version} at {path}: {exc.message}"
+            ) from None
 
 
 def pod_specs(obj: dict[str, Any]) -> list[dict[str, Any]]:
@@ -64,10 +81,18 @@ def restricted_violations(pod: dict[str, Any]) -> list[str]:
         problems.append(f"pod seccomp {pod_seccomp}")
     if pod_sc.get("appArmorProfile", {}).get("type") == "Unconfined":
         problems.append("pod AppArmor Unconfined")
-    if pod_sc.get("seLinuxOptions", {}).get("type") not in (None, "", "container_t", "container_init_t",
-                                                             "container_kvm_t", "container_engine_t"):
+    if pod_sc.get("seLinuxOptions", {}).get("type") not in (
+        None,
+        "",
+        "container_t",
+        "container_init_t",
+        "container_kvm_t",
+        "container_engine_t",
+    ):
         problems.append("pod SELinux type")
-    containers = pod.get("initContainers", []) + pod.get("containers", []) + pod.get("ephemeralContainers", [])
+    containers = (
+        pod.get("initContainers", []) + pod.get("containers", []) + pod.get("ephemeralContainers", [])
+    )
     for container in containers:
         name = container["name"]
         sc = container.get("securityContext", {})
@@ -80,8 +105,10 @@ def restricted_violations(pod: dict[str, Any]) -> list[str]:
             problems.append(f"{name} does not drop ALL capabilities")
         if set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
             problems.append(f"{name} adds capabilities {caps['add']}")
-        if not (sc.get("runAsNonRoot") is True or (pod_sc.get("runAsNonRoot") is True
-                                                   and sc.get("runAsNonRoot") is not False)):
+        if not (
+            sc.get("runAsNonRoot") is True
+            or (pod_sc.get("runAsNonRoot") is True and sc.get("runAsNonRoot") is not False)
+        ):
             problems.append(f"{name} may run as root (runAsNonRoot not true)")
         if sc.get("runAsUser") == 0:
             problems.append(f"{name} runs as UID 0")

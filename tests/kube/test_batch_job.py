@@ -56,19 +56,27 @@ def test_max_failed_indexes_tolerates_poison_items_but_stops_a_flood(tasks, expe
 
 def test_the_pod_failure_policy_ignores_disruptions_and_fails_declared_exit_codes():
     plain = job(spec(), KubeOptions())["spec"]["podFailurePolicy"]["rules"]
-    assert plain == [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
+    assert plain == [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    ]
     worker = WorkerSpec(command=["x"], non_retriable_exit_codes=(42, 7))
     rules = job(spec(worker=worker), KubeOptions())["spec"]["podFailurePolicy"]["rules"]
-    assert rules[1] == {"action": "FailIndex",
-                        "onExitCodes": {"containerName": "worker", "operator": "In", "values": [7, 42]}}
+    assert rules[1] == {
+        "action": "FailIndex",
+        "onExitCodes": {"containerName": "worker", "operator": "In", "values": [7, 42]},
+    }
 
 
 def test_labels_and_version_annotation():
     from kiabatch import __version__
 
     made = job(spec(), KubeOptions())
-    expected = {"app.kubernetes.io/name": "kiabatch", "app.kubernetes.io/managed-by": "kiabatch",
-                "kiabatch.io/batch": "pi-x7k2p", "kiabatch.io/workload": "pi"}
+    expected = {
+        "app.kubernetes.io/name": "kiabatch",
+        "app.kubernetes.io/managed-by": "kiabatch",
+        "kiabatch.io/batch": "pi-x7k2p",
+        "kiabatch.io/workload": "pi",
+    }
     assert expected.items() <= made["metadata"]["labels"].items()
     assert expected.items() <= made["spec"]["template"]["metadata"]["labels"].items()
     assert made["metadata"]["annotations"]["kiabatch.io/version"] == __version__
@@ -98,7 +106,10 @@ def test_the_redis_url_comes_only_from_a_secret_and_never_reaches_the_worker():
     pod = job(spec(), KubeOptions(redis_secret="my-redis"))["spec"]["template"]["spec"]
     for container in pod["initContainers"]:
         [url] = [e for e in container["env"] if e["name"] == "KIABATCH_REDIS_URL"]
-        assert url == {"name": "KIABATCH_REDIS_URL", "valueFrom": {"secretKeyRef": {"name": "my-redis", "key": "url"}}}
+        assert url == {
+            "name": "KIABATCH_REDIS_URL",
+            "valueFrom": {"secretKeyRef": {"name": "my-redis", "key": "url"}},
+        }
     assert all(e["name"] != "KIABATCH_REDIS_URL" for e in pod["containers"][0]["env"])
     assert "redis://" not in to_yaml(batch_objects(spec(), KubeOptions()))
 
@@ -110,8 +121,10 @@ def test_workers_run_under_their_own_account_without_a_token_and_with_resources(
     pod = made["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == account["metadata"]["name"]
     assert pod["automountServiceAccountToken"] is False
-    assert pod["containers"][0]["resources"] == {"requests": {"cpu": "2", "memory": "3Gi"},
-                                                 "limits": {"cpu": "2", "memory": "3Gi"}}
+    assert pod["containers"][0]["resources"] == {
+        "requests": {"cpu": "2", "memory": "3Gi"},
+        "limits": {"cpu": "2", "memory": "3Gi"},
+    }
     assert all(c["resources"]["limits"]["memory"] for c in pod["initContainers"])
 
 
@@ -132,7 +145,9 @@ def every_rendered_object() -> list[dict]:
     ).spec  # fmt: skip
     return [
         *batch_objects(pi, KubeOptions(namespace="batch")),
-        *batch_objects(exec_spec, KubeOptions(namespace="batch", image_pull_policy="Always", read_only_root=False)),
+        *batch_objects(
+            exec_spec, KubeOptions(namespace="batch", image_pull_policy="Always", read_only_root=False)
+        ),
         redis_secret("redis://:pw@kiabatch-redis-primary:6379/0", "batch"),
         worker_service_account("batch"),
     ]
@@ -170,4 +185,7 @@ def test_yaml_round_trips_as_a_multi_document_stream():
 
 
 def test_prune_drops_none_recursively():
-    assert prune({"a": None, "b": {"c": None, "d": 1}, "e": [None, {"f": None}]}) == {"b": {"d": 1}, "e": [{}]}
+    assert prune({"a": None, "b": {"c": None, "d": 1}, "e": [None, {"f": None}]}) == {
+        "b": {"d": 1},
+        "e": [{}],
+    }

@@ -1,0 +1,745 @@
+"""A local stand-in for a Kubernetes cluster, for tests.
+
+* ``FakeApiServer`` speaks the API's real JSON over HTTP on 127.0.0.1: objects
+  with uid / resourceVersion / creationTimestamp, ``Status`` error bodies with
+  the real codes and reasons (404 NotFound, 409 AlreadyExists, 403 Forbidden),
+  label and field selectors, watch streams (``?watch=true``: one JSON event per
+  line), pod logs, server-side apply and merge patches, deletion with
+  background propagation. Tests point kiabatch at it with a kubeconfig file.
+* ``JobEmulator`` plays the Job controller and the kubelet for Indexed Jobs:
+  it creates pods and runs their containers as local processes exactly as
+  rendered — the claim init container, the native-sidecar reporter, then the
+  worker — with the task emptyDir as a temporary directory, environment from the
+  spec (Secret references resolved from stored Secrets), ``JOB_COMPLETION_INDEX``
+  set, and per-index retries, ``podFailurePolicy`` and ``maxFailedIndexes``.
+
+The emulator's only translations are the ones a container runtime makes: volume
+mount paths map to temporary directories, and the kiabatch image's entrypoint
+(``kiabatch``) and PATH (its worker programs) map to this checkout.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import itertools
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent.parent
+
+# plural -> (apiVersion, kind)
+RESOURCES = {
+    "jobs": ("batch/v1", "Job"),
+    "cronjobs": ("batch/v1", "CronJob"),
+    "pods": ("v1", "Pod"),
+    "secrets": ("v1", "Secret"),
+    "serviceaccounts": ("v1", "ServiceAccount"),
+    "configmaps": ("v1", "ConfigMap"),
+    "services": ("v1", "Service"),
+    "persistentvolumeclaims": ("v1", "PersistentVolumeClaim"),
+    "statefulsets": ("apps/v1", "StatefulSet"),
+    "roles": ("rbac.authorization.k8s.io/v1", "Role"),
+    "rolebindings": ("rbac.authorization.k8s.io/v1", "RoleBinding"),
+    "poddisruptionbudgets": ("policy/v1", "PodDisruptionBudget"),
+    "networkpolicies": ("networking.k8s.io/v1", "NetworkPolicy"),
+}
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def status_body(code: int, reason: str, message: str) -> dict[str, Any]:
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
+            "reason": reason, "code": code}  # fmt: skip
+
+
+def matches(obj: dict[str, Any], label_selector: str | None, field_selector: str | None) -> bool:
+    labels = obj.get("metadata", {}).get("labels") or {}
+    for term in filter(None, (label_selector or "").split(",")):
+        key, _, value = term.partition("=")
+        if labels.get(key) != value:
+            return False
+    for term in filter(None, (field_selector or "").split(",")):
+        key, _, value = term.partition("=")
+        if key == "metadata.name" and obj["metadata"]["name"] != value:
+            return False
+    return True
+
+
+def deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+class Store:
+    """Objects by (plural, namespace, name), with a change feed for watches."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.events: list[tuple[int, str, str, dict[str, Any]]] = []  # (rv, plural, type, object)
+        self.version = itertools.count(1)
+        self.changed = threading.Condition()
+        self.logs: dict[tuple[str, str, str], bytearray] = {}  # (namespace, pod, container)
+        self.namespaces = {"default"}
+        self.on_create: list[Callable[[str, dict[str, Any]], None]] = []
+
+    def _record(self, plural: str, kind: str, obj: dict[str, Any]) -> None:
+        rv = next(self.version)
+        obj["metadata"]["resourceVersion"] = str(rv)
+        self.events.append((rv, plural, kind, copy.deepcopy(obj)))
+        self.changed.notify_all()
+
+    def create(self, plural: str, namespace: str, obj: dict[str, Any]) -> dict[str, Any]:
+        with self.changed:
+            name = obj["metadata"].get("name")
+            if not name and obj["metadata"].get("generateName"):
+                name = obj["metadata"]["generateName"] + secrets.token_hex(3)[:5]
+            key = (plural, namespace, name)
+            if key in self.objects:
+                raise ApiError(409, "AlreadyExists", f'{plural} "{name}" already exists')
+            stored = copy.deepcopy(obj)
+            stored["metadata"].update(
+                name=name, namespace=namespace, uid=str(uuid.uuid4()), creationTimestamp=now()
+            )
+            stored["metadata"].setdefault("labels", {})
+            stored.setdefault("status", {})
+            self.objects[key] = stored
+            self._record(plural, "ADDED", stored)
+            result = copy.deepcopy(stored)
+        for hook in self.on_create:
+            hook(plural, result)
+        return result
+
+    def get(self, plural: str, namespace: str, name: str) -> dict[str, Any]:
+        with self.changed:
+            try:
+                return copy.deepcopy(self.objects[(plural, namespace, name)])
+            except KeyError:
+                raise ApiError(404, "NotFound", f'{plural} "{name}" not found') from None
+
+    def update(
+        self, plural: str, namespace: str, name: str, change: Callable[[dict[str, Any]], None]
+    ) -> dict:
+        with self.changed:
+            obj = self.objects.get((plural, namespace, name))
+            if obj is None:
+                raise ApiError(404, "NotFound", f'{plural} "{name}" not found')
+            change(obj)
+            self._record(plural, "MODIFIED", obj)
+            return copy.deepcopy(obj)
+
+    def delete(self, plural: str, namespace: str, name: str) -> dict[str, Any]:
+        with self.changed:
+            obj = self.objects.pop((plural, namespace, name), None)
+            if obj is None:
+                raise ApiError(404, "NotFound", f'{plural} "{name}" not found')
+            self._record(plural, "DELETED", obj)
+        if plural == "jobs":  # background propagation: the Job's pods go too
+            for key in [k for k, o in list(self.objects.items()) if k[0] == "pods" and k[1] == namespace
+                        and o["metadata"]["labels"].get("batch.kubernetes.io/job-name") == name]:  # fmt: skip
+                with self.changed:
+                    pod = self.objects.pop(key, None)
+                    if pod:
+                        self._record("pods", "DELETED", pod)
+        return obj
+
+    def list(
+        self, plural: str, namespace: str, labels: str | None, fields: str | None
+    ) -> list[dict[str, Any]]:
+        with self.changed:
+            return [copy.deepcopy(o) for (p, ns, _), o in self.objects.items()
+                    if p == plural and ns == namespace and matches(o, labels, fields)]  # fmt: skip
+
+
+class ApiError(Exception):
+    def __init__(self, code: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.reason, self.message = code, reason, message
+
+
+class FakeApiServer:
+    """The HTTP side. ``deny`` maps (method, plural) to an error to answer instead."""
+
+    def __init__(self, version: str = "v1.34.2") -> None:
+        self.store = Store()
+        self.version = version
+        self.deny: dict[tuple[str, str], tuple[int, str, str]] = {}
+        self.requests: list[tuple[str, str]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # streams use chunked transfer encoding, as the real server does
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                server.handle(self, "GET")
+
+            def do_POST(self) -> None:
+                server.handle(self, "POST")
+
+            def do_PUT(self) -> None:
+                server.handle(self, "PUT")
+
+            def do_PATCH(self) -> None:
+                server.handle(self, "PATCH")
+
+            def do_DELETE(self) -> None:
+                server.handle(self, "DELETE")
+
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass  # clients hang up on watches and log streams; that is normal
+
+        self.http = Server(("127.0.0.1", 0), Handler)
+        self.http.daemon_threads = True
+        self.thread = threading.Thread(target=self.http.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http.server_address[1]}"
+
+    def start(self) -> FakeApiServer:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self.store.changed:
+            self.store.changed.notify_all()
+        self.http.shutdown()
+        self.http.server_close()
+
+    def kubeconfig(self, path: Path, namespace: str | None = None, context: str = "fake") -> Path:
+        config = {
+            "apiVersion": "v1", "kind": "Config", "current-context": context,
+            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+            "users": [{"name": "tester", "user": {"token": "test-token"}}],
+            "contexts": [{"name": context, "context": {"cluster": "fake", "user": "tester",
+                                                        **({"namespace": namespace} if namespace else {})}}],
+        }  # fmt: skip
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    # -- request handling ----------------------------------------------------------------
+
+    def _send(
+        self, handler: BaseHTTPRequestHandler, code: int, body: Any, content_type: str = "application/json"
+    ):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        handler.send_response(code)
+        handler.send_header("Content-Type", content_type)
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+
+    def handle(self, handler: BaseHTTPRequestHandler, method: str) -> None:
+        url = urlsplit(handler.path)
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        self.requests.append((method, url.path))
+        length = int(handler.headers.get("Content-Length") or 0)
+        raw = handler.rfile.read(length) if length else b""
+        try:
+            if url.path.rstrip("/") == "/version":
+                minor = self.version.split(".")[1]
+                return self._send(handler, 200, {"major": "1", "minor": minor, "gitVersion": self.version})
+            parts = [p for p in url.path.split("/") if p]
+            if parts[:2] == ["api", "v1"]:
+                rest = parts[2:]
+            elif parts[0] == "apis":
+                rest = parts[3:]
+            else:
+                raise ApiError(
+                    404, "NotFound", f"the server could not find the requested resource {url.path}"
+                )
+            if rest[:1] == ["namespaces"] and len(rest) == 2:
+                if rest[1] not in self.store.namespaces:
+                    raise ApiError(404, "NotFound", f'namespaces "{rest[1]}" not found')
+                return self._send(handler, 200, {"apiVersion": "v1", "kind": "Namespace",
+                                                 "metadata": {"name": rest[1]}})  # fmt: skip
+            namespace, plural = rest[1], rest[2]
+            name = rest[3] if len(rest) > 3 else None
+            sub = rest[4] if len(rest) > 4 else None
+            denied = self.deny.get((method, plural))
+            if denied:
+                raise ApiError(*denied)
+            if namespace not in self.store.namespaces and method == "POST":
+                raise ApiError(404, "NotFound", f'namespaces "{namespace}" not found')
+            body = json.loads(raw) if raw else None
+            if sub == "log":
+                return self._logs(handler, namespace, name, query)
+            if method == "GET" and name is None and query.get("watch") in ("true", "True", "1"):
+                return self._watch(handler, plural, namespace, query)
+            if method == "GET" and name is None:
+                items = self.store.list(
+                    plural, namespace, query.get("labelSelector"), query.get("fieldSelector")
+                )
+                api_version, kind = RESOURCES[plural]
+                return self._send(handler, 200, {"apiVersion": api_version, "kind": f"{kind}List",
+                                                 "metadata": {"resourceVersion": str(next(self.store.version))},
+                                                 "items": items})  # fmt: skip
+            if method == "GET":
+                return self._send(handler, 200, self.store.get(plural, namespace, name))
+            if method == "POST":
+                self._validate(plural, body)
+                return self._send(handler, 201, self.store.create(plural, namespace, body))
+            if method == "PUT":
+                return self._send(
+                    handler,
+                    200,
+                    self.store.update(
+                        plural,
+                        namespace,
+                        name,
+                        lambda o: o.update({k: v for k, v in body.items() if k != "status"}),
+                    ),
+                )
+            if method == "PATCH":
+                return self._patch(
+                    handler, plural, namespace, name, body, handler.headers.get("Content-Type", "")
+                )
+            if method == "DELETE":
+                self.store.delete(plural, namespace, name)
+                return self._send(handler, 200, status_body(200, "", "deleted") | {"status": "Success"})
+        except ApiError as exc:
+            return self._send(handler, exc.code, status_body(exc.code, exc.reason, exc.message))
+        raise ApiError(405, "MethodNotAllowed", method)
+
+    def _validate(self, plural: str, body: dict[str, Any]) -> None:
+        api_version, kind = RESOURCES[plural]
+        if body.get("kind") != kind or body.get("apiVersion") != api_version:
+            raise ApiError(400, "BadRequest", f"expected {api_version} {kind}")
+
+    def _patch(self, handler, plural, namespace, name, body, content_type) -> None:
+        if "apply-patch" in content_type:
+            try:
+                current = self.store.get(plural, namespace, name)
+            except ApiError:
+                self._validate(plural, body)
+                return self._send(handler, 201, self.store.create(plural, namespace, body))
+            merged = deep_merge(current, {k: v for k, v in body.items() if k != "status"})
+            return self._send(
+                handler, 200, self.store.update(plural, namespace, name, lambda o: o.update(merged))
+            )
+        patched = self.store.update(plural, namespace, name, lambda o: o.update(deep_merge(o, body)))
+        return self._send(handler, 200, patched)
+
+    @staticmethod
+    def _start_stream(handler: BaseHTTPRequestHandler, content_type: str) -> Callable[[bytes], None]:
+        handler.send_response(200)
+        handler.send_header("Content-Type", content_type)
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        handler.close_connection = True
+
+        def write(data: bytes) -> None:
+            handler.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            handler.wfile.flush()
+
+        return write
+
+    def _watch(self, handler, plural, namespace, query) -> None:
+        since = int(query.get("resourceVersion") or 0)
+        deadline = time.monotonic() + float(query.get("timeoutSeconds") or 30)
+        write = self._start_stream(handler, "application/json")
+        sent = 0
+        if not since:  # no version: the current state first, as ADDED events
+            for obj in self.store.list(
+                plural, namespace, query.get("labelSelector"), query.get("fieldSelector")
+            ):
+                write(json.dumps({"type": "ADDED", "object": obj}).encode() + b"\n")
+            since = max((e[0] for e in self.store.events), default=0)
+        try:
+            while time.monotonic() < deadline:
+                with self.store.changed:
+                    pending = [e for e in self.store.events[sent:] if e[0] > since and e[1] == plural
+                               and e[3]["metadata"].get("namespace") == namespace
+                               and matches(e[3], query.get("labelSelector"), query.get("fieldSelector"))]  # fmt: skip
+                    sent = len(self.store.events)
+                    if not pending:
+                        self.store.changed.wait(min(0.2, max(0.0, deadline - time.monotonic())))
+                        continue
+                for _, _, kind, obj in pending:
+                    write(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
+            write(b"")  # the last chunk: the watch ends at its timeout, as a real one does
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _logs(self, handler, namespace, pod, query) -> None:
+        container = query.get("container", "")
+        key = (namespace, pod, container)
+        if key not in self.store.logs:
+            raise ApiError(400, "BadRequest", f'container "{container}" in pod "{pod}" is waiting to start')
+        if query.get("follow") not in ("true", "True"):
+            return self._send(handler, 200, bytes(self.store.logs[key]), "text/plain")
+        write = self._start_stream(handler, "text/plain")
+        offset = 0
+        while True:
+            data = bytes(self.store.logs[key])
+            if len(data) > offset:
+                write(data[offset:])
+                offset = len(data)
+            try:
+                phase = self.store.get("pods", namespace, pod)["status"].get("phase")
+            except ApiError:
+                phase = "Gone"
+            if phase in ("Succeeded", "Failed", "Gone") and len(self.store.logs[key]) == offset:
+                write(b"")
+                return
+            time.sleep(0.05)
+
+
+class JobEmulator:
+    """Runs Indexed Jobs created in ``server`` as local processes (see the module docstring)."""
+
+    UNPULLABLE = "doesnotexist"
+
+    def __init__(self, server: FakeApiServer, kiabatch_image: str) -> None:
+        self.server = server
+        self.store = server.store
+        self.kiabatch_image = kiabatch_image
+        self.root = Path(tempfile.mkdtemp(prefix="kbfake-"))
+        self.threads: list[threading.Thread] = []
+        self.evict: set[tuple[str, int]] = set()  # (job, index): evict that index's next pod
+        # (job, index): that index's next pod dies (node failure) after its worker finished but
+        # before the reporter uploaded anything.
+        self.kill_before_upload: set[tuple[str, int]] = set()
+        self.stopping = False
+        self.store.on_create.append(self._created)
+
+    def close(self) -> None:
+        self.stopping = True
+        for thread in self.threads:
+            thread.join(timeout=60)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _created(self, plural: str, obj: dict[str, Any]) -> None:
+        if plural == "jobs":
+            thread = threading.Thread(target=self._run_job, args=(obj,), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    # -- the Job controller ------------------------------------------------------------
+
+    def _set_status(self, job: dict[str, Any], **fields: Any) -> None:
+        name, namespace = job["metadata"]["name"], job["metadata"]["namespace"]
+
+        def change(obj: dict[str, Any]) -> None:
+            obj.setdefault("status", {}).update(fields)
+
+        try:
+            self.store.update("jobs", namespace, name, change)
+        except ApiError:
+            pass
+
+    def _job_exists(self, job: dict[str, Any]) -> bool:
+        try:
+            self.store.get("jobs", job["metadata"]["namespace"], job["metadata"]["name"])
+            return True
+        except ApiError:
+            return False
+
+    def _run_job(self, job: dict[str, Any]) -> None:
+        spec = job["spec"]
+        completions, parallelism = spec["completions"], spec.get("parallelism", 1)
+        per_index = spec.get("backoffLimitPerIndex", 6)
+        max_failed = spec.get("maxFailedIndexes")
+        rules = (spec.get("podFailurePolicy") or {}).get("rules", [])
+        pending = list(range(completions))
+        failures = dict.fromkeys(pending, 0)
+        completed: set[int] = set()
+        failed: set[int] = set()
+        counts = {"succeeded": 0, "failed": 0}
+        self._set_status(job, startTime=now(), active=0, ready=0, succeeded=0, failed=0)
+        lock = threading.Lock()
+        running: dict[int, threading.Thread] = {}
+
+        def run(index: int) -> None:
+            outcome, exit_codes, disrupted = self._run_pod(job, index)
+            with lock:
+                if outcome == "Succeeded":
+                    completed.add(index)
+                    counts["succeeded"] += 1
+                else:
+                    counts["failed"] += 1
+                    if disrupted and any(r["action"] == "Ignore" for r in rules):
+                        pending.append(index)  # evictions do not count
+                    elif any(r["action"] == "FailIndex" and set(exit_codes) & set(r["onExitCodes"]["values"])
+                             for r in rules if "onExitCodes" in r):  # fmt: skip
+                        failed.add(index)
+                    else:
+                        failures[index] += 1
+                        if failures[index] > per_index:
+                            failed.add(index)
+                        else:
+                            pending.append(index)
+                del running[index]
+
+        while not self.stopping and self._job_exists(job):
+            with lock:
+                too_many = max_failed is not None and len(failed) > max_failed
+                if too_many or (not pending and not running):
+                    break
+                while pending and len(running) < parallelism:
+                    index = pending.pop(0)
+                    running[index] = threading.Thread(target=run, args=(index,), daemon=True)
+                    running[index].start()
+                active = len(running)
+            self._set_status(job, active=active, ready=active, succeeded=counts["succeeded"],
+                             failed=counts["failed"], completedIndexes=_ranges(completed),
+                             failedIndexes=_ranges(failed) or None)  # fmt: skip
+            time.sleep(0.05)
+        while running:
+            time.sleep(0.05)
+        if not self._job_exists(job):
+            return
+        conditions = []
+        if max_failed is not None and len(failed) > max_failed:
+            conditions = [
+                {"type": "FailureTarget", "status": "True", "reason": "MaxFailedIndexesExceeded"},
+                {
+                    "type": "Failed",
+                    "status": "True",
+                    "reason": "MaxFailedIndexesExceeded",
+                    "message": "Job has exceeded the specified maximal number of failed indexes",
+                },
+            ]
+        elif failed:
+            conditions = [
+                {"type": "FailureTarget", "status": "True", "reason": "FailedIndexes"},
+                {
+                    "type": "Failed",
+                    "status": "True",
+                    "reason": "FailedIndexes",
+                    "message": "Job has failed indexes",
+                },
+            ]
+        else:
+            conditions = [
+                {"type": "SuccessCriteriaMet", "status": "True", "reason": "CompletionsReached"},
+                {"type": "Complete", "status": "True", "reason": "CompletionsReached"},
+            ]
+        self._set_status(job, active=0, ready=0, succeeded=counts["succeeded"], failed=counts["failed"],
+                         completedIndexes=_ranges(completed), failedIndexes=_ranges(failed) or None,
+                         conditions=conditions, completionTime=now())  # fmt: skip
+
+    # -- the kubelet -------------------------------------------------------------------
+
+    def _run_pod(self, job: dict[str, Any], index: int) -> tuple[str, list[int], bool]:
+        """Create and run one pod; returns (phase, worker exit codes, disrupted)."""
+        namespace, job_name = job["metadata"]["namespace"], job["metadata"]["name"]
+        template = job["spec"]["template"]
+        pod_name = f"{job_name}-{index}-{secrets.token_hex(3)[:5]}"
+        labels = {**template["metadata"].get("labels", {}), "batch.kubernetes.io/job-name": job_name,
+                  "batch.kubernetes.io/job-completion-index": str(index)}  # fmt: skip
+        pod = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": pod_name, "labels": labels,
+                            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": job_name,
+                                                 "uid": job["metadata"]["uid"], "controller": True}]},
+               "spec": copy.deepcopy(template["spec"]), "status": {"phase": "Pending"}}  # fmt: skip
+        self.store.create("pods", namespace, pod)
+        spec = pod["spec"]
+        images = [c["image"] for c in spec.get("initContainers", []) + spec["containers"]]
+        if any(self.UNPULLABLE in image for image in images):
+            bad = next(
+                c
+                for c in spec.get("initContainers", []) + spec["containers"]
+                if self.UNPULLABLE in c["image"]
+            )
+            self._pod_status(namespace, pod_name, phase="Pending", initContainerStatuses=[
+                {"name": bad["name"], "image": bad["image"], "ready": False, "restartCount": 0,
+                 "state": {"waiting": {"reason": "ImagePullBackOff",
+                                       "message": f'Back-off pulling image "{bad["image"]}"'}}}])  # fmt: skip
+            while not self.stopping and self._job_exists(job):
+                time.sleep(0.1)
+            return "Failed", [], False
+        volumes = {v["name"]: self.root / pod_name / v["name"] for v in spec.get("volumes", [])}
+        for path in volumes.values():
+            path.mkdir(parents=True)
+        try:
+            env_missing = self._env_problem(namespace, spec)
+            if env_missing:
+                self._pod_status(
+                    namespace,
+                    pod_name,
+                    phase="Pending",
+                    initContainerStatuses=[
+                        {
+                            "name": "claim",
+                            "image": images[0],
+                            "ready": False,
+                            "restartCount": 0,
+                            "state": {
+                                "waiting": {"reason": "CreateContainerConfigError", "message": env_missing}
+                            },
+                        }
+                    ],
+                )
+                while not self.stopping and self._job_exists(job):
+                    time.sleep(0.1)
+                return "Failed", [], False
+            self._pod_status(namespace, pod_name, phase="Running")
+            sidecars: list[subprocess.Popen[bytes]] = []
+            doomed = (job_name, index) in self.kill_before_upload
+            self.kill_before_upload.discard((job_name, index))
+            for container in spec.get("initContainers", []):
+                if container.get("restartPolicy") == "Always":
+                    if not doomed:  # a doomed pod's node dies before its reporter gets to run
+                        sidecars.append(self._start(namespace, pod_name, container, volumes, index))
+                    continue
+                code = self._start(namespace, pod_name, container, volumes, index).wait()
+                if code != 0:
+                    self._stop_all(sidecars)
+                    self._pod_status(namespace, pod_name, phase="Failed")
+                    return "Failed", [], False
+            [worker_spec] = spec["containers"]
+            worker = self._start(namespace, pod_name, worker_spec, volumes, index)
+            disrupted = False
+            if doomed:
+                done = volumes["task"] / "done"
+                while not done.exists() and worker.poll() is None:
+                    time.sleep(0.01)
+                os.killpg(worker.pid, signal.SIGKILL)
+                disrupted = True
+            if (job_name, index) in self.evict:
+                self.evict.discard((job_name, index))
+                time.sleep(0.3)
+                disrupted = True
+                worker.send_signal(signal.SIGKILL)  # API-initiated eviction: the node stops the pod
+            code = worker.wait()
+            self._stop_all(sidecars)
+            phase = "Succeeded" if code == 0 and not disrupted else "Failed"
+            conditions = (
+                [{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}]
+                if disrupted
+                else []
+            )
+            self._pod_status(namespace, pod_name, phase=phase, conditions=conditions, containerStatuses=[
+                {"name": "worker", "image": worker_spec["image"], "ready": False, "restartCount": 0,
+                 "state": {"terminated": {"exitCode": code}}}])  # fmt: skip
+            return phase, ([code] if code else []), disrupted
+        finally:
+            shutil.rmtree(self.root / pod_name, ignore_errors=True)
+
+    def _pod_status(self, namespace: str, name: str, **fields: Any) -> None:
+        def change(obj: dict[str, Any]) -> None:
+            obj["status"].update(fields)
+
+        try:
+            self.store.update("pods", namespace, name, change)
+        except ApiError:
+            pass
+
+    def _secret_value(self, namespace: str, ref: dict[str, str]) -> str | None:
+        try:
+            secret = self.store.get("secrets", namespace, ref["name"])
+        except ApiError:
+            return None
+        if ref["key"] in (secret.get("stringData") or {}):
+            return secret["stringData"][ref["key"]]
+        if ref["key"] in (secret.get("data") or {}):
+            return base64.b64decode(secret["data"][ref["key"]]).decode()
+        return None
+
+    def _env_problem(self, namespace: str, spec: dict[str, Any]) -> str | None:
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            for variable in container.get("env", []):
+                ref = (variable.get("valueFrom") or {}).get("secretKeyRef")
+                if ref and self._secret_value(namespace, ref) is None:
+                    return f'secret "{ref["name"]}" not found'
+        return None
+
+    def _start(
+        self, namespace: str, pod: str, container: dict[str, Any], volumes: dict[str, Path], index: int
+    ) -> subprocess.Popen[bytes]:
+        mounts = {m["mountPath"]: str(volumes[m["name"]]) for m in container.get("volumeMounts", [])}
+
+        pattern = (
+            re.compile("|".join(re.escape(p) for p in sorted(mounts, key=len, reverse=True)))
+            if mounts
+            else None
+        )
+
+        def mount(text: str) -> str:  # one pass, so a host path is never rewritten again
+            return pattern.sub(lambda m: mounts[m.group(0)], text) if pattern else text
+
+        env = {"PATH": os.environ["PATH"], "JOB_COMPLETION_INDEX": str(index)}
+        for variable in container.get("env", []):
+            if "value" in variable:
+                env[variable["name"]] = mount(variable["value"])
+            else:
+                env[variable["name"]] = (
+                    self._secret_value(namespace, variable["valueFrom"]["secretKeyRef"]) or ""
+                )
+        if container["image"] == self.kiabatch_image:
+            # The kiabatch image: entrypoint `kiabatch`, worker programs on PATH.
+            env["PATH"] = f"{REPO / 'workers'}:{Path(sys.executable).parent}:{env['PATH']}"
+            entrypoint = [sys.executable, "-m", "kiabatch"]
+        else:
+            entrypoint = []
+        command = [mount(part) for part in container.get("command", entrypoint)]
+        args = [mount(part) for part in container.get("args", [])]
+        key = (namespace, pod, container["name"])
+        self.store.logs[key] = bytearray()
+        process = subprocess.Popen([*command, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   start_new_session=True)  # fmt: skip
+
+        def collect() -> None:
+            for line in iter(process.stdout.readline, b""):
+                self.store.logs[key] += line
+
+        threading.Thread(target=collect, daemon=True).start()
+        return process
+
+    @staticmethod
+    def _stop_all(sidecars: list[subprocess.Popen[bytes]]) -> None:
+        for sidecar in sidecars:
+            sidecar.send_signal(signal.SIGTERM)
+        for sidecar in sidecars:
+            try:
+                sidecar.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                sidecar.kill()
+
+
+def _ranges(indexes: set[int]) -> str:
+    """The Job status index format: 1,3-5,7."""
+    out, ordered = [], sorted(indexes)
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        out.append(str(ordered[i]) if j - i < 2 else f"{ordered[i]}-{ordered[j]}")
+        if j - i == 1:
+            out.append(str(ordered[j]))
+        i = j + 1
+    return ",".join(out)
