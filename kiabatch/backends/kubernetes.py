@@ -318,6 +318,21 @@ class KubernetesBackend:
                 detail["problem"] = problems[0]
         return replace(status, detail=detail)
 
+    def list_detail(self, store: Store, status: Status) -> Status:
+        """Add the Job's state for ``kiabatch list`` (degrades to "?" if the cluster is unreachable)."""
+        try:
+            cluster, job_name = self.cluster_for(store, status.id)
+            job = cluster.get(JOB, job_name)
+        except KiabatchError:
+            return replace(status, detail={**status.detail, "job_state": "?"})
+        if job is None:
+            state = "gone"
+        else:
+            true = conditions(job)
+            state = next((t for t in ("Failed", "Complete", "FailureTarget", "SuccessCriteriaMet") if t in true),
+                         "Suspended" if job["spec"].get("suspend") else "Running")  # fmt: skip
+        return replace(status, detail={**status.detail, "job_state": f"{job_name}: {state}"})
+
     def delete(self, store: Store, spec: BatchSpec, *, home: Path | None = None) -> None:
         """Delete the batch's Job; its pods go with it (background propagation)."""
         del home

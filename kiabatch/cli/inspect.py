@@ -11,6 +11,7 @@ from ..batch import Batch
 from ..errors import EXIT_ITEMS_FAILED, EXIT_OK
 from ..model import TERMINAL_STATES, Status
 from ..progress import ProgressBar
+from ..store import Store
 from .context import CliError, Settings, emit_json, pass_settings, user_errors
 from .render import status_block, status_rows
 from .submit import conclude
@@ -102,19 +103,19 @@ def _exit_code(status: Status) -> int:
 def list_command(settings_: Settings, limit: int) -> None:
     """List recent batches, newest first."""
     with user_errors():
-        statuses = settings_.store().list_batches(limit=limit)
-        statuses = [_augment(s) for s in statuses]
+        store = settings_.store()
+        statuses = [_augment(store, s) for s in store.list_batches(limit=limit)]
     if settings_.json:
         emit_json([s.to_dict() for s in statuses])
     else:
         click.echo(status_rows(statuses) if statuses else "no batches")
 
 
-def _augment(status: Status) -> Status:
+def _augment(store: Store, status: Status) -> Status:
     from .. import backends
 
     backend = backends.get(status.backend)
-    return backend.list_detail(status) if hasattr(backend, "list_detail") else status
+    return backend.list_detail(store, status) if hasattr(backend, "list_detail") else status
 
 
 @click.command("results")

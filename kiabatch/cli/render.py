@@ -69,12 +69,17 @@ def status_block(status: Status) -> str:
 
 def status_rows(statuses: Sequence[Status]) -> str:
     """One line per batch."""
+    headers = ["BATCH", "STATE", "WORKLOAD", "BACKEND", "DONE", "FAILED", "CREATED", "DURATION"]
     rows = [
-        (s.id, s.state, s.workload, s.backend, f"{s.progress.done}/{s.progress.total}", s.progress.failed,
-         when(s.created_at), duration(s))
+        [s.id, s.state, s.workload, s.backend, f"{s.progress.done}/{s.progress.total}", s.progress.failed,
+         when(s.created_at), duration(s)]
         for s in statuses
     ]  # fmt: skip
-    return table(rows, ["BATCH", "STATE", "WORKLOAD", "BACKEND", "DONE", "FAILED", "CREATED", "DURATION"])
+    if any("job_state" in s.detail for s in statuses):  # Kubernetes batches: joined with their Jobs
+        headers.append("JOB")
+        for row, status in zip(rows, statuses, strict=True):
+            row.append(status.detail.get("job_state", "-"))
+    return table(rows, headers)
 
 
 def result_value(result: bytes) -> dict[str, Any]:

@@ -513,3 +513,15 @@ def test_a_reporter_that_never_confirms_fails_the_pod_and_the_index_reruns(secre
     assert done.exit_code == 0, done.stderr
     [result] = Batch("ex-mute").results()
     assert result.text == "y\n" and result.attempt == 2
+
+
+def test_list_joins_batches_with_their_jobs(secret, cluster):
+    kb("submit", "--backend", "kubernetes", "-n", "batch", "--batch-id", "ex-list", "--item", "1", "--", "true")
+    kb("submit", "--batch-id", "ex-local", "--item", "1", "--", "true")
+    listed = {row["id"]: row for row in json.loads(kb("-o", "json", "list").stdout)}
+    assert listed["ex-list"]["detail"]["job_state"] == "ex-list: Complete"
+    assert "job_state" not in listed["ex-local"]["detail"]
+    table = kb("list").stdout.splitlines()
+    assert table[0].split()[-1] == "JOB"
+    cluster.store.delete("jobs", "batch", "ex-list")  # removed after ttlSecondsAfterFinished
+    assert json.loads(kb("-o", "json", "list").stdout)[1]["detail"]["job_state"] == "ex-list: gone"
