@@ -312,6 +312,10 @@ class KubernetesBackend:
             self.reconcile(store, status.id, job)
             status = store.status(status.id)
         detail = {**status.detail, **job_summary(job)}
+        if job is not None and job_outcome(job) == "succeeded" and not status.finished:
+            missing = len(store.unsettled_indexes(status.id))
+            detail["problem"] = (f"the Job completed but Redis has no outcome for {missing} task(s); "
+                                 f"run them again with: kiabatch resume {status.id}")  # fmt: skip
         if job is not None and job_outcome(job) is None:
             problems = pod_problems(cluster.pods(f"{BATCH_LABEL}={status.id}"))
             if problems:

@@ -83,7 +83,7 @@ def status_command(
                 if line != last:
                     click.echo(line)
                     last = line
-            if status.finished or status.detail.get("runner_alive") is False:
+            if status.finished or status.detail.get("runner_alive") is False or status.detail.get("problem"):
                 break
             time.sleep(interval)
     if not settings_.json:

@@ -525,3 +525,24 @@ def test_list_joins_batches_with_their_jobs(secret, cluster):
     assert table[0].split()[-1] == "JOB"
     cluster.store.delete("jobs", "batch", "ex-list")  # removed after ttlSecondsAfterFinished
     assert json.loads(kb("-o", "json", "list").stdout)[1]["detail"]["job_state"] == "ex-list: gone"
+
+
+def test_resume_reruns_in_a_new_job_only_what_redis_is_missing(secret, cluster, client):
+    kb("submit", "--backend", "kubernetes", "-n", "batch", "-p", "2", "--batch-id", "ex-resume", "--item", '"a"',
+       "--item", '"b"', "--", "echo", "{item}")
+    # Simulate a Redis that lost the last writes of index 1 after the Job completed.
+    keys = {name: f"kiabatch:{{ex-resume}}:{name}" for name in ("final", "results", "outcomes", "progress", "meta")}
+    client.srem(keys["final"], "1")
+    client.hdel(keys["results"], "1:0")
+    client.hdel(keys["outcomes"], "1:0")
+    client.hincrby(keys["progress"], "done", -1)
+    client.hset(keys["meta"], "state", "running")
+    waited = kb("status", "--watch", "--interval", "0.2", "ex-resume")
+    assert "run them again with: kiabatch resume ex-resume" in waited.stdout  # and it does not hang
+    resumed = kb("resume", "ex-resume")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert sorted(resumed.stdout.splitlines()) == ["a\ta", "b\tb"]
+    assert {j["metadata"]["name"] for j in jobs(cluster)} == {"ex-resume-r1"}  # the old Job was deleted
+    new_pods = cluster.store.list("pods", "batch", "batch.kubernetes.io/job-name=ex-resume-r1", None)
+    assert len(new_pods) == 2  # both indexes ran; index 0 found its outcome settled and exited at once
+    assert Batch("ex-resume").status().progress.done == 2
