@@ -57,11 +57,13 @@ def run_script(config: Path, name: str, *args: str, timeout: float = 60, **env: 
 class Pod:
     """One simulated kiabatch-redis pod: init.sh, then start.sh running redis-server."""
 
-    def __init__(self, root: Path, config: Path, ordinal: int, password: str = PASSWORD) -> None:
+    def __init__(
+        self, root: Path, config: Path, ordinal: int, password: str = PASSWORD, data: Path | None = None
+    ) -> None:
         self.name = f"kiabatch-redis-{ordinal}"
         self.config = config
         self.run = root / self.name / "run"
-        self.data = root / self.name / "data"
+        self.data = data or root / self.name / "data"
         self.run.mkdir(parents=True, exist_ok=True)
         self.data.mkdir(parents=True, exist_ok=True)
         self.port = free_port()

@@ -168,6 +168,14 @@ class Store:
                     pod = self.objects.pop(key, None)
                     if pod:
                         self._record("pods", "DELETED", pod)
+        if plural == "statefulsets":  # background propagation: the pods it owns go too
+            for key in [k for k, o in list(self.objects.items()) if k[0] == "pods" and k[1] == namespace
+                        and any(ref.get("kind") == "StatefulSet" and ref.get("name") == name
+                                for ref in o["metadata"].get("ownerReferences") or [])]:  # fmt: skip
+                with self.changed:
+                    pod = self.objects.pop(key, None)
+                    if pod:
+                        self._record("pods", "DELETED", pod)
         return obj
 
     def list(
@@ -433,6 +441,9 @@ class JobEmulator:
         # before the reporter uploaded anything.
         self.kill_before_upload: set[tuple[str, int]] = set()
         self.stopping = False
+        # The cluster DNS stand-in: "host:port" a pod would dial -> a local "127.0.0.1:port",
+        # substituted in containers' environment values.
+        self.dns: dict[str, str] = {}
         self.store.on_create.append(self._created)
 
     def close(self) -> None:
@@ -470,7 +481,7 @@ class JobEmulator:
     def _run_job(self, job: dict[str, Any]) -> None:
         spec = job["spec"]
         completions, parallelism = spec["completions"], spec.get("parallelism", 1)
-        per_index = spec.get("backoffLimitPerIndex", 6)
+        per_index = spec.get("backoffLimitPerIndex", spec.get("backoffLimit", 6))
         max_failed = spec.get("maxFailedIndexes")
         rules = (spec.get("podFailurePolicy") or {}).get("rules", [])
         pending = list(range(completions))
@@ -581,9 +592,7 @@ class JobEmulator:
             while not self.stopping and self._job_exists(job):
                 time.sleep(0.1)
             return "Failed", [], False
-        volumes = {v["name"]: self.root / pod_name / v["name"] for v in spec.get("volumes", [])}
-        for path in volumes.values():
-            path.mkdir(parents=True)
+        volumes = {v["name"]: self._volume(namespace, pod_name, v) for v in spec.get("volumes", [])}
         try:
             env_missing = self._env_problem(namespace, spec)
             if env_missing:
@@ -635,6 +644,7 @@ class JobEmulator:
                 disrupted = True
                 worker.send_signal(signal.SIGKILL)  # API-initiated eviction: the node stops the pod
             code = worker.wait()
+            worker.collector.join(timeout=10)  # type: ignore[attr-defined]  # the log is complete once it ended
             self._stop_all(sidecars)
             phase = "Succeeded" if code == 0 and not disrupted else "Failed"
             conditions = (
@@ -694,7 +704,7 @@ class JobEmulator:
         env = {"PATH": os.environ["PATH"], "JOB_COMPLETION_INDEX": str(index)}
         for variable in container.get("env", []):
             if "value" in variable:
-                env[variable["name"]] = mount(variable["value"])
+                env[variable["name"]] = self._resolve(mount(variable["value"]))
             else:
                 env[variable["name"]] = (
                     self._secret_value(namespace, variable["valueFrom"]["secretKeyRef"]) or ""
@@ -716,8 +726,35 @@ class JobEmulator:
             for line in iter(process.stdout.readline, b""):
                 self.store.logs[key] += line
 
-        threading.Thread(target=collect, daemon=True).start()
+        process.collector = threading.Thread(target=collect, daemon=True)  # type: ignore[attr-defined]
+        process.collector.start()  # type: ignore[attr-defined]
         return process
+
+    def claim_dir(self, namespace: str, claim: str) -> Path:
+        """The directory standing in for a PersistentVolumeClaim's volume (it outlives pods)."""
+        path = self.root / "claims" / namespace / claim
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _volume(self, namespace: str, pod: str, volume: dict[str, Any]) -> Path:
+        claim = (volume.get("persistentVolumeClaim") or {}).get("claimName")
+        if claim:
+            return self.claim_dir(namespace, claim)
+        path = self.root / pod / volume["name"]
+        path.mkdir(parents=True)
+        if volume.get("configMap"):  # the kubelet projects the ConfigMap's keys as files
+            try:
+                data = self.store.get("configmaps", namespace, volume["configMap"]["name"]).get("data") or {}
+            except ApiError:
+                data = {}
+            for key, text in data.items():
+                (path / key).write_text(text)
+        return path
+
+    def _resolve(self, text: str) -> str:
+        for name, address in sorted(self.dns.items(), key=lambda item: -len(item[0])):
+            text = text.replace(name, address)
+        return text
 
     @staticmethod
     def _stop_all(sidecars: list[subprocess.Popen[bytes]]) -> None:
