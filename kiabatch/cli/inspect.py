@@ -11,17 +11,44 @@ from ..batch import Batch
 from ..errors import EXIT_ITEMS_FAILED, EXIT_OK
 from ..model import TERMINAL_STATES, Status
 from ..progress import ProgressBar
+from ..readonly import ENV_REPLICA_URL, ReadOnlyBatch, open_read_only
 from ..store import Store
 from .context import CliError, Settings, emit_json, pass_settings, user_errors
 from .render import status_block, status_rows
 from .submit import conclude
 
 
-def _batch(settings_: Settings, batch_id: str, retry_seconds: float = 0.0) -> Batch:
+def _batch(
+    settings_: Settings,
+    batch_id: str,
+    retry_seconds: float = 0.0,
+    *,
+    read_only: bool = False,
+    replica_url: str | None = None,
+) -> Batch:
     with user_errors():
-        batch = Batch(batch_id, settings_.store(retry_seconds=retry_seconds).redis)
+        if read_only:  # a replica (see kiabatch/readonly.py) and a client that never writes
+            batch: Batch = ReadOnlyBatch(batch_id, open_read_only(settings_.redis_url, replica_url))
+        else:
+            batch = Batch(batch_id, settings_.store(retry_seconds=retry_seconds).redis)
         batch.store.meta(batch_id)  # NotFoundError (exit 2) for an unknown id
     return batch
+
+
+def _read_only_options(func):  # noqa: ANN001 - a click decorator
+    func = click.option(
+        "--replica-url",
+        envvar=ENV_REPLICA_URL,
+        metavar="URL",
+        help="With --read-only: the Redis to read (default: kiabatch-redis-replicas when --redis-url names "
+        "kiabatch-redis-primary, else --redis-url). Env: KIABATCH_REDIS_REPLICA_URL.",
+    )(func)
+    return click.option(
+        "--read-only",
+        is_flag=True,
+        help="Read from a replica and never write (watch progress while the primary is busy or being repaired; "
+        "a Kubernetes batch is not reconciled with its Job).",
+    )(func)
 
 
 def _show(settings_: Settings, status: Status) -> None:
@@ -41,25 +68,27 @@ def _show(settings_: Settings, status: Status) -> None:
     show_default=True,
     help="Seconds between updates with --watch.",
 )
-@click.option(
-    "--read-only", is_flag=True, help="Never write (do not settle what a Kubernetes Job gave up on)."
-)
+@_read_only_options
 @pass_settings
 def status_command(
-    settings_: Settings, batch_id: str | None, watch: bool, interval: float, read_only: bool
+    settings_: Settings,
+    batch_id: str | None,
+    watch: bool,
+    interval: float,
+    read_only: bool,
+    replica_url: str | None,
 ) -> None:
     """Show a batch's state and progress (without BATCH_ID: every unfinished batch)."""
     if batch_id is None:
         with user_errors():
-            statuses = [
-                s for s in settings_.store().list_batches(limit=1000) if s.state not in TERMINAL_STATES
-            ]
+            store = open_read_only(settings_.redis_url, replica_url) if read_only else settings_.store()
+            statuses = [s for s in store.list_batches(limit=1000) if s.state not in TERMINAL_STATES]
         if settings_.json:
             emit_json([s.to_dict() for s in statuses])
         else:
             click.echo(status_rows(statuses) if statuses else "no unfinished batches")
         return
-    batch = _batch(settings_, batch_id)
+    batch = _batch(settings_, batch_id, read_only=read_only, replica_url=replica_url)
     with user_errors():
         status = batch.status(read_only=read_only)
     if not watch or status.finished:
@@ -127,9 +156,16 @@ def _augment(store: Store, status: Status) -> Status:
 )
 @click.option("--json", "as_json", is_flag=True, help="Same as the global --output json.")
 @click.option("--raw", is_flag=True, help="Write the raw result bytes of every item, in order, to stdout.")
+@_read_only_options
 @pass_settings
 def results_command(
-    settings_: Settings, batch_id: str, reduce: bool | None, as_json: bool, raw: bool
+    settings_: Settings,
+    batch_id: str,
+    reduce: bool | None,
+    as_json: bool,
+    raw: bool,
+    read_only: bool,
+    replica_url: str | None,
 ) -> None:
     """Print a batch's per-item results (or its reduced answer) and list failed items.
 
@@ -137,7 +173,7 @@ def results_command(
     """
     if as_json:
         settings_.output = "json"
-    batch = _batch(settings_, batch_id)
+    batch = _batch(settings_, batch_id, read_only=read_only, replica_url=replica_url)
     if raw:
         with user_errors():
             for result in batch.results():
