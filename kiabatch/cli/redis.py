@@ -568,10 +568,15 @@ def restore_command(settings_: Settings, snapshot: str, namespace: str | None, k
         if live is not None:
             cluster.delete(STATEFULSET_KIND, STATEFULSET)
             note(f"deleted StatefulSet {STATEFULSET!r}; waiting for its pods to end")
-        _wait_until(lambda: not cluster.pods(_selector()), "the Redis pods to end", timeout)
-        _prepare_primary_claim(cluster, options, timeout)
         job = restore_job(options, snapshot, job_name("restore"))
-        ok, log = run_job(cluster, job, timeout)
+        try:
+            _wait_until(lambda: not cluster.pods(_selector()), "the Redis pods to end", timeout)
+            _prepare_primary_claim(cluster, options, timeout)
+            ok, log = run_job(cluster, job, timeout)
+        except KiabatchError as exc:
+            # Whatever failed, never leave the namespace without its Redis.
+            cluster.apply(again)
+            raise ClusterError(f"{exc}; StatefulSet {STATEFULSET!r} created again with its previous data") from None
         click.echo(log, nl=False)
         cluster.apply(again)
         note(f"created StatefulSet {STATEFULSET!r} again; see: kiabatch redis status")

@@ -365,3 +365,16 @@ def test_restoring_a_corrupted_snapshot_changes_nothing_and_exits_3(redis_pods, 
         assert again.client().get("written-after-the-snapshot") == b"2"
     finally:
         again.stop()
+
+
+def test_a_restore_that_cannot_proceed_puts_the_statefulset_back(deployed):
+    owner = stored(deployed, "statefulsets", "kiabatch-redis")
+    labels = owner["spec"]["template"]["metadata"]["labels"]
+    deployed.store.create("pods", NS, {"apiVersion": "v1", "kind": "Pod",  # a pod that never ends
+                                       "metadata": {"name": "kiabatch-redis-0", "labels": labels},
+                                       "spec": owner["spec"]["template"]["spec"]})  # fmt: skip
+    done = kb("redis", "restore", "kiabatch-redis-20260314T031700Z.rdb", "-n", NS, "--yes", "--timeout", "2s")
+    one_line_error(done, 3, "timed out after 2s waiting for the Redis pods to end", "created again")
+    again = stored(deployed, "statefulsets", "kiabatch-redis")
+    assert again["spec"] == owner["spec"] and again["metadata"]["uid"] != owner["metadata"]["uid"]
+    assert jobs(deployed) == []  # no restore Job was started
