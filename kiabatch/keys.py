@@ -24,7 +24,9 @@ key                                    type    holds
 ``kiabatch:queue:{Q}``                 list    named queue Q
 ``kiabatch:queues``                    set     names of named queues ever used
 ``kiabatch:schedules``                 hash    schedule name -> JSON definition
-``kiabatch:schedule:{S}:runs``         zset    run id -> tick time, for ``history``
+``kiabatch:schedule:{S}:state``        hash    last tick handled, active run and batch
+``kiabatch:schedule:{S}:runs``         zset    run name -> tick time, for ``history``
+``kiabatch:schedule:{S}:history``      hash    run name -> JSON record (tick, batch, outcome)
 =====================================  ======  =============================================
 """
 
@@ -77,9 +79,9 @@ def queue_key(name: str) -> str:
     return f"{PREFIX}:queue:{{{name}}}"
 
 
-def schedule_runs_key(name: str) -> str:
-    """Sorted set of the runs of local schedule ``name``."""
-    return f"{PREFIX}:schedule:{{{name}}}:runs"
+def schedule_key(name: str, part: str) -> str:
+    """Key ``part`` (state, runs, history) of local schedule ``name``."""
+    return f"{PREFIX}:schedule:{{{name}}}:{part}"
 
 
 def result_field(index: int, position: int) -> str:

@@ -181,3 +181,20 @@ redis.call('HSET', KEYS[4], 'total', n, 'done', 0, 'failed', 0, 'running', 0)
 redis.call('ZADD', KEYS[5], ARGV[2], ARGV[1])
 return n
 """
+
+#: UNSNAPSHOT — undo SNAPSHOT for a batch that never started (its Job could not be
+#: created): its items go back to the head of the named queue, in their order, and
+#: the batch is deleted. Refused (-1) once any task has claimed items.
+#:
+#: KEYS[1] batch queue, KEYS[2] named queue, KEYS[3] batch claims, KEYS[4] batch
+#: index (zset), KEYS[5..] every key of the batch
+#: ARGV[1] batch id
+#: Returns the number of items returned, or -1.
+UNSNAPSHOT = """
+if redis.call('HLEN', KEYS[3]) > 0 then return -1 end
+local items = redis.call('LRANGE', KEYS[1], 0, -1)
+for i = #items, 1, -1 do redis.call('LPUSH', KEYS[2], items[i]) end
+for i = 5, #KEYS do redis.call('DEL', KEYS[i]) end
+redis.call('ZREM', KEYS[4], ARGV[1])
+return #items
+"""

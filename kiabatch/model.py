@@ -111,6 +111,9 @@ class BatchSpec:
     cwd: str = ""
     #: Kubernetes namespace, for batches on that backend.
     namespace: str = ""
+    #: The schedule and run that started this batch ("" for a one-off submit).
+    schedule: str = ""
+    run: str = ""
 
     def to_fields(self) -> dict[str, str]:
         """Flat string fields for HSET (None values are left out)."""
@@ -145,6 +148,8 @@ class BatchSpec:
             source=data.get("source", "items"),
             cwd=data.get("cwd", ""),
             namespace=data.get("namespace", ""),
+            schedule=data.get("schedule", ""),
+            run=data.get("run", ""),
         )
 
 

@@ -85,6 +85,7 @@ class Store:
         self._report = client.register_script(lua.REPORT)
         self._release = client.register_script(lua.RELEASE)
         self._snapshot = client.register_script(lua.SNAPSHOT)
+        self._unsnapshot = client.register_script(lua.UNSNAPSHOT)
 
     # -- creating batches -------------------------------------------------------------
 
@@ -120,6 +121,19 @@ class Store:
                 args=[spec.id, spec.created_at, chunk or 0, tasks or 0, *flat],
             )
         )
+
+    def undo_create(self, batch_id: str) -> None:
+        """Remove a batch that never started; items taken from a named queue go back to it.
+
+        A batch whose tasks already claimed items is left alone (``resume`` finishes it).
+        """
+        spec = self.spec(batch_id)
+        if not spec.source.startswith("queue:"):
+            self.delete(batch_id)
+            return
+        k = keys.batch_keys(batch_id)
+        queue = spec.source.removeprefix("queue:")
+        self._unsnapshot(keys=[k.queue, keys.queue_key(queue), k.claims, keys.BATCH_INDEX, *k.all()], args=[batch_id])
 
     # -- the task protocol ------------------------------------------------------------
 

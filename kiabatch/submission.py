@@ -19,6 +19,7 @@ from .connection import url_of
 from .errors import UsageError
 from .kube.batch_job import KubeOptions
 from .model import BatchSpec, Progress, new_batch_id, validate_batch_id, validate_queue_name
+from .schedules import run_batch_id
 
 
 def _positive_int(name: str, value: Any, *, minimum: int = 1, allow_none: bool = True) -> int | None:
@@ -74,6 +75,8 @@ def plan_batch(
     ttl: int = settings.DEFAULT_TTL,
     batch_id: str | None = None,
     backend: str = backends.LOCAL,
+    schedule: str | None = None,
+    run: str | None = None,
     **options: Any,
 ) -> PlannedBatch:
     """Validate everything and build the batch's spec; touches neither Redis nor a cluster.
@@ -91,6 +94,10 @@ def plan_batch(
     chosen = workloads.get(workload)
     if batch_id is not None:
         validate_batch_id(batch_id)
+    if run is not None:
+        if batch_id is not None:
+            raise UsageError("give either a batch id or a run (whose batch id is derived from it), not both")
+        batch_id = run_batch_id(run)
     if from_queue is not None:
         validate_queue_name(from_queue)
         if workload != "exec" or items is not None:
@@ -120,6 +127,8 @@ def plan_batch(
         task_timeout=per_task,
         source="items" if from_queue is None else f"queue:{from_queue}",
         cwd=os.getcwd(),
+        schedule=schedule or "",
+        run=run or "",
     )
     if from_queue is not None:
         return PlannedBatch(spec, None, from_queue, plan.chunk, plan.tasks)
@@ -173,6 +182,14 @@ def submit(
             )
         if start:
             extra = {"kube": kube, "cluster": target.preflight(kube or KubeOptions())}
+    if spec.run and store.exists(spec.id):
+        # This run started before (its launcher or scheduler died): finish that batch.
+        batch = Batch(spec.id, store.redis, home=home)
+        existing = store.spec(spec.id)
+        if not store.status(spec.id).finished:
+            target.attach(store, existing, wait=wait, home=home, on_update=on_update,
+                          on_running=batch.start_prepare if wait else None, **extra)  # fmt: skip
+        return batch
     if planned.from_queue is not None:
         taken = store.create_from_queue(
             spec, planned.from_queue, chunk=planned.plan_chunk, tasks=planned.plan_tasks

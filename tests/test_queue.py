@@ -119,3 +119,26 @@ def test_snapshots_under_concurrent_producers_take_every_item_exactly_once(clien
     assert len(batches) > 1
     assert len(seen) == len(set(seen)) == producers * per_producer
     assert len(q) == 0
+
+
+def test_a_snapshot_that_never_started_gives_its_items_back_in_order(client):
+    from kiabatch.store import Store
+
+    q = Queue("undo")
+    q.enqueue_many(["a", "b", "c"])
+    batch = q.submit(command=["echo", "{item}"], start=False)
+    q.enqueue("d")  # arrived after the snapshot
+    Store(client).undo_create(batch.id)
+    assert q.peek() == ["a", "b", "c", "d"]
+    assert client.keys(f"kiabatch:{{{batch.id}}}*") == []
+
+
+def test_a_snapshot_with_claimed_items_is_not_undone(client):
+    from kiabatch.store import Store
+
+    q = Queue("undo2")
+    q.enqueue_many(["a", "b"])
+    batch = q.submit(command=["echo", "{item}"], start=False)
+    Store(client).claim(batch.id, 0)
+    Store(client).undo_create(batch.id)
+    assert len(q) == 0 and Store(client).exists(batch.id)

@@ -137,7 +137,8 @@ class KubernetesBackend:
         """Create the batch's ServiceAccount (if missing) and Job; record where it runs."""
         options = replace(options, namespace=cluster.namespace)
         account, job = batch_job.batch_objects(spec, options)
-        cluster.create(account, exist_ok=True)
+        # A schedule's launcher may not create ServiceAccounts; `schedule create` made this one.
+        cluster.create(account, exist_ok=True, forbidden_ok=True)
         created = cluster.create(job)
         store.set_meta(
             spec.id,
@@ -170,13 +171,46 @@ class KubernetesBackend:
         try:
             self.create_job(cluster, store, spec, options)
         except KiabatchError:
-            store.delete(spec.id)  # nothing half-made stays behind
+            store.undo_create(spec.id)  # nothing half-made stays behind; a queue gets its items back
             raise
         if on_running is not None:
             on_running()
         if not wait:
             return None
         return self.wait(store, spec.id, on_update=on_update, cluster=cluster, pull_grace=options.pull_grace)
+
+    def attach(
+        self,
+        store: Store,
+        spec: BatchSpec,
+        *,
+        wait: bool,
+        home: Path | None = None,
+        on_update: Callable[[Progress], None] | None = None,
+        on_running: Callable[[], None] | None = None,
+        kube: KubeOptions | None = None,
+        cluster: Cluster | None = None,
+    ) -> Status | None:
+        """Finish an existing, unfinished batch (a launcher that died and was replaced).
+
+        The batch's Jobs are found by label, since a launcher may have died between
+        creating the Job and recording it: a running one is followed; none at all means
+        the Job was never created; only finished ones mean Redis still misses outcomes,
+        so the unsettled indexes run again in a new Job.
+        """
+        options = kube or KubeOptions()
+        cluster = cluster or self.preflight(options)
+        jobs = cluster.list(JOB, f"{BATCH_LABEL}={spec.id}")
+        live = [job for job in jobs if job_outcome(job) is None]
+        if live:
+            store.set_meta(spec.id, namespace=cluster.namespace, job=live[0]["metadata"]["name"])
+        elif not jobs:
+            self.create_job(cluster, store, spec, options)
+        else:
+            return self.resume(store, spec, wait=wait, home=home, on_update=on_update, on_running=on_running)
+        if on_running is not None:
+            on_running()
+        return self.wait(store, spec.id, on_update=on_update, cluster=cluster) if wait else None
 
     def resume(
         self,

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .. import settings
-from ..errors import UsageError
+from ..errors import InterruptedBatchError, UsageError
 from ..model import Progress, Status
 from ..store import Store
 
@@ -101,7 +101,7 @@ def launch_detached(batch_id: str, home: Path | None = None, redis_url: str | No
     return process.pid
 
 
-def _stop_runner(batch_id: str, home: Path | None, timeout: float = 10.0) -> None:
+def stop_runner(batch_id: str, home: Path | None, timeout: float = 10.0) -> None:
     """SIGTERM the local runner of ``batch_id`` (if any) and wait for it to let go."""
     path = runs_dir(batch_id, home) / "runner.lock"
     if not runner_alive(batch_id, home):
@@ -163,6 +163,33 @@ class LocalBackend:
         """Same as launch: the runner only runs what is unsettled."""
         return self.launch(store, spec, wait=wait, home=home, on_update=on_update, on_running=on_running)
 
+    def attach(
+        self,
+        store: Store,
+        spec: Any,
+        *,
+        wait: bool,
+        home: Path | None = None,
+        on_update: Callable[[Progress], None] | None = None,
+        on_running: Callable[[], None] | None = None,
+    ) -> Status | None:
+        """Finish an existing, unfinished batch: join its live runner, or run it again."""
+        if not runner_alive(spec.id, home):
+            return self.launch(store, spec, wait=wait, home=home, on_update=on_update, on_running=on_running)
+        if not wait:
+            return None
+        while runner_alive(spec.id, home):
+            status = store.status(spec.id)
+            if on_update is not None:
+                on_update(status.progress)
+            if status.finished:
+                return status
+            time.sleep(0.2)
+        status = store.status(spec.id)
+        if not status.finished:
+            raise InterruptedBatchError(f"the runner of batch {spec.id} stopped; continue with: kiabatch resume {spec.id}")
+        return status
+
     def augment_status(
         self, store: Store, status: Status, *, home: Path | None = None, read_only: bool = False
     ) -> Status:
@@ -179,5 +206,5 @@ class LocalBackend:
     def delete(self, store: Store, spec: Any, *, home: Path | None = None) -> None:
         """Stop a local runner of the batch and remove its scratch files."""
         del store
-        _stop_runner(spec.id, home)
+        stop_runner(spec.id, home)
         shutil.rmtree(runs_dir(spec.id, home), ignore_errors=True)

@@ -98,9 +98,9 @@ def cli(ctx: click.Context, redis_url: str | None, output: str) -> None:
 
 
 def _register() -> None:
-    from . import inspect, manage, queue, redis, secret, server, submit, task
+    from . import inspect, manage, queue, redis, schedule, secret, server, submit, task
 
-    for module in (submit, inspect, manage, queue, server, task, secret, redis):
+    for module in (submit, inspect, manage, queue, server, task, secret, redis, schedule):
         module.register(cli)
 
 

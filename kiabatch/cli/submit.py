@@ -105,6 +105,11 @@ def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--wait/--no-wait", default=True, show_default=True,
                      help="Wait for the batch and print its results (else print its id and return)."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary on stderr."),
+        click.option("--schedule", envvar="KIABATCH_SCHEDULE", metavar="NAME",
+                     help="The schedule this run belongs to (set by schedule launchers). Env: KIABATCH_SCHEDULE."),
+        click.option("--run", envvar="KIABATCH_RUN", metavar="RUN",
+                     help="Name of this run; its batch id derives from it, and submitting the same run again "
+                          "finishes that batch instead of starting another (set by launchers). Env: KIABATCH_RUN."),
         click.option("--dry-run", is_flag=True,
                      help="Print the Kubernetes objects submit would create (as YAML) and exit."),
         # Kubernetes backend settings (ignored by the local backend).

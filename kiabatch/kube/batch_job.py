@@ -32,6 +32,8 @@ from ..workloads.base import Runtime
 from .objects import (
     BATCH_LABEL,
     REDIS_CLIENT_LABEL,
+    RUN_LABEL,
+    SCHEDULE_LABEL,
     WORKLOAD_LABEL,
     container_security,
     env,
@@ -103,8 +105,10 @@ def default_max_failed_indexes(tasks: int) -> int:
 
 
 def batch_labels(spec: BatchSpec) -> dict[str, str]:
-    """Labels of a batch's Job and pods."""
-    return labels("batch", **{BATCH_LABEL: spec.id, WORKLOAD_LABEL: spec.workload})
+    """Labels of a batch's Job and pods (plus the schedule and run that started it, if any)."""
+    extra = {BATCH_LABEL: spec.id, WORKLOAD_LABEL: spec.workload, SCHEDULE_LABEL: spec.schedule or None,
+             RUN_LABEL: spec.run or None}  # fmt: skip
+    return labels("batch", **extra)
 
 
 def _task_mount() -> dict[str, str]:

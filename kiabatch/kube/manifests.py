@@ -55,8 +55,36 @@ def batch_set() -> dict[str, str]:
     }
 
 
+def schedule_set() -> dict[str, str]:
+    """manifests/schedule: the launcher's least-privilege RBAC, plus an example CronJob."""
+    from ..schedules import Schedule
+    from .batch_job import KubeOptions
+    from .schedule_objects import cron_job, launcher_role, launcher_role_binding, launcher_service_account
+
+    nightly = Schedule(name="nightly-pi", cron="0 3 * * *", time_zone="Europe/Berlin",
+                       submit_args=["pi", "--digits", "1000000", "--parallel", "4"])  # fmt: skip
+    return {
+        "kustomization.yaml": kustomization(["serviceaccount.yaml", "role.yaml", "rolebinding.yaml"]),
+        "serviceaccount.yaml": document([launcher_service_account(NAMESPACE)]),
+        "role.yaml": document([launcher_role(NAMESPACE)]),
+        "rolebinding.yaml": document([launcher_role_binding(NAMESPACE)]),
+        "nightly-pi-cronjob.example.yaml": document(
+            [cron_job(nightly, KubeOptions(namespace=NAMESPACE))],
+            "An example: the CronJob `kiabatch schedule create nightly-pi --cron '0 3 * * *' --time-zone\n"
+            "Europe/Berlin --backend kubernetes pi --digits 1000000 --parallel 4` creates.",
+        ),
+    }
+
+
+def redis_set() -> dict[str, str]:
+    """manifests/redis: kiabatch's Redis (see ``kiabatch.kube.redis_manifests``)."""
+    from .redis_manifests import redis_set as make
+
+    return make()
+
+
 #: Directory under manifests/ -> generator of its files.
-SETS: dict[str, Callable[[], dict[str, str]]] = {"batch": batch_set}
+SETS: dict[str, Callable[[], dict[str, str]]] = {"batch": batch_set, "schedule": schedule_set, "redis": redis_set}
 
 
 def generate() -> dict[Path, str]:

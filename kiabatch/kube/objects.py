@@ -20,6 +20,8 @@ COMPONENT_LABEL = "app.kubernetes.io/component"
 BATCH_LABEL = "kiabatch.io/batch"
 WORKLOAD_LABEL = "kiabatch.io/workload"
 SCHEDULE_LABEL = "kiabatch.io/schedule"
+#: On a batch started by a schedule: the run (the launcher Job's name, or the local run's).
+RUN_LABEL = "kiabatch.io/run"
 #: Pods with this label may reach kiabatch's Redis (see the NetworkPolicy).
 REDIS_CLIENT_LABEL = "kiabatch.io/redis-client"
 VERSION_ANNOTATION = "kiabatch.io/version"

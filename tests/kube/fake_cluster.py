@@ -155,12 +155,24 @@ class Store:
             self._record(plural, "MODIFIED", obj)
             return copy.deepcopy(obj)
 
-    def delete(self, plural: str, namespace: str, name: str) -> dict[str, Any]:
+    def delete(self, plural: str, namespace: str, name: str, propagation: str = "Background") -> dict[str, Any]:
         with self.changed:
             obj = self.objects.pop((plural, namespace, name), None)
             if obj is None:
                 raise ApiError(404, "NotFound", f'{plural} "{name}" not found')
             self._record(plural, "DELETED", obj)
+        if propagation == "Orphan":
+            return obj
+        # The garbage collector: dependents whose ownerReferences name the deleted object go too.
+        uid = obj["metadata"]["uid"]
+        for dependent_plural, dependent_ns, dependent in [
+            k for k, o in list(self.objects.items())
+            if k[1] == namespace and any(ref.get("uid") == uid for ref in o["metadata"].get("ownerReferences") or [])
+        ]:  # fmt: skip
+            try:
+                self.delete(dependent_plural, dependent_ns, dependent)
+            except ApiError:
+                pass
         if plural == "jobs":  # background propagation: the Job's pods go too
             for key in [k for k, o in list(self.objects.items()) if k[0] == "pods" and k[1] == namespace
                         and o["metadata"]["labels"].get("batch.kubernetes.io/job-name") == name]:  # fmt: skip
@@ -245,11 +257,13 @@ class FakeApiServer:
         self.http.shutdown()
         self.http.server_close()
 
-    def kubeconfig(self, path: Path, namespace: str | None = None, context: str = "fake") -> Path:
+    def kubeconfig(
+        self, path: Path, namespace: str | None = None, context: str = "fake", token: str = "test-token"
+    ) -> Path:
         config = {
             "apiVersion": "v1", "kind": "Config", "current-context": context,
             "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
-            "users": [{"name": "tester", "user": {"token": "test-token"}}],
+            "users": [{"name": "tester", "user": {"token": token}}],
             "contexts": [{"name": context, "context": {"cluster": "fake", "user": "tester",
                                                         **({"namespace": namespace} if namespace else {})}}],
         }  # fmt: skip
@@ -298,6 +312,7 @@ class FakeApiServer:
             denied = self.deny.get((method, plural))
             if denied:
                 raise ApiError(*denied)
+            self._authorize(handler, method, parts, namespace, plural, name, sub, query)
             if namespace not in self.store.namespaces and method == "POST":
                 raise ApiError(404, "NotFound", f'namespaces "{namespace}" not found')
             body = json.loads(raw) if raw else None
@@ -334,11 +349,43 @@ class FakeApiServer:
                     handler, plural, namespace, name, body, handler.headers.get("Content-Type", "")
                 )
             if method == "DELETE":
-                self.store.delete(plural, namespace, name)
+                self.store.delete(plural, namespace, name, (body or {}).get("propagationPolicy", "Background"))
                 return self._send(handler, 200, status_body(200, "", "deleted") | {"status": "Success"})
         except ApiError as exc:
             return self._send(handler, exc.code, status_body(exc.code, exc.reason, exc.message))
         raise ApiError(405, "MethodNotAllowed", method)
+
+    def _authorize(self, handler, method, parts, namespace, plural, name, sub, query) -> None:
+        """RBAC for service account tokens (``serviceaccount:NS:NAME``): Roles bound in the namespace.
+
+        The test user's token is an administrator, as a cluster admin's kubeconfig would be.
+        """
+        token = (handler.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
+        if not token.startswith("serviceaccount:"):
+            return
+        _, account_namespace, account = token.split(":", 2)
+        if method == "GET":
+            verb = "watch" if query.get("watch") in ("true", "True", "1") else ("get" if name else "list")
+        else:
+            verb = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}[method]
+        group = "" if parts[0] == "api" else parts[1]
+        resource = f"{plural}/{sub}" if sub else plural
+        for binding in self.store.list("rolebindings", namespace, None, None):
+            if not any(s.get("kind") == "ServiceAccount" and s.get("name") == account
+                       and s.get("namespace", namespace) == account_namespace for s in binding.get("subjects", [])):
+                continue
+            try:
+                role = self.store.get("roles", namespace, binding["roleRef"]["name"])
+            except ApiError:
+                continue
+            for rule in role.get("rules", []):
+                if group in rule.get("apiGroups", []) and resource in rule.get("resources", []) and (
+                        verb in rule.get("verbs", []) or "*" in rule.get("verbs", [])):
+                    return
+        where = f'in API group "{group}" ' if group else ""
+        raise ApiError(403, "Forbidden", f'{plural} is forbidden: User "system:serviceaccount:{account_namespace}:'
+                                         f'{account}" cannot {verb} resource "{resource}" {where}in the namespace '
+                                         f'"{namespace}"')
 
     def _validate(self, plural: str, body: dict[str, Any]) -> None:
         api_version, kind = RESOURCES[plural]
@@ -440,6 +487,8 @@ class JobEmulator:
         # (job, index): that index's next pod dies (node failure) after its worker finished but
         # before the reporter uploaded anything.
         self.kill_before_upload: set[tuple[str, int]] = set()
+        # (job, index) -> predicate: that index's next pod is killed (SIGKILL) once it holds.
+        self.kill_when: dict[tuple[str, int], Callable[[], bool]] = {}
         self.stopping = False
         # The cluster DNS stand-in: "host:port" a pod would dial -> a local "127.0.0.1:port",
         # substituted in containers' environment values.
@@ -480,7 +529,7 @@ class JobEmulator:
 
     def _run_job(self, job: dict[str, Any]) -> None:
         spec = job["spec"]
-        completions, parallelism = spec["completions"], spec.get("parallelism", 1)
+        completions, parallelism = spec.get("completions", 1), spec.get("parallelism", 1)
         per_index = spec.get("backoffLimitPerIndex", spec.get("backoffLimit", 6))
         max_failed = spec.get("maxFailedIndexes")
         rules = (spec.get("podFailurePolicy") or {}).get("rules", [])
@@ -632,6 +681,12 @@ class JobEmulator:
             [worker_spec] = spec["containers"]
             worker = self._start(namespace, pod_name, worker_spec, volumes, index)
             disrupted = False
+            predicate = self.kill_when.pop((job_name, index), None)
+            if predicate is not None:
+                while worker.poll() is None and not predicate():
+                    time.sleep(0.02)
+                if worker.poll() is None:
+                    os.killpg(worker.pid, signal.SIGKILL)  # the pod's container dies; the Job counts a failure
             if doomed:
                 done = volumes["task"] / "done"
                 while not done.exists() and worker.poll() is None:
@@ -705,10 +760,13 @@ class JobEmulator:
         for variable in container.get("env", []):
             if "value" in variable:
                 env[variable["name"]] = self._resolve(mount(variable["value"]))
+            elif "fieldRef" in variable["valueFrom"]:
+                env[variable["name"]] = self._field(namespace, pod, variable["valueFrom"]["fieldRef"]["fieldPath"])
             else:
                 env[variable["name"]] = (
                     self._secret_value(namespace, variable["valueFrom"]["secretKeyRef"]) or ""
                 )
+        env.update(self._service_account_env(namespace, pod))
         if container["image"] == self.kiabatch_image:
             # The kiabatch image: entrypoint `kiabatch`, worker programs on PATH.
             env["PATH"] = f"{REPO / 'workers'}:{Path(sys.executable).parent}:{env['PATH']}"
@@ -729,6 +787,33 @@ class JobEmulator:
         process.collector = threading.Thread(target=collect, daemon=True)  # type: ignore[attr-defined]
         process.collector.start()  # type: ignore[attr-defined]
         return process
+
+    def _field(self, namespace: str, pod: str, path: str) -> str:
+        """The downward API: metadata.name, metadata.namespace, metadata.labels['key']."""
+        obj = self.store.get("pods", namespace, pod)
+        if path == "metadata.name":
+            return pod
+        if path == "metadata.namespace":
+            return namespace
+        match = re.fullmatch(r"metadata\.labels\['([^']+)'\]", path)
+        if match:
+            return obj["metadata"].get("labels", {}).get(match.group(1), "")
+        raise ApiError(422, "Invalid", f"unsupported fieldRef {path}")
+
+    def _service_account_env(self, namespace: str, pod: str) -> dict[str, str]:
+        """What the projected service account token gives a pod: here, a kubeconfig with its identity.
+
+        Pods with automountServiceAccountToken: false get nothing, like on a cluster.
+        """
+        spec = self.store.get("pods", namespace, pod)["spec"]
+        if spec.get("automountServiceAccountToken") is False:
+            return {}
+        account = spec.get("serviceAccountName", "default")
+        path = self.root / "tokens" / f"{namespace}-{account}.yaml"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.server.kubeconfig(path, namespace=namespace, token=f"serviceaccount:{namespace}:{account}")
+        return {"KUBECONFIG": str(path)}
 
     def claim_dir(self, namespace: str, claim: str) -> Path:
         """The directory standing in for a PersistentVolumeClaim's volume (it outlives pods)."""

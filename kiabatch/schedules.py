@@ -1,0 +1,164 @@
+"""Recurring batches: what a schedule is, and how its cron expression and time zone are checked.
+
+A schedule is a cron expression plus ordinary ``kiabatch submit`` arguments. Each
+tick starts one *run*: ``kiabatch submit ARGS`` with the run's name in
+``KIABATCH_RUN``. The run's batch id is derived from the run's name, so a run that
+is started again (its launcher pod was killed, the scheduler restarted) attaches
+to the batch it already created instead of taking a second snapshot of a queue:
+nothing is lost and nothing is taken twice.
+
+Cron syntax is the one Kubernetes CronJobs accept: five fields (minute, hour, day
+of month, month, day of week) or a macro such as ``@hourly``. Parsing and next-tick
+arithmetic use croniter; time zones use the IANA database (``zoneinfo``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
+
+from croniter import croniter
+
+from .errors import UsageError
+from .model import MAX_BATCH_ID, validate_batch_id
+
+CONCURRENCY = ("forbid", "allow", "replace")
+DEFAULT_STARTING_DEADLINE = 300
+_FIELDS = ("minute", "hour", "day-of-month", "month", "day-of-week")
+_ALLOWED = {
+    "minute": "0-59",
+    "hour": "0-23",
+    "day-of-month": "1-31",
+    "month": "1-12 or JAN-DEC",
+    "day-of-week": "0-6 or SUN-SAT",
+}
+_MACROS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+
+
+def validate_cron(expression: str) -> str:
+    """Return ``expression`` if Kubernetes and croniter accept it; else UsageError naming the bad field."""
+    text = expression.strip()
+    if text in _MACROS:
+        return text
+    if "TZ=" in text:
+        raise UsageError(f"bad cron expression {expression!r}: put the time zone in --time-zone, not in the schedule")
+    parts = text.split()
+    if len(parts) != 5:
+        raise UsageError(
+            f"bad cron expression {expression!r}: needs 5 fields (minute hour day-of-month month day-of-week) "
+            f"or one of {', '.join(_MACROS)}; got {len(parts)} field(s)"
+        )
+    if croniter.is_valid(text):
+        return text
+    for position, name in enumerate(_FIELDS):
+        probe = ["*"] * 5
+        probe[position] = parts[position]
+        if not croniter.is_valid(" ".join(probe)):
+            raise UsageError(
+                f"bad cron expression {expression!r}: the {name} field {parts[position]!r} is not valid "
+                f"(allowed: {_ALLOWED[name]}, with *, lists a,b, ranges a-b and steps */n)"
+            )
+    raise UsageError(f"bad cron expression {expression!r}: its fields do not combine into a valid schedule")
+
+
+def validate_time_zone(name: str | None) -> str | None:
+    """Return ``name`` if it is an IANA time zone (e.g. Europe/Berlin); None means UTC."""
+    if name is None:
+        return None
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        close = difflib.get_close_matches(name, sorted(available_timezones()), n=1)
+        hint = f"; did you mean {close[0]}?" if close else " (e.g. Europe/Berlin, America/New_York, UTC)"
+        raise UsageError(f"bad time zone {name!r}: not an IANA time zone name{hint}") from None
+    return name
+
+
+def validate_schedule_name(name: str) -> str:
+    """Schedule names are DNS labels of at most 52 characters (they name a CronJob)."""
+    try:
+        return validate_batch_id(name)
+    except UsageError:
+        raise UsageError(
+            f"bad schedule name {name!r}: must be at most {MAX_BATCH_ID} lowercase letters, digits or '-', "
+            "starting and ending with a letter or digit"
+        ) from None
+
+
+def run_batch_id(run: str) -> str:
+    """The batch id of a run: stable, so starting the same run again finds its batch."""
+    digest = hashlib.sha256(run.encode()).hexdigest()[:10]
+    prefix = re.sub(r"[^a-z0-9-]+", "-", run.lower()).strip("-")[: MAX_BATCH_ID - 11].rstrip("-") or "run"
+    return validate_batch_id(f"{prefix}-{digest}")
+
+
+def submit_argv(submit_args: list[str], *options: str) -> list[str]:
+    """``kiabatch submit`` argv: the schedule's arguments with ``options`` where submit reads them.
+
+    They go after a workload name (``pi --digits 5`` -> ``pi OPTIONS --digits 5``) and
+    before everything else, never after a ``--`` (which starts an exec command).
+    """
+    if submit_args and not submit_args[0].startswith("-"):
+        return ["submit", submit_args[0], *options, *submit_args[1:]]
+    return ["submit", *options, *submit_args]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """One recurring batch."""
+
+    name: str
+    cron: str
+    #: ``kiabatch submit`` arguments, e.g. ["--from-queue", "thumbs", "--command", "..."].
+    submit_args: list[str]
+    time_zone: str | None = None
+    concurrency: str = "forbid"
+    suspend: bool = False
+    #: A tick missed by more than this many seconds is skipped.
+    starting_deadline: int = DEFAULT_STARTING_DEADLINE
+    backend: str = "local"
+    namespace: str = ""
+    created_at: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        validate_schedule_name(self.name)
+        validate_cron(self.cron)
+        validate_time_zone(self.time_zone)
+        if self.concurrency not in CONCURRENCY:
+            raise UsageError(f"bad concurrency {self.concurrency!r}; allowed: {', '.join(CONCURRENCY)}")
+        if self.starting_deadline < 1:
+            raise UsageError(f"starting deadline must be at least 1 second, not {self.starting_deadline}")
+
+    @property
+    def zone(self) -> ZoneInfo:
+        """The schedule's time zone (UTC when none is given)."""
+        return ZoneInfo(self.time_zone or "UTC")
+
+    def next_tick(self, after: datetime) -> datetime:
+        """The first tick strictly after ``after`` (an aware datetime)."""
+        return croniter(self.cron, after.astimezone(self.zone)).get_next(datetime)
+
+    def last_tick(self, at_or_before: datetime) -> datetime:
+        """The latest tick at or before ``at_or_before`` (ticks are at least a minute apart)."""
+        moment = at_or_before.astimezone(self.zone) + timedelta(seconds=1)
+        return croniter(self.cron, moment).get_prev(datetime)
+
+    def to_json(self) -> str:
+        """Serialised for storage."""
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Schedule:
+        """Inverse of :meth:`to_json`."""
+        return cls(**json.loads(text))
+
+    def with_changes(self, **changes: Any) -> Schedule:
+        """A copy with ``changes`` (validated again)."""
+        return replace(self, **changes)

@@ -1,0 +1,234 @@
+"""Schedules: cron and time-zone validation, and the local scheduler driven by an injected clock."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from click.testing import CliRunner
+
+from kiabatch import Batch, Queue
+from kiabatch.cli import cli
+from kiabatch.errors import UsageError
+from kiabatch.scheduler import LocalScheduler, ScheduleStore, launch_run, run_name
+from kiabatch.schedules import Schedule, run_batch_id, validate_cron, validate_time_zone
+from tests.conftest import kiabatch_cmd
+
+T0 = datetime(2026, 11, 26, 10, 3, tzinfo=UTC)
+WORKER = [sys.executable, "tests/programs/worker.py"]
+
+
+@pytest.mark.parametrize(
+    ("expression", "message"),
+    [
+        ("*/10 * * * 8", "the day-of-week field '8' is not valid (allowed: 0-6 or SUN-SAT"),
+        ("61 * * * *", "the minute field '61' is not valid (allowed: 0-59"),
+        ("* 24 * * *", "the hour field '24'"),
+        ("* * 0 * *", "the day-of-month field '0'"),
+        ("* * * 13 *", "the month field '13'"),
+        ("* * * * * *", "needs 5 fields"),
+        ("TZ=UTC * * * * *", "--time-zone"),
+        ("@often", "needs 5 fields"),
+    ],
+)
+def test_a_bad_cron_expression_names_the_bad_field(expression, message):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace("*", r"\*")):
+        validate_cron(expression)
+
+
+def test_good_cron_expressions_and_time_zones_pass():
+    for expression in ("*/10 * * * *", "0 3 * * MON-FRI", "5,35 8-18 1 JAN *", "@hourly", "@daily"):
+        assert validate_cron(expression) == expression
+    assert validate_time_zone("Europe/Berlin") == "Europe/Berlin"
+    with pytest.raises(UsageError, match="did you mean Europe/Berlin"):
+        validate_time_zone("Europe/Berlln")
+
+
+def test_ticks_follow_the_time_zone_including_daylight_saving():
+    schedule = Schedule(name="nightly", cron="0 3 * * *", submit_args=["pi"], time_zone="Europe/Berlin")
+    summer = schedule.next_tick(datetime(2026, 7, 1, 12, tzinfo=UTC))
+    winter = schedule.next_tick(datetime(2026, 12, 1, 12, tzinfo=UTC))
+    assert (summer.astimezone(UTC).hour, winter.astimezone(UTC).hour) == (1, 2)
+    assert schedule.last_tick(datetime(2026, 12, 2, 2, 0, tzinfo=UTC)) == winter
+
+
+def test_run_batch_ids_are_stable_dns_labels():
+    assert run_batch_id("thumbs-202611261010") == run_batch_id("thumbs-202611261010")
+    assert run_batch_id("thumbs-202611261010") != run_batch_id("thumbs-202611261020")
+    long = run_batch_id("x" * 63)
+    assert len(long) <= 52 and long.startswith("xxx")
+
+
+def make(client, name="every10", cron="*/10 * * * *", **fields) -> Schedule:
+    schedule = Schedule(name=name, cron=cron, created_at=T0.timestamp(), **fields)
+    ScheduleStore(client).save(schedule)
+    return schedule
+
+
+def scheduler(client, home) -> LocalScheduler:
+    return LocalScheduler(client, home=home, log=lambda message: None)
+
+
+def wait_finished(batch_id: str, timeout: float = 60) -> None:
+    Batch(batch_id).wait(timeout=timeout)
+
+
+def test_a_run_starts_once_per_tick_and_is_an_ordinary_batch(client, home):
+    make(client, submit_args=["--item", '"x"', "--", "echo", "{item}"])
+    local = scheduler(client, home)
+    assert local.tick(T0 + timedelta(minutes=2)) == []
+    assert local.tick(T0 + timedelta(minutes=7, seconds=5)) == [("every10", "launched")]
+    assert local.tick(T0 + timedelta(minutes=7, seconds=40)) == []  # same tick
+    [entry] = ScheduleStore(client).history("every10")
+    assert entry["run"] == "every10-202611261010"
+    wait_finished(entry["batch"])
+    assert [r.text for r in Batch(entry["batch"]).results()] == ["x\n"]
+    assert Batch(entry["batch"]).store.spec(entry["batch"]).schedule == "every10"
+
+
+def test_forbid_skips_a_tick_while_the_previous_run_is_active(client, home):
+    make(client, concurrency="forbid", submit_args=["--item", '"a"', "--", *WORKER, "{item}", "--sleep", "3"])
+    local = scheduler(client, home)
+    assert local.tick(T0 + timedelta(minutes=7)) == [("every10", "launched")]
+    assert local.tick(T0 + timedelta(minutes=17)) == [("every10", "skipped")]
+    first = ScheduleStore(client).history("every10")[-1]["batch"]
+    wait_finished(first)
+    assert local.tick(T0 + timedelta(minutes=27)) == [("every10", "launched")]
+    outcomes = [e["outcome"] for e in reversed(ScheduleStore(client).history("every10"))]
+    assert outcomes == ["launched", "skipped", "launched"]
+
+
+def test_replace_stops_the_previous_run_which_stays_resumable(client, home):
+    make(client, concurrency="replace", submit_args=["--item", '"a"', "--", *WORKER, "{item}", "--sleep", "30"])
+    local = scheduler(client, home)
+    local.tick(T0 + timedelta(minutes=7))
+    first = ScheduleStore(client).history("every10")[0]["batch"]
+    time.sleep(1.0)
+    assert local.tick(T0 + timedelta(minutes=17)) == [("every10", "launched")]
+    assert Batch(first).status().state == "interrupted"
+    history = {e["run"]: e for e in ScheduleStore(client).history("every10")}
+    assert history["every10-202611261010"]["outcome"] == "replaced"
+    assert f"kiabatch resume {first}" in history["every10-202611261010"]["note"]
+    second = history["every10-202611261020"]["batch"]
+    for batch in (first, second):
+        Batch(batch).delete()
+
+
+def test_allow_runs_overlapping_runs_side_by_side(client, home):
+    make(client, concurrency="allow", submit_args=["--item", '"a"', "--", *WORKER, "{item}", "--sleep", "2"])
+    local = scheduler(client, home)
+    local.tick(T0 + timedelta(minutes=7))
+    local.tick(T0 + timedelta(minutes=17))
+    batches = [e["batch"] for e in ScheduleStore(client).history("every10")]
+    assert len(set(batches)) == 2
+    assert all(Batch(b).status().state == "running" for b in batches)
+    for batch in batches:
+        wait_finished(batch)
+
+
+def test_a_suspended_schedule_starts_nothing_until_resumed(client, home):
+    make(client, suspend=True, submit_args=["pi", "--digits", "5"])
+    local = scheduler(client, home)
+    assert local.tick(T0 + timedelta(minutes=7)) == []
+    runner = CliRunner()
+    assert runner.invoke(cli, ["schedule", "resume", "every10"]).exit_code == 0
+    assert local.tick(T0 + timedelta(minutes=17)) == [("every10", "launched")]
+    wait_finished(ScheduleStore(client).history("every10")[0]["batch"])
+
+
+@pytest.mark.parametrize(("deadline", "expected"), [(600, "launched"), (60, "skipped")])
+def test_after_downtime_at_most_one_missed_tick_runs(client, home, deadline, expected):
+    make(client, starting_deadline=deadline, submit_args=["pi", "--digits", "5"])
+    local = scheduler(client, home)
+    local.tick(T0 + timedelta(minutes=7))  # the 10:10 run
+    wait_finished(ScheduleStore(client).history("every10")[0]["batch"])
+    # Down from 10:11 to 10:47:30: the ticks 10:20, 10:30 and 10:40 were missed.
+    assert local.tick(T0 + timedelta(minutes=44, seconds=30)) == [("every10", expected)]
+    runs = [e["run"] for e in ScheduleStore(client).history("every10")]
+    assert runs == ["every10-202611261040", "every10-202611261010"]
+    if expected == "launched":
+        wait_finished(ScheduleStore(client).history("every10")[0]["batch"])
+
+
+def test_an_empty_queue_ends_the_run_without_a_batch(client, home):
+    make(client, submit_args=["--from-queue", "nothing", "--command", "echo {item}"])
+    assert scheduler(client, home).tick(T0 + timedelta(minutes=7)) == [("every10", "empty")]
+    assert client.keys("kiabatch:{*") == []
+
+
+def test_starting_the_same_run_twice_attaches_instead_of_draining_again(client, home):
+    schedule = make(client, submit_args=["--from-queue", "q", "--command", "echo {item}"])
+    Queue("q").enqueue_many(["a", "b"])
+    run = run_name("every10", T0)
+    first = launch_run(schedule, run, redis_url=None, home=home)
+    Queue("q").enqueue("c")  # arrives after the run's snapshot
+    again = launch_run(schedule, run, redis_url=None, home=home)  # e.g. the scheduler restarted
+    assert first.batch == again.batch == run_batch_id(run)
+    wait_finished(first.batch)
+    assert sorted(r.item for r in Batch(first.batch).results()) == ["a", "b"]
+    assert Queue("q").peek() == ["c"]
+
+
+def test_drain_under_concurrent_producers_processes_every_item_exactly_once(client, home):
+    make(client, name="drain", cron="* * * * *", concurrency="allow",
+         submit_args=["--from-queue", "drain", "--command", "echo {item}", "-p", "2"])
+    local = scheduler(client, home)
+    producers, per_producer = 3, 60
+    stop = threading.Event()
+
+    def produce(worker: int) -> None:
+        queue = Queue("drain", client)
+        for i in range(per_producer):
+            queue.enqueue(f"{worker}-{i}")
+            time.sleep(0.01)
+
+    threads = [threading.Thread(target=produce, args=(w,)) for w in range(producers)]
+    for thread in threads:
+        thread.start()
+    minute = 0
+    while any(t.is_alive() for t in threads) or len(Queue("drain", client)):
+        minute += 1
+        local.tick(T0 + timedelta(minutes=minute))
+        assert minute < 200
+    stop.set()
+    batches = [e["batch"] for e in ScheduleStore(client).history("drain", limit=1000) if e["batch"]]
+    assert len(batches) >= 2  # the queue was cut several times while producers ran
+    seen = []
+    for batch in batches:
+        wait_finished(batch)
+        seen += [r.item for r in Batch(batch).results()]
+    assert len(seen) == len(set(seen)) == producers * per_producer
+
+
+def test_the_scheduler_stops_cleanly_on_sigterm(redis_url, home):
+    process = subprocess.Popen(kiabatch_cmd("scheduler", "--poll", "0.2"), stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=20)
+    assert process.returncode == 0
+    assert "stopped" in err
+
+
+def test_schedule_commands_create_list_show_history_run_now_delete(client, home):
+    runner = CliRunner()
+    created = runner.invoke(cli, ["schedule", "create", "hourly-pi", "--cron", "@hourly", "pi", "--digits", "20"])
+    assert created.exit_code == 0, created.stderr
+    assert "hourly-pi" in runner.invoke(cli, ["schedule", "list"]).stdout
+    shown = runner.invoke(cli, ["-o", "json", "schedule", "show", "hourly-pi"])
+    assert shown.exit_code == 0 and '"submit_args": ["pi", "--digits", "20"]' in shown.stdout
+    started = runner.invoke(cli, ["schedule", "run-now", "hourly-pi"])
+    assert started.exit_code == 0, started.stderr
+    batch = started.stdout.strip()
+    wait_finished(batch)
+    history = runner.invoke(cli, ["schedule", "history", "hourly-pi"]).stdout.splitlines()
+    assert history[0].split()[:1] == ["RUN"] and "succeeded" in history[1] and batch in history[1]
+    again = runner.invoke(cli, ["schedule", "create", "hourly-pi", "--cron", "@hourly", "pi"])
+    assert again.exit_code == 2 and "already exists" in again.stderr
+    assert runner.invoke(cli, ["schedule", "delete", "hourly-pi", "--cascade"]).exit_code == 0
+    assert runner.invoke(cli, ["schedule", "show", "hourly-pi"]).exit_code == 2
+    assert not Batch(batch).store.exists(batch)
