@@ -378,3 +378,16 @@ def test_a_restore_that_cannot_proceed_puts_the_statefulset_back(deployed):
     again = stored(deployed, "statefulsets", "kiabatch-redis")
     assert again["spec"] == owner["spec"] and again["metadata"]["uid"] != owner["metadata"]["uid"]
     assert jobs(deployed) == []  # no restore Job was started
+
+
+def test_deploy_wait_ends_when_every_pod_is_ready_or_fails_after_the_timeout(deployed):
+    def ready(count):
+        deployed.store.update("statefulsets", NS, "kiabatch-redis", lambda o: o["status"].update(readyReplicas=count))
+
+    ready(1)
+    slow = kb("redis", "deploy", "-n", NS, "--wait", "--timeout", "1s")
+    one_line_error(slow, 3, "only 1/3 pods of kiabatch-redis ready after 1s")
+    ready(3)
+    done = kb("redis", "deploy", "-n", NS, "--wait")
+    assert done.exit_code == 0, done.stderr
+    assert "3/3 pods ready" in done.stderr
