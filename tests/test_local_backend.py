@@ -241,7 +241,7 @@ def test_the_submitting_process_dies_mid_batch_and_resume_finishes_exactly_once(
     )
     _wait_for_lines(log, 6)
     process.send_signal(how)
-    out, err = process.communicate(timeout=60)
+    _, err = process.communicate(timeout=60)
     if how == signal.SIGKILL:
         assert process.returncode == -signal.SIGKILL
     else:

@@ -175,8 +175,13 @@ def test_starting_the_same_run_twice_attaches_instead_of_draining_again(client, 
 
 
 def test_drain_under_concurrent_producers_processes_every_item_exactly_once(client, home):
-    make(client, name="drain", cron="* * * * *", concurrency="allow",
-         submit_args=["--from-queue", "drain", "--command", "echo {item}", "-p", "2"])
+    make(
+        client,
+        name="drain",
+        cron="* * * * *",
+        concurrency="allow",
+        submit_args=["--from-queue", "drain", "--command", "echo {item}", "-p", "2"],
+    )
     local = scheduler(client, home)
     producers, per_producer = 3, 60
     stop = threading.Event()

@@ -40,7 +40,7 @@ def test_run_sh_passes_hostile_items_verbatim(redis_url, home, tmp_path, client)
     batch = create(home, items=HOSTILE, command=["printf", "%s", "{item}"])
     store = Store(client)
     for index in range(len(HOSTILE)):
-        info, code, result = run_task(store, batch, index, tmp_path / f"t{index}")
+        _, code, result = run_task(store, batch, index, tmp_path / f"t{index}")
         assert (code, result.status) == (0, "done")
     assert {r.item: r.text for r in batch.results()} == {h: h for h in HOSTILE}
     assert list(tmp_path.rglob("pwned*")) == []

@@ -75,9 +75,7 @@ def pod_problems(pods: list[dict[str, Any]]) -> list[str]:
         for status in statuses:
             waiting = (status.get("state") or {}).get("waiting") or {}
             if waiting.get("reason") in PULL_PROBLEMS:
-                message = (
-                    (waiting.get("message") or "").splitlines()[0][:200] if waiting.get("message") else ""
-                )
+                message = (waiting.get("message") or "").splitlines()[0][:200] if waiting.get("message") else ""
                 problems.append(
                     f"pod {pod['metadata']['name']} container {status['name']} ({status.get('image', '?')}): "
                     f"{waiting['reason']}" + (f": {message}" if message else "")
@@ -131,9 +129,7 @@ class KubernetesBackend:
             )
         return cluster
 
-    def create_job(
-        self, cluster: Cluster, store: Store, spec: BatchSpec, options: KubeOptions
-    ) -> dict[str, Any]:
+    def create_job(self, cluster: Cluster, store: Store, spec: BatchSpec, options: KubeOptions) -> dict[str, Any]:
         """Create the batch's ServiceAccount (if missing) and Job; record where it runs."""
         options = replace(options, namespace=cluster.namespace)
         account, job = batch_job.batch_objects(spec, options)
@@ -229,9 +225,7 @@ class KubernetesBackend:
         if old:
             current = cluster.get(JOB, old)
             if current is not None and job_outcome(current) is None:
-                raise UsageError(
-                    f"Job {old} of batch {spec.id} is still running; wait for it or delete it first"
-                )
+                raise UsageError(f"Job {old} of batch {spec.id} is still running; wait for it or delete it first")
             cluster.delete(JOB, old)
         generation = int(meta.get("job_generation", "0")) + 1
         store.set_meta(spec.id, job_generation=generation)
@@ -327,8 +321,7 @@ class KubernetesBackend:
                 return
             yield job
             version = job["metadata"].get("resourceVersion")
-            for changed in cluster.watch_job(name, version, _WATCH_SECONDS):
-                yield changed
+            yield from cluster.watch_job(name, version, _WATCH_SECONDS)
 
     # -- reading -------------------------------------------------------------------------
 

@@ -187,7 +187,9 @@ class LocalBackend:
             time.sleep(0.2)
         status = store.status(spec.id)
         if not status.finished:
-            raise InterruptedBatchError(f"the runner of batch {spec.id} stopped; continue with: kiabatch resume {spec.id}")
+            raise InterruptedBatchError(
+                f"the runner of batch {spec.id} stopped; continue with: kiabatch resume {spec.id}"
+            )
         return status
 
     def augment_status(

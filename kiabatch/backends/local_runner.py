@@ -185,9 +185,7 @@ class LocalRunner:
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
-    def _run_item(
-        self, index: int, position: int, value: object, directory: Path, started: float
-    ) -> ItemOutcome:
+    def _run_item(self, index: int, position: int, value: object, directory: Path, started: float) -> ItemOutcome:
         where = item_dir(directory, position)
         os.makedirs(where)
         input_path = where / "item.json"
@@ -217,9 +215,7 @@ class LocalRunner:
                 )
             except OSError as exc:
                 reason = f"cannot run {argv[0]!r}: {exc.strerror}"
-                return ItemOutcome(
-                    ok=False, exit_code=127, duration=0.0, reason=reason, stderr=reason.encode()
-                )
+                return ItemOutcome(ok=False, exit_code=127, duration=0.0, reason=reason, stderr=reason.encode())
         self._started(index, process)
         try:
             stdout, err, timed_out = self._communicate(process, started)
@@ -281,8 +277,7 @@ class LocalRunner:
         codes = self.spec.worker.non_retriable_exit_codes
         non_retriable = any(not o.ok and (not o.retriable or o.exit_code in codes) for o in outcomes)
         logs = [
-            (f"--- item {p} ---\n".encode() if len(outcomes) > 1 else b"") + o.stderr
-            for p, o in enumerate(outcomes)
+            (f"--- item {p} ---\n".encode() if len(outcomes) > 1 else b"") + o.stderr for p, o in enumerate(outcomes)
         ]
         result = self.store.report(
             self.batch_id, index, claim.attempt, claim.sha1, outcomes, claimed_items=claim.items,

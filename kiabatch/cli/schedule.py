@@ -10,8 +10,8 @@ import click
 
 from .. import backends, settings
 from ..errors import UsageError
-from ..schedules import CONCURRENCY, DEFAULT_STARTING_DEADLINE, Schedule
 from ..scheduler import LocalScheduler, ScheduleStore, serve_until_signalled
+from ..schedules import CONCURRENCY, DEFAULT_STARTING_DEADLINE, Schedule
 from .context import CliError, Settings, emit_json, note, pass_settings, user_errors
 from .render import table, when
 from .submit import Duration
@@ -35,9 +35,14 @@ def backend_option(func: Any) -> Any:
     """--backend, --namespace, --context for every schedule command."""
     func = click.option("--context", "kube_context", metavar="NAME", help="kubeconfig context (kubernetes).")(func)
     func = click.option("--namespace", "-n", envvar="KIABATCH_NAMESPACE", help="Namespace (kubernetes).")(func)
-    return click.option("--backend", type=click.Choice(backends.NAMES), default=backends.LOCAL,
-                        envvar=settings.ENV_BACKEND, show_default=True,
-                        help="local: stored in Redis, run by `kiabatch scheduler`; kubernetes: a CronJob.")(func)
+    return click.option(
+        "--backend",
+        type=click.Choice(backends.NAMES),
+        default=backends.LOCAL,
+        envvar=settings.ENV_BACKEND,
+        show_default=True,
+        help="local: stored in Redis, run by `kiabatch scheduler`; kubernetes: a CronJob.",
+    )(func)
 
 
 def _kube(namespace: str | None, context: str | None) -> Any:
@@ -63,19 +68,41 @@ def schedule_group() -> None:
 @click.argument("name")
 @click.option("--cron", required=True, help="When: 5 fields (min hour day month weekday) or @hourly, @daily, ...")
 @click.option("--time-zone", help="IANA time zone of the schedule (default UTC), e.g. Europe/Berlin.")
-@click.option("--concurrency", type=click.Choice(CONCURRENCY), default="forbid", show_default=True,
-              help="A tick while the previous run is active: skip it, run both, or replace the previous run.")
+@click.option(
+    "--concurrency",
+    type=click.Choice(CONCURRENCY),
+    default="forbid",
+    show_default=True,
+    help="A tick while the previous run is active: skip it, run both, or replace the previous run.",
+)
 @click.option("--suspend", is_flag=True, help="Create it suspended.")
-@click.option("--starting-deadline", type=Duration(), default=str(DEFAULT_STARTING_DEADLINE), show_default="5m",
-              help="Skip a tick missed by more than this (at most one missed tick ever runs).")
+@click.option(
+    "--starting-deadline",
+    type=Duration(),
+    default=str(DEFAULT_STARTING_DEADLINE),
+    show_default="5m",
+    help="Skip a tick missed by more than this (at most one missed tick ever runs).",
+)
 @click.option("--image", envvar=settings.ENV_IMAGE, help="kiabatch image for the launcher and batches (kubernetes).")
 @click.option("--redis-secret", default="kiabatch-redis", show_default=True, help="Secret with the Redis URL.")
 @backend_option
 @click.argument("submit_args", nargs=-1, type=click.UNPROCESSED)
 @pass_settings
-def create_command(settings_: Settings, name: str, cron: str, time_zone: str | None, concurrency: str,
-                   suspend: bool, starting_deadline: float, image: str | None, redis_secret: str, backend: str,
-                   namespace: str | None, kube_context: str | None, submit_args: tuple[str, ...]) -> None:
+def create_command(
+    settings_: Settings,
+    name: str,
+    cron: str,
+    time_zone: str | None,
+    concurrency: str,
+    suspend: bool,
+    starting_deadline: float,
+    image: str | None,
+    redis_secret: str,
+    backend: str,
+    namespace: str | None,
+    kube_context: str | None,
+    submit_args: tuple[str, ...],
+) -> None:
     """Create schedule NAME; the remaining arguments are what each run passes to `kiabatch submit`."""
     args = tuple(a for a in submit_args if a != "--") if submit_args[:1] == ("--",) else submit_args
     with user_errors():
@@ -91,8 +118,11 @@ def create_command(settings_: Settings, name: str, cron: str, time_zone: str | N
             options = KubeOptions(namespace=kube.cluster.namespace, redis_secret=redis_secret,
                                   **({"image": image} if image else {}))  # fmt: skip
             kube.create(schedule.with_changes(namespace=kube.cluster.namespace), options)
-            note(f"created CronJob {name} in namespace {kube.cluster.namespace} ({cron}"
-                 + (f", {time_zone}" if time_zone else "") + f", concurrency {concurrency})")
+            note(
+                f"created CronJob {name} in namespace {kube.cluster.namespace} ({cron}"
+                + (f", {time_zone}" if time_zone else "")
+                + f", concurrency {concurrency})"
+            )
             return
         ScheduleStore(settings_.store().redis).save(schedule)
     next_tick = schedule.next_tick(datetime.now(UTC))
@@ -159,8 +189,9 @@ def show_command(settings_: Settings, name: str, backend: str, namespace: str | 
             click.echo(f"{key.replace('_', ' '):<18} {value}")
 
 
-def _set_suspend(settings_: Settings, name: str, backend: str, namespace: str | None, context: str | None,
-                 suspend: bool) -> None:
+def _set_suspend(
+    settings_: Settings, name: str, backend: str, namespace: str | None, context: str | None, suspend: bool
+) -> None:
     with user_errors():
         if backend == backends.KUBERNETES:
             _kube(namespace, context).set_suspend(name, suspend)
@@ -174,7 +205,9 @@ def _set_suspend(settings_: Settings, name: str, backend: str, namespace: str | 
 @click.argument("name")
 @backend_option
 @pass_settings
-def suspend_command(settings_: Settings, name: str, backend: str, namespace: str | None, kube_context: str | None) -> None:
+def suspend_command(
+    settings_: Settings, name: str, backend: str, namespace: str | None, kube_context: str | None
+) -> None:
     """Stop starting runs (runs already started continue)."""
     _set_suspend(settings_, name, backend, namespace, kube_context, True)
 
@@ -183,7 +216,9 @@ def suspend_command(settings_: Settings, name: str, backend: str, namespace: str
 @click.argument("name")
 @backend_option
 @pass_settings
-def resume_command(settings_: Settings, name: str, backend: str, namespace: str | None, kube_context: str | None) -> None:
+def resume_command(
+    settings_: Settings, name: str, backend: str, namespace: str | None, kube_context: str | None
+) -> None:
     """Start runs again from the next tick."""
     _set_suspend(settings_, name, backend, namespace, kube_context, False)
 
@@ -193,8 +228,9 @@ def resume_command(settings_: Settings, name: str, backend: str, namespace: str 
 @click.option("--cascade", is_flag=True, help="Also delete its runs' Jobs and batches (results included).")
 @backend_option
 @pass_settings
-def delete_command(settings_: Settings, name: str, cascade: bool, backend: str, namespace: str | None,
-                   kube_context: str | None) -> None:
+def delete_command(
+    settings_: Settings, name: str, cascade: bool, backend: str, namespace: str | None, kube_context: str | None
+) -> None:
     """Delete a schedule (its past batches stay unless --cascade)."""
     with user_errors():
         if backend == backends.KUBERNETES:
@@ -218,7 +254,9 @@ def delete_command(settings_: Settings, name: str, cascade: bool, backend: str, 
 @click.argument("name")
 @backend_option
 @pass_settings
-def run_now_command(settings_: Settings, name: str, backend: str, namespace: str | None, kube_context: str | None) -> None:
+def run_now_command(
+    settings_: Settings, name: str, backend: str, namespace: str | None, kube_context: str | None
+) -> None:
     """Start a run now, whatever the schedule says (like kubectl create job --from=cronjob/NAME)."""
     with user_errors():
         if backend == backends.KUBERNETES:
@@ -238,8 +276,9 @@ def run_now_command(settings_: Settings, name: str, backend: str, namespace: str
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
 @backend_option
 @pass_settings
-def history_command(settings_: Settings, name: str, limit: int, backend: str, namespace: str | None,
-                    kube_context: str | None) -> None:
+def history_command(
+    settings_: Settings, name: str, limit: int, backend: str, namespace: str | None, kube_context: str | None
+) -> None:
     """Past runs: start, end, state, items done/failed, and the batches they launched."""
     with user_errors():
         rows = _history(settings_, name, limit, backend, namespace, kube_context)
@@ -253,8 +292,9 @@ def history_command(settings_: Settings, name: str, limit: int, backend: str, na
     click.echo(table(lines, headers) if lines else f"no runs of {name} yet")
 
 
-def _history(settings_: Settings, name: str, limit: int, backend: str, namespace: str | None,
-             context: str | None) -> list[dict[str, Any]]:
+def _history(
+    settings_: Settings, name: str, limit: int, backend: str, namespace: str | None, context: str | None
+) -> list[dict[str, Any]]:
     store = settings_.store()
     if backend == backends.KUBERNETES:
         return _kube(namespace, context).history(name, store)[-limit:][::-1]

@@ -37,9 +37,7 @@ class Duration(click.ParamType):
             return float(value)
         match = _DURATION.match(str(value))
         if not match or float(match.group(1)) <= 0:
-            self.fail(
-                f"{value!r} is not a positive duration; use seconds or a number with s, m, h or d (e.g. 30m)"
-            )
+            self.fail(f"{value!r} is not a positive duration; use seconds or a number with s, m, h or d (e.g. 30m)")
         return float(match.group(1)) * _UNITS[match.group(2)]
 
 
@@ -52,9 +50,7 @@ class WorkloadGroup(click.Group):
         if args and args[0].startswith("-") and args[0] not in ("-h", "--help"):
             misplaced = _first_positional_token(self.commands["exec"], args)
             if misplaced in self.commands and misplaced != "exec":
-                raise click.UsageError(
-                    f"put the workload name first: 'kiabatch submit {misplaced} [OPTIONS]'", ctx
-                )
+                raise click.UsageError(f"put the workload name first: 'kiabatch submit {misplaced} [OPTIONS]'", ctx)
             return "exec", self.commands["exec"], args
         if args and args[0] not in self.commands:
             raise click.UsageError(
@@ -73,15 +69,15 @@ def _first_positional_token(command: click.Command, args: list[str]) -> str | No
     """The first argument that is neither an option nor an option's value."""
     takes_value = _value_options(command)
     skip = False
-    for token in args:
-        if token == "--":
+    for arg in args:
+        if arg == "--":
             return None
         if skip:
             skip = False
-        elif token.startswith("-"):
-            skip = token in takes_value
+        elif arg.startswith("-"):
+            skip = arg in takes_value
         else:
-            return token
+            return arg
     return None
 
 
@@ -278,9 +274,7 @@ def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
-            raise click.BadParameter(
-                f"{pair!r} is not NAME=VALUE with a valid variable name", param_hint="--env"
-            )
+            raise click.BadParameter(f"{pair!r} is not NAME=VALUE with a valid variable name", param_hint="--env")
         env[name] = value
     return env
 
@@ -351,9 +345,7 @@ def render_batch(workload: str, kube: KubeOptions, common: dict[str, Any], optio
     values["backend"] = KUBERNETES
     with user_errors():
         planned = plan_batch(workload, **values, **options)
-    click.echo(
-        to_yaml(batch_objects(planned.spec, replace(kube, namespace=kube.namespace or "default"))), nl=False
-    )
+    click.echo(to_yaml(batch_objects(planned.spec, replace(kube, namespace=kube.namespace or "default"))), nl=False)
 
 
 def conclude(settings_: Settings, batch: Batch, *, reduce: bool | None, quiet: bool = False) -> int:

@@ -53,8 +53,8 @@ IMAGE_WORKERS_DIR = "/opt/kiabatch/workers"
 IMAGE_RUNTIME = Runtime(workers_dir=IMAGE_WORKERS_DIR)
 DEFAULT_IMAGE = "ghcr.io/kiabatch/kiabatch"
 WORKER_SERVICE_ACCOUNT = "kiabatch-worker"
-REDIS_SECRET = "kiabatch-redis"
-REDIS_SECRET_KEY = "url"
+REDIS_SECRET = "kiabatch-redis"  # noqa: S105 - the Secret's name, not a secret
+REDIS_SECRET_KEY = "url"  # noqa: S105 - a key name
 #: A finished Job (and its pods) is removed after a day; results stay in Redis.
 DEFAULT_TTL_AFTER_FINISHED = 86400
 

@@ -115,8 +115,12 @@ def cron_job(schedule: Schedule, options: KubeOptions) -> dict[str, Any]:
         {
             "apiVersion": "batch/v1",
             "kind": "CronJob",
-            "metadata": metadata(schedule.name, options.namespace, schedule_labels,
-                                 {SPEC_ANNOTATION: json.dumps(definition, sort_keys=True)}),  # fmt: skip
+            "metadata": metadata(
+                schedule.name,
+                options.namespace,
+                schedule_labels,
+                {SPEC_ANNOTATION: json.dumps(definition, sort_keys=True)},
+            ),
             "spec": {
                 "schedule": schedule.cron,
                 "timeZone": schedule.time_zone,
@@ -176,8 +180,14 @@ def job_from_cron_job(cron: dict[str, Any], suffix: str | None = None) -> dict[s
             "labels": dict(template.get("metadata", {}).get("labels", {})),
             "annotations": {"cronjob.kubernetes.io/instantiate": "manual"},
             "ownerReferences": [
-                {"apiVersion": "batch/v1", "kind": "CronJob", "name": name, "uid": cron["metadata"]["uid"],
-                 "controller": True, "blockOwnerDeletion": True}  # fmt: skip
+                {
+                    "apiVersion": "batch/v1",
+                    "kind": "CronJob",
+                    "name": name,
+                    "uid": cron["metadata"]["uid"],
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
             ],
         },
         "spec": template["spec"],

@@ -21,6 +21,7 @@ mount paths map to temporary directories, and the kiabatch image's entrypoint
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import itertools
 import json
@@ -169,10 +170,8 @@ class Store:
             k for k, o in list(self.objects.items())
             if k[1] == namespace and any(ref.get("uid") == uid for ref in o["metadata"].get("ownerReferences") or [])
         ]:  # fmt: skip
-            try:
+            with contextlib.suppress(ApiError):
                 self.delete(dependent_plural, dependent_ns, dependent)
-            except ApiError:
-                pass
         if plural == "jobs":  # background propagation: the Job's pods go too
             for key in [k for k, o in list(self.objects.items()) if k[0] == "pods" and k[1] == namespace
                         and o["metadata"]["labels"].get("batch.kubernetes.io/job-name") == name]:  # fmt: skip
@@ -515,10 +514,8 @@ class JobEmulator:
         def change(obj: dict[str, Any]) -> None:
             obj.setdefault("status", {}).update(fields)
 
-        try:
+        with contextlib.suppress(ApiError):
             self.store.update("jobs", namespace, name, change)
-        except ApiError:
-            pass
 
     def _job_exists(self, job: dict[str, Any]) -> bool:
         try:
@@ -718,10 +715,8 @@ class JobEmulator:
         def change(obj: dict[str, Any]) -> None:
             obj["status"].update(fields)
 
-        try:
+        with contextlib.suppress(ApiError):
             self.store.update("pods", namespace, name, change)
-        except ApiError:
-            pass
 
     def _secret_value(self, namespace: str, ref: dict[str, str]) -> str | None:
         try:

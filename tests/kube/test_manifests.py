@@ -23,14 +23,20 @@ def test_a_drifted_file_is_detected(tmp_path):
     manifests.write(tmp_path)
     assert manifests.drifted(tmp_path) == []
     target = tmp_path / "batch" / "serviceaccount.yaml"
-    target.write_text(target.read_text().replace("automountServiceAccountToken: false", "automountServiceAccountToken: true"))
+    target.write_text(
+        target.read_text().replace("automountServiceAccountToken: false", "automountServiceAccountToken: true")
+    )
     assert manifests.drifted(tmp_path) == ["batch/serviceaccount.yaml"]
     assert manifests.main(["--root", str(tmp_path), "--check"]) == 1
 
 
 def generated_objects():
-    return [obj for path in sorted((REPO / "manifests").rglob("*.yaml")) if path.name != "kustomization.yaml"
-            for obj in from_yaml(path.read_text())]
+    return [
+        obj
+        for path in sorted((REPO / "manifests").rglob("*.yaml"))
+        if path.name != "kustomization.yaml"
+        for obj in from_yaml(path.read_text())
+    ]
 
 
 @pytest.mark.parametrize("obj", generated_objects(), ids=lambda o: f"{o['kind']}-{o['metadata']['name']}")

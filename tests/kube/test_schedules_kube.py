@@ -54,10 +54,16 @@ def test_the_launcher_role_grants_exactly_the_verbs_it_needs_and_nothing_cluster
 
 
 def test_the_cron_job_fields():
-    made = cron_job(sample(concurrency="replace", suspend=True, starting_deadline=120),
-                    KubeOptions(namespace="batch", image="reg/kiabatch:1", ttl_after_finished=3600))
+    made = cron_job(
+        sample(concurrency="replace", suspend=True, starting_deadline=120),
+        KubeOptions(namespace="batch", image="reg/kiabatch:1", ttl_after_finished=3600),
+    )
     spec = made["spec"]
-    assert (spec["schedule"], spec["timeZone"], spec["concurrencyPolicy"]) == ("*/10 * * * *", "Europe/Berlin", "Replace")
+    assert (spec["schedule"], spec["timeZone"], spec["concurrencyPolicy"]) == (
+        "*/10 * * * *",
+        "Europe/Berlin",
+        "Replace",
+    )
     assert (spec["startingDeadlineSeconds"], spec["suspend"]) == (120, True)
     assert (spec["successfulJobsHistoryLimit"], spec["failedJobsHistoryLimit"]) == (3, 3)
     job = spec["jobTemplate"]["spec"]
@@ -66,15 +72,29 @@ def test_the_cron_job_fields():
     assert pod["serviceAccountName"] == "kiabatch-launcher" and pod["automountServiceAccountToken"] is True
     [launcher] = pod["containers"]
     assert launcher["image"] == "reg/kiabatch:1"
-    assert launcher["args"] == ["submit", "--backend", "kubernetes", "--wait", "--quiet", "--from-queue", "thumbs",
-                                "--command", "python thumb.py {input}"]
+    assert launcher["args"] == [
+        "submit",
+        "--backend",
+        "kubernetes",
+        "--wait",
+        "--quiet",
+        "--from-queue",
+        "thumbs",
+        "--command",
+        "python thumb.py {input}",
+    ]
     env = {e["name"]: e for e in launcher["env"]}
-    assert env["KIABATCH_RUN"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/job-name']"
+    assert (
+        env["KIABATCH_RUN"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/job-name']"
+    )
     assert env["KIABATCH_REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] == "kiabatch-redis"
     assert cron_job(sample(), KubeOptions())["spec"]["concurrencyPolicy"] == "Forbid"  # the default
     workload_first = cron_job(sample(submit_args=["pi", "--digits", "9"]), KubeOptions())
     assert workload_first["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"][:3] == [
-        "submit", "pi", "--backend"]
+        "submit",
+        "pi",
+        "--backend",
+    ]
 
 
 def test_run_now_builds_a_job_owned_by_the_cron_job():
@@ -82,8 +102,14 @@ def test_run_now_builds_a_job_owned_by_the_cron_job():
     made["metadata"]["uid"] = "u-1"
     job = job_from_cron_job(made, "abcde")
     assert job["metadata"]["name"] == "thumbs-manual-abcde"
-    assert job["metadata"]["ownerReferences"][0] | {} == {"apiVersion": "batch/v1", "kind": "CronJob", "name": "thumbs",
-                                                         "uid": "u-1", "controller": True, "blockOwnerDeletion": True}
+    assert job["metadata"]["ownerReferences"][0] | {} == {
+        "apiVersion": "batch/v1",
+        "kind": "CronJob",
+        "name": "thumbs",
+        "uid": "u-1",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
     assert job["spec"] == made["spec"]["jobTemplate"]["spec"]
     validate_all_versions(job)
 
@@ -91,8 +117,21 @@ def test_run_now_builds_a_job_owned_by_the_cron_job():
 @pytest.fixture
 def scheduled(cluster, redis_url):
     assert kb("secret", "create", "-n", "batch").exit_code == 0
-    created = kb("schedule", "create", "thumbs", "--cron", "*/10 * * * *", "--backend", "kubernetes", "-n", "batch",
-                 "--from-queue", "thumbs", "--command", "echo done {item}")
+    created = kb(
+        "schedule",
+        "create",
+        "thumbs",
+        "--cron",
+        "*/10 * * * *",
+        "--backend",
+        "kubernetes",
+        "-n",
+        "batch",
+        "--from-queue",
+        "thumbs",
+        "--command",
+        "echo done {item}",
+    )
     assert created.exit_code == 0, created.stderr
     return cluster
 
@@ -113,8 +152,13 @@ def wait_for(predicate, timeout=60):
 def test_create_list_show_suspend_resume(scheduled):
     kinds = {(o["kind"], o["metadata"]["name"]) for plural in ("serviceaccounts", "roles", "rolebindings", "cronjobs")
              for o in scheduled.store.list(plural, "batch", None, None)}  # fmt: skip
-    assert kinds == {("ServiceAccount", "kiabatch-worker"), ("ServiceAccount", "kiabatch-launcher"),
-                     ("Role", "kiabatch-launcher"), ("RoleBinding", "kiabatch-launcher"), ("CronJob", "thumbs")}
+    assert kinds == {
+        ("ServiceAccount", "kiabatch-worker"),
+        ("ServiceAccount", "kiabatch-launcher"),
+        ("Role", "kiabatch-launcher"),
+        ("RoleBinding", "kiabatch-launcher"),
+        ("CronJob", "thumbs"),
+    }
     listed = kb("-o", "json", "schedule", "list", "--backend", "kubernetes", "-n", "batch")
     assert [s["name"] for s in json.loads(listed.stdout)] == ["thumbs"]
     shown = json.loads(kb("-o", "json", "schedule", "show", "thumbs", "--backend", "kubernetes", "-n", "batch").stdout)
@@ -132,12 +176,18 @@ def test_run_now_drains_the_queue_through_a_launcher_with_least_privilege(schedu
     started = kb("schedule", "run-now", "thumbs", "--backend", "kubernetes", "-n", "batch")
     assert started.exit_code == 0, started.stderr
     run = started.stdout.strip()
-    wait_for(lambda: any(c["type"] == "Complete" and c["status"] == "True" for c in
-                         scheduled.store.get("jobs", "batch", run)["status"].get("conditions") or []))
+    wait_for(
+        lambda: any(
+            c["type"] == "Complete" and c["status"] == "True"
+            for c in scheduled.store.get("jobs", "batch", run)["status"].get("conditions") or []
+        )
+    )
     batch = Batch(run_batch_id(run))
     assert sorted(r.text for r in batch.results()) == ["done a.png\n", "done b.png\n", "done c.png\n"]
     assert batch.store.spec(batch.id).schedule == "thumbs"
-    history = json.loads(kb("-o", "json", "schedule", "history", "thumbs", "--backend", "kubernetes", "-n", "batch").stdout)
+    history = json.loads(
+        kb("-o", "json", "schedule", "history", "thumbs", "--backend", "kubernetes", "-n", "batch").stdout
+    )
     assert history[0]["run"] == run and history[0]["state"] == "Complete"
     assert history[0]["batches"] == [batch.id] and (history[0]["done"], history[0]["failed"]) == (3, 0)
     # The batch shows up like any other.
@@ -160,10 +210,15 @@ def test_a_launcher_killed_mid_run_is_replaced_and_attaches_to_its_batch(schedul
     job = job_from_cron_job(cron, "kill1")
     batch_id = run_batch_id(job["metadata"]["name"])
     scheduled.emulator.kill_when[(job["metadata"]["name"], 0)] = lambda: bool(
-        scheduled.store.list("jobs", "batch", f"kiabatch.io/batch={batch_id}", None))
+        scheduled.store.list("jobs", "batch", f"kiabatch.io/batch={batch_id}", None)
+    )
     scheduled.store.create("jobs", "batch", job)
-    wait_for(lambda: any(c["type"] == "Complete" for c in
-                         scheduled.store.get("jobs", "batch", "thumbs-manual-kill1")["status"].get("conditions") or []))
+    wait_for(
+        lambda: any(
+            c["type"] == "Complete"
+            for c in scheduled.store.get("jobs", "batch", "thumbs-manual-kill1")["status"].get("conditions") or []
+        )
+    )
     launcher_pods = scheduled.store.list("pods", "batch", "batch.kubernetes.io/job-name=thumbs-manual-kill1", None)
     assert sorted(p["status"]["phase"] for p in launcher_pods) == ["Failed", "Succeeded"]
     assert len(scheduled.store.list("jobs", "batch", f"kiabatch.io/batch={batch_id}", None)) == 1  # one snapshot
@@ -174,8 +229,12 @@ def test_a_launcher_killed_mid_run_is_replaced_and_attaches_to_its_batch(schedul
 def test_the_launcher_is_refused_what_its_role_does_not_grant_and_the_items_go_back(scheduled, client):
     """The fake API server enforces RBAC for service accounts: without `create jobs` no run can start,
     and every launcher attempt returns the items it took to the queue."""
-    scheduled.store.update("roles", "batch", "kiabatch-launcher", lambda role: role["rules"][0].update(
-        verbs=["get", "list", "watch", "delete"]))
+    scheduled.store.update(
+        "roles",
+        "batch",
+        "kiabatch-launcher",
+        lambda role: role["rules"][0].update(verbs=["get", "list", "watch", "delete"]),
+    )
     Queue("thumbs").enqueue_many(["x.png", "y.png"])
     run = kb("schedule", "run-now", "thumbs", "--backend", "kubernetes", "-n", "batch").stdout.strip()
     wait_for(lambda: scheduled.store.get("jobs", "batch", run)["status"].get("conditions"), timeout=120)
@@ -189,8 +248,11 @@ def test_the_launcher_is_refused_what_its_role_does_not_grant_and_the_items_go_b
 def test_delete_keeps_runs_unless_cascade_which_removes_jobs_and_batches(scheduled, client):
     Queue("thumbs").enqueue("y.png")
     run = kb("schedule", "run-now", "thumbs", "--backend", "kubernetes", "-n", "batch").stdout.strip()
-    wait_for(lambda: any(c["type"] == "Complete" for c in
-                         scheduled.store.get("jobs", "batch", run)["status"].get("conditions") or []))
+    wait_for(
+        lambda: any(
+            c["type"] == "Complete" for c in scheduled.store.get("jobs", "batch", run)["status"].get("conditions") or []
+        )
+    )
     batch_id = run_batch_id(run)
     done = kb("schedule", "delete", "thumbs", "--cascade", "--backend", "kubernetes", "-n", "batch")
     assert done.exit_code == 0, done.stderr
@@ -205,7 +267,9 @@ def test_delete_without_cascade_orphans_the_runs(scheduled):
     wait_for(lambda: scheduled.store.get("jobs", "batch", run)["status"].get("conditions"))
     assert kb("schedule", "delete", "thumbs", "--backend", "kubernetes", "-n", "batch").exit_code == 0
     assert scheduled.store.list("cronjobs", "batch", None, None) == []
-    assert [j["metadata"]["name"] for j in scheduled.store.list("jobs", "batch", None, None) if j["metadata"]["name"] == run]
+    assert [
+        j["metadata"]["name"] for j in scheduled.store.list("jobs", "batch", None, None) if j["metadata"]["name"] == run
+    ]
     assert Batch(run_batch_id(run)).status().state == "succeeded"
 
 

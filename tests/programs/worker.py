@@ -32,7 +32,10 @@ if args.pid_dir:
         handle.write(str(os.getpid()))
 if args.state:
     path = os.path.join(args.state, args.item)
-    attempts = int(open(path).read()) + 1 if os.path.exists(path) else 1
+    attempts = 1
+    if os.path.exists(path):
+        with open(path) as handle:
+            attempts = int(handle.read()) + 1
     with open(path, "w") as handle:
         handle.write(str(attempts))
     if attempts <= args.fail_times:
