@@ -87,24 +87,33 @@ def redis_set() -> dict[str, str]:
 SETS: dict[str, Callable[[], dict[str, str]]] = {"batch": batch_set, "schedule": schedule_set, "redis": redis_set}
 
 
-def generate() -> dict[Path, str]:
-    """Every generated file, by path relative to manifests/."""
-    return {Path(name) / file: text for name, make in SETS.items() for file, text in make().items()}
-
-
 def drifted(root: Path) -> list[str]:
-    """Generated files that are missing from ``root`` or differ from the builders."""
-    return [str(path) for path, text in generate().items()
-            if not (root / path).exists() or (root / path).read_text() != text]  # fmt: skip
+    """How ``root`` differs from the builders: files missing, changed, or not made by them."""
+    problems = []
+    for name, make in SETS.items():
+        expected = make()
+        directory = root / name
+        present = {path.name for path in directory.glob("*.yaml")} if directory.is_dir() else set()
+        problems += [f"{name}/{file}: missing" for file in sorted(set(expected) - present)]
+        problems += [f"{name}/{file}: not made by the builders" for file in sorted(present - set(expected))]
+        problems += [f"{name}/{file}: differs from the builders' output" for file in sorted(set(expected) & present)
+                     if (directory / file).read_text() != expected[file]]  # fmt: skip
+    return problems
 
 
 def write(root: Path) -> list[Path]:
-    """Write every generated file under ``root``."""
+    """Write every set under ``root``, removing YAML files the builders no longer make."""
     written = []
-    for path, text in generate().items():
-        (root / path).parent.mkdir(parents=True, exist_ok=True)
-        (root / path).write_text(text)
-        written.append(root / path)
+    for name, make in SETS.items():
+        files = make()
+        directory = root / name
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob("*.yaml"):
+            if stale.name not in files:
+                stale.unlink()
+        for file, text in files.items():
+            (directory / file).write_text(text)
+            written.append(directory / file)
     return written
 
 
@@ -120,10 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         for path in write(args.root):
             print(path)
         return 0
-    stale = drifted(args.root)
-    for path in stale:
-        print(f"drifted: {path}", file=sys.stderr)
-    return 1 if stale else 0
+    problems = drifted(args.root)
+    for problem in problems:
+        print(f"drifted: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

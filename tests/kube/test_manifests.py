@@ -26,7 +26,7 @@ def test_a_drifted_file_is_detected(tmp_path):
     target.write_text(
         target.read_text().replace("automountServiceAccountToken: false", "automountServiceAccountToken: true")
     )
-    assert manifests.drifted(tmp_path) == ["batch/serviceaccount.yaml"]
+    assert manifests.drifted(tmp_path) == ["batch/serviceaccount.yaml: differs from the builders' output"]
     assert manifests.main(["--root", str(tmp_path), "--check"]) == 1
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kiabatch.errors import UsageError
-from kiabatch.kube import redis_manifests
+from kiabatch.kube import manifests
 from kiabatch.kube.batch_job import KubeOptions, job
 from kiabatch.kube.objects import REDIS_CLIENT_LABEL, from_yaml, to_yaml
 from kiabatch.kube.redis_backup import (
@@ -374,26 +374,21 @@ def test_quantities():
 # -- manifests/redis -----------------------------------------------------------------------------
 
 
-def test_manifests_redis_matches_the_builders():
-    problems = redis_manifests.drift()
-    assert problems == [], f"regenerate with: python -m kiabatch.kube.redis_manifests --write ({problems})"
-
-
-def test_drift_is_detected(tmp_path):
-    redis_manifests.write(tmp_path)
-    assert redis_manifests.drift(tmp_path) == []
-    target = tmp_path / "statefulset-kiabatch-redis.yaml"
+def test_drift_in_the_redis_set_is_detected(tmp_path):
+    manifests.write(tmp_path)
+    assert manifests.drifted(tmp_path) == []
+    target = tmp_path / "redis" / "statefulset-kiabatch-redis.yaml"
     target.write_text(target.read_text().replace("podManagementPolicy: OrderedReady", "podManagementPolicy: Parallel"))
-    (tmp_path / "service-kiabatch-redis-primary.yaml").unlink()
-    (tmp_path / "extra.yaml").write_text("---\n")
-    assert redis_manifests.drift(tmp_path) == [
-        "service-kiabatch-redis-primary.yaml: missing",
-        "extra.yaml: not made by the builders",
-        "statefulset-kiabatch-redis.yaml: differs from the builders' output",
+    (tmp_path / "redis" / "service-kiabatch-redis-primary.yaml").unlink()
+    (tmp_path / "redis" / "extra.yaml").write_text("---\n")
+    assert manifests.drifted(tmp_path) == [
+        "redis/service-kiabatch-redis-primary.yaml: missing",
+        "redis/extra.yaml: not made by the builders",
+        "redis/statefulset-kiabatch-redis.yaml: differs from the builders' output",
     ]
-    assert redis_manifests.main(["--dir", str(tmp_path), "--check"]) == 1
-    redis_manifests.main(["--dir", str(tmp_path), "--write"])
-    assert redis_manifests.drift(tmp_path) == [] and not (tmp_path / "extra.yaml").exists()
+    assert manifests.main(["--root", str(tmp_path), "--check"]) == 1
+    manifests.main(["--root", str(tmp_path), "--write"])
+    assert manifests.drifted(tmp_path) == [] and not (tmp_path / "redis" / "extra.yaml").exists()
 
 
 def test_the_kustomize_base_is_the_rendered_objects_one_file_each():
