@@ -27,9 +27,7 @@ def open_store(client: redis.Redis | str | None = None, *, retry_seconds: float 
 class Batch:
     """One batch, by id. Cheap to create; every method reads Redis afresh."""
 
-    def __init__(
-        self, batch_id: str, redis: redis.Redis | str | None = None, *, home: Path | None = None
-    ) -> None:
+    def __init__(self, batch_id: str, redis: redis.Redis | str | None = None, *, home: Path | None = None) -> None:
         self.id = batch_id
         self.home = home
         self.store = open_store(redis)
@@ -116,8 +114,7 @@ class Batch:
         status = self.store.status(self.id)
         if status.state == FAILED or status.progress.failed:
             raise BatchFailedError(
-                f"batch {self.id} has {status.progress.failed} failed item(s); "
-                "cannot reduce (see kiabatch results)"
+                f"batch {self.id} has {status.progress.failed} failed item(s); cannot reduce (see kiabatch results)"
             )
         if not status.finished:
             raise KiabatchError(f"batch {self.id} is {status.state}, not finished; wait() for it first")

@@ -20,9 +20,7 @@ from .errors import UnreachableError, UsageError
 
 MIN_REDIS_VERSION = (6, 2)
 _SCHEMES = ("redis", "rediss", "unix")
-_URL_HELP = (
-    "expected redis://[[user]:password@]host[:port][/db], rediss://... (TLS) or unix:///path/to/socket"
-)
+_URL_HELP = "expected redis://[[user]:password@]host[:port][/db], rediss://... (TLS) or unix:///path/to/socket"
 
 
 def redact(url: str) -> str:
@@ -45,9 +43,7 @@ def validate_url(url: str) -> str:
     except ValueError as exc:
         raise UsageError(f"bad Redis URL {redact(url)!r}: {exc}; {_URL_HELP}") from None
     if parts.scheme not in _SCHEMES:
-        raise UsageError(
-            f"bad Redis URL {redact(url)!r}: scheme must be one of {', '.join(_SCHEMES)}; {_URL_HELP}"
-        )
+        raise UsageError(f"bad Redis URL {redact(url)!r}: scheme must be one of {', '.join(_SCHEMES)}; {_URL_HELP}")
     if parts.scheme == "unix" and not parts.path:
         raise UsageError(f"bad Redis URL {redact(url)!r}: a unix URL needs a socket path; {_URL_HELP}")
     if parts.scheme != "unix" and not parts.hostname:
@@ -55,9 +51,7 @@ def validate_url(url: str) -> str:
     del port
     path = parts.path.lstrip("/")
     if parts.scheme != "unix" and path and not path.isdigit():
-        raise UsageError(
-            f"bad Redis URL {redact(url)!r}: database must be a number, not {path!r}; {_URL_HELP}"
-        )
+        raise UsageError(f"bad Redis URL {redact(url)!r}: database must be a number, not {path!r}; {_URL_HELP}")
     return url
 
 
@@ -129,6 +123,4 @@ def url_of(client: redis.Redis) -> str | None:
     if kwargs.get("path"):
         return f"unix://{auth}{kwargs['path']}?db={kwargs.get('db', 0)}"
     scheme = "rediss" if client.connection_pool.connection_class.__name__ == "SSLConnection" else "redis"
-    return (
-        f"{scheme}://{auth}{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
-    )
+    return f"{scheme}://{auth}{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"

@@ -62,9 +62,7 @@ def parse(source: str, where: str = "--item") -> Any:
     try:
         value = json.loads(source)
     except json.JSONDecodeError as exc:
-        raise UsageError(
-            f"malformed item JSON in {where}: {exc.msg} (column {exc.colno}); {_ITEM_HELP}"
-        ) from None
+        raise UsageError(f"malformed item JSON in {where}: {exc.msg} (column {exc.colno}); {_ITEM_HELP}") from None
     if isinstance(value, float) and not math.isfinite(value):
         raise UsageError(f"malformed item JSON in {where}: {source!r} is not a finite number; {_ITEM_HELP}")
     return value

@@ -39,13 +39,7 @@ def new_batch_id(prefix: str) -> str:
 
 def validate_queue_name(name: str) -> str:
     """Queue names are 1-200 printable characters without braces (they form a hash tag)."""
-    if (
-        not name
-        or len(name) > 200
-        or any(c in name for c in "{}")
-        or not name.isprintable()
-        or name.strip() != name
-    ):
+    if not name or len(name) > 200 or any(c in name for c in "{}") or not name.isprintable() or name.strip() != name:
         raise UsageError(f"bad queue name {name!r}: use 1-200 printable characters, no braces or edge spaces")
     return name
 

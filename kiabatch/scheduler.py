@@ -201,15 +201,24 @@ class LocalScheduler:
             stop_runner(active, self.home)
             previous = state.get("active_run", "")
             if previous:
-                self.schedules.record(schedule.name, previous, datetime.fromtimestamp(since, UTC), REPLACED,
-                                      batch=active, note=f"stopped for {run}; resume with kiabatch resume {active}")
+                self.schedules.record(
+                    schedule.name,
+                    previous,
+                    datetime.fromtimestamp(since, UTC),
+                    REPLACED,
+                    batch=active,
+                    note=f"stopped for {run}; resume with kiabatch resume {active}",
+                )
             self.log(f"{schedule.name}: stopped {active} (replace); it can be resumed")
         result = launch_run(schedule, run, redis_url=self.redis_url, home=self.home)
         self.schedules.record(schedule.name, run, due, result.outcome, batch=result.batch, note=result.note)
         if result.outcome == LAUNCHED:
             self.schedules.set_state(schedule.name, active_run=run, active_batch=result.batch)
-        self.log(f"{schedule.name}: {run} {result.outcome}" + (f": {result.note}" if result.note else "")
-                 + (f" (batch {result.batch})" if result.batch else ""))
+        self.log(
+            f"{schedule.name}: {run} {result.outcome}"
+            + (f": {result.note}" if result.note else "")
+            + (f" (batch {result.batch})" if result.batch else "")
+        )
         return result.outcome
 
     def run_now(self, name: str) -> RunResult:

@@ -102,9 +102,7 @@ class Store:
             pipe.zadd(keys.BATCH_INDEX, {spec.id: spec.created_at})
             pipe.execute()
 
-    def create_from_queue(
-        self, spec: BatchSpec, queue_name: str, *, chunk: int | None, tasks: int | None
-    ) -> int:
+    def create_from_queue(self, spec: BatchSpec, queue_name: str, *, chunk: int | None, tasks: int | None) -> int:
         """Start batch ``spec.id`` with a snapshot of named queue ``queue_name``.
 
         ``spec``'s tasks, chunk and total are placeholders: the script derives them
@@ -149,9 +147,7 @@ class Store:
             raise NotFoundError(f"no batch {batch_id!r} (it may have expired or been deleted)")
         if status == "bad-index":
             tasks = self.redis.hget(k.meta, "tasks")
-            raise UsageError(
-                f"bad completion index {index} for batch {batch_id!r}: must be 0 to {int(tasks) - 1}"
-            )
+            raise UsageError(f"bad completion index {index} for batch {batch_id!r}: must be 0 to {int(tasks) - 1}")
         return Claim(status=status, attempt=int(attempt), raw=raw)
 
     def report(
@@ -238,18 +234,14 @@ class Store:
             self.release(batch_id, index)
         return len(indexes)
 
-    def set_state(
-        self, batch_id: str, state: str, pipeline: redis.client.Pipeline | None = None, **extra: Any
-    ) -> None:
+    def set_state(self, batch_id: str, state: str, pipeline: redis.client.Pipeline | None = None, **extra: Any) -> None:
         """Set the batch state (and any extra meta fields)."""
         fields = {"state": state, **{name: str(value) for name, value in extra.items()}}
         (pipeline or self.redis).hset(keys.batch_keys(batch_id).meta, mapping=fields)
 
     def set_meta(self, batch_id: str, pipeline: redis.client.Pipeline | None = None, **values: Any) -> None:
         """Set extra meta fields (runner pid, Job name, ...)."""
-        (pipeline or self.redis).hset(
-            keys.batch_keys(batch_id).meta, mapping={n: str(v) for n, v in values.items()}
-        )
+        (pipeline or self.redis).hset(keys.batch_keys(batch_id).meta, mapping={n: str(v) for n, v in values.items()})
 
     # -- reading ----------------------------------------------------------------------
 
@@ -395,9 +387,7 @@ class Store:
         """Delete a batch at once (``keep_results``: keep what ``results`` and ``status`` read)."""
         validate_batch_id(batch_id)
         k = keys.batch_keys(batch_id)
-        keep = (
-            {k.meta, k.progress, k.results, k.outcomes, k.failed, k.claims, k.logs} if keep_results else set()
-        )
+        keep = {k.meta, k.progress, k.results, k.outcomes, k.failed, k.claims, k.logs} if keep_results else set()
         doomed = [key for key in k.all() if key not in keep]
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.exists(k.meta)

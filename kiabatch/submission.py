@@ -104,9 +104,7 @@ def plan_batch(
             raise UsageError("from_queue works with the exec workload and no explicit items")
     workload_options = dict(options)
     if workload == "exec":
-        workload_options.update(
-            command=command, items=list(items) if items is not None else None, chunk=chunk
-        )
+        workload_options.update(command=command, items=list(items) if items is not None else None, chunk=chunk)
     elif command is not None or items is not None:
         raise UsageError(f"workload {workload!r} makes its own items and command; drop command/items")
     plan = chosen.plan(backends.get(backend).runtime(), parallel=parallel, tasks=tasks, **workload_options)
@@ -191,9 +189,7 @@ def submit(
                           on_running=batch.start_prepare if wait else None, **extra)  # fmt: skip
         return batch
     if planned.from_queue is not None:
-        taken = store.create_from_queue(
-            spec, planned.from_queue, chunk=planned.plan_chunk, tasks=planned.plan_tasks
-        )
+        taken = store.create_from_queue(spec, planned.from_queue, chunk=planned.plan_chunk, tasks=planned.plan_tasks)
         if taken == 0:
             return None
         spec = store.spec(spec.id)

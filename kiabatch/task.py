@@ -125,9 +125,7 @@ def prepare(directory: Path, spec: BatchSpec, index: int, claim: Claim) -> TaskI
     return info
 
 
-def claim_into(
-    store: Store, batch_id: str, index: int, directory: Path, *, spec: BatchSpec | None = None
-) -> TaskInfo:
+def claim_into(store: Store, batch_id: str, index: int, directory: Path, *, spec: BatchSpec | None = None) -> TaskInfo:
     """Claim task ``index`` of ``batch_id`` and lay its items out in ``directory``."""
     spec = spec or store.spec(batch_id)
     claim = store.claim(batch_id, index)
@@ -164,9 +162,7 @@ def _tail(path: Path, limit: int) -> bytes:
         return b""
 
 
-def collect(
-    directory: Path, info: TaskInfo, *, killed_reason: str = ""
-) -> tuple[list[ItemOutcome], bool, bytes]:
+def collect(directory: Path, info: TaskInfo, *, killed_reason: str = "") -> tuple[list[ItemOutcome], bool, bytes]:
     """Read the outcome of every item: (outcomes, non_retriable, stderr tail).
 
     ``killed_reason`` explains items that have no exit status because the
@@ -185,34 +181,26 @@ def collect(
         logs.append(stderr)
         if (where / "invalid").exists():
             reason = (where / "invalid").read_text()
-            outcomes.append(
-                ItemOutcome(ok=False, exit_code=None, duration=0.0, reason=reason, stderr=reason.encode())
-            )
+            outcomes.append(ItemOutcome(ok=False, exit_code=None, duration=0.0, reason=reason, stderr=reason.encode()))
             non_retriable = True
             continue
         code = _read_code(where / "exit_code")
         duration = _duration(where)
         if code is None:
             reason = killed_reason or "the worker did not finish"
-            outcomes.append(
-                ItemOutcome(ok=False, exit_code=None, duration=duration, reason=reason, stderr=stderr)
-            )
+            outcomes.append(ItemOutcome(ok=False, exit_code=None, duration=duration, reason=reason, stderr=stderr))
             continue
         if code != 0:
             non_retriable = non_retriable or code in info.non_retriable_exit_codes
             reason = f"exited with status {code}"
-            outcomes.append(
-                ItemOutcome(ok=False, exit_code=code, duration=duration, reason=reason, stderr=stderr)
-            )
+            outcomes.append(ItemOutcome(ok=False, exit_code=code, duration=duration, reason=reason, stderr=stderr))
             continue
         result_path = where / ("output" if info.output_file else "stdout")
         try:
             result = result_path.read_bytes()
         except OSError:
             reason = "the worker exited 0 but did not write its {output} file"
-            outcomes.append(
-                ItemOutcome(ok=False, exit_code=0, duration=duration, reason=reason, stderr=stderr)
-            )
+            outcomes.append(ItemOutcome(ok=False, exit_code=0, duration=duration, reason=reason, stderr=stderr))
             continue
         outcomes.append(ItemOutcome(ok=True, exit_code=0, duration=duration, result=result, stderr=stderr))
     return outcomes, non_retriable, b"".join(logs)
@@ -237,8 +225,7 @@ def report_from(store: Store, directory: Path, *, killed_reason: str = "") -> Re
     if info.status == "ok":
         outcomes, non_retriable, stderr = collect(directory, info, killed_reason=killed_reason)
         claimed = [
-            items_mod.decode(item_dir(directory, p).joinpath("item.json").read_bytes())
-            for p in range(info.items)
+            items_mod.decode(item_dir(directory, p).joinpath("item.json").read_bytes()) for p in range(info.items)
         ]
         result = store.report(
             info.batch,

@@ -46,9 +46,7 @@ def placeholders(command: Sequence[str]) -> list[str]:
 def validate(command: Sequence[str]) -> list[str]:
     """Check a command template; returns its placeholder names."""
     if not command or not command[0]:
-        raise UsageError(
-            "the worker command is empty; give a program and its arguments, e.g. --command 'echo {item}'"
-        )
+        raise UsageError("the worker command is empty; give a program and its arguments, e.g. --command 'echo {item}'")
     return placeholders(command)
 
 
@@ -69,9 +67,7 @@ def check_item(command: Sequence[str], item: Any, where: str = "item") -> None:
         )
     for name in needed:
         if name not in item:
-            raise UsageError(
-                f"{where} {items_mod.text(item)!r:.80} has no field {name!r}, which the command uses"
-            )
+            raise UsageError(f"{where} {items_mod.text(item)!r:.80} has no field {name!r}, which the command uses")
 
 
 def check_items(command: Sequence[str], values: Iterable[Any]) -> None:

@@ -170,9 +170,7 @@ BAD_INPUTS = [
 @pytest.mark.parametrize(
     ("args", "code", "fragments"), BAD_INPUTS, ids=lambda v: " ".join(v) if isinstance(v, list) else None
 )
-def test_bad_input_gets_one_line_a_documented_code_and_writes_nothing(
-    runner, redis_url, client, args, code, fragments
-):
+def test_bad_input_gets_one_line_a_documented_code_and_writes_nothing(runner, redis_url, client, args, code, fragments):
     assert_one_line_error(invoke(runner, *args), code, *fragments)
     assert client.dbsize() == 0
 

@@ -45,9 +45,7 @@ def outputs(batch: Batch) -> list[str]:
 def test_at_most_parallelism_workers_run_at_once(redis_url, home, tmp_path):
     log = tmp_path / "log"
     items = [str(i) for i in range(8)]
-    batch = submit(
-        items=items, command=worker("--sleep", "0.3", "--log", str(log)), parallel=3, wait=True, home=home
-    )
+    batch = submit(items=items, command=worker("--sleep", "0.3", "--log", str(log)), parallel=3, wait=True, home=home)
     assert outputs(batch) == sorted(f"done {i}" for i in items)
     assert max_overlap(read_log(log)) == 3
 
@@ -112,9 +110,7 @@ def test_a_non_retriable_exit_code_fails_the_item_on_the_first_attempt(redis_url
 
 
 def test_chunks_run_several_items_per_task(redis_url, home):
-    batch = submit(
-        items=list(range(10)), command=["echo", "{item}"], chunk=3, parallel=2, wait=True, home=home
-    )
+    batch = submit(items=list(range(10)), command=["echo", "{item}"], chunk=3, parallel=2, wait=True, home=home)
     status = batch.status()
     assert status.tasks == 4 and status.progress.done == 10
     assert [(r.index, r.position) for r in batch.results()].count((3, 0)) == 1
@@ -142,9 +138,7 @@ def test_a_declared_output_file_is_the_result(redis_url, home):
 
 def test_the_batch_deadline_stops_everything_and_dead_letters_the_rest(redis_url, home):
     started = time.monotonic()
-    batch = submit(
-        items=list(range(6)), command=worker("--sleep", "30"), parallel=2, timeout=1, wait=True, home=home
-    )
+    batch = submit(items=list(range(6)), command=worker("--sleep", "30"), parallel=2, timeout=1, wait=True, home=home)
     assert time.monotonic() - started < 15
     status = batch.status()
     assert status.state == "failed" and status.progress.failed == 6
@@ -152,9 +146,7 @@ def test_the_batch_deadline_stops_everything_and_dead_letters_the_rest(redis_url
 
 
 def test_a_task_over_its_time_limit_is_stopped_and_retried(redis_url, home):
-    batch = submit(
-        items=["slow"], command=worker("--sleep", "30"), task_timeout=0.5, retries=1, wait=True, home=home
-    )
+    batch = submit(items=["slow"], command=worker("--sleep", "30"), task_timeout=0.5, retries=1, wait=True, home=home)
     [dead] = batch.failed()
     assert dead.attempts == 2 and "timed out after 0.5s" in dead.reason
 
@@ -215,9 +207,7 @@ def _workers_alive(marker: str) -> list[psutil.Process]:
 
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
-def test_the_submitting_process_dies_mid_batch_and_resume_finishes_exactly_once(
-    redis_url, home, tmp_path, how
-):
+def test_the_submitting_process_dies_mid_batch_and_resume_finishes_exactly_once(redis_url, home, tmp_path, how):
     log = tmp_path / "log"
     items = [str(i) for i in range(16)]
     item_file = tmp_path / "items.txt"
@@ -269,9 +259,7 @@ def test_a_detached_batch_runs_in_the_background_and_can_be_waited_for(redis_url
 
 
 def test_waiting_on_a_batch_whose_runner_died_says_how_to_resume(redis_url, home, tmp_path):
-    batch = submit(
-        items=[str(i) for i in range(4)], command=worker("--sleep", "1"), parallel=2, wait=False, home=home
-    )
+    batch = submit(items=[str(i) for i in range(4)], command=worker("--sleep", "1"), parallel=2, wait=False, home=home)
     runner = Store(batch.store.redis).meta(batch.id)["runner"].split()[1]
     os.kill(int(runner), signal.SIGKILL)
     with pytest.raises(InterruptedBatchError, match=f"kiabatch resume {batch.id}"):

@@ -85,9 +85,7 @@ for digits in DIGITS:
 print("ok")
 """
     env = {**os.environ, "MPMATH_NOGMPY": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
-    )
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
 
@@ -112,15 +110,10 @@ def test_the_workers_never_import_kiabatch():
     for program in (REPO / "workers").iterdir():
         tree = ast.parse(program.read_text())
         imported = {
-            alias.name.split(".")[0]
-            for node in ast.walk(tree)
-            if isinstance(node, ast.Import)
-            for alias in node.names
+            alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
         }
         imported |= {
-            node.module.split(".")[0]
-            for node in ast.walk(tree)
-            if isinstance(node, ast.ImportFrom) and node.module
+            node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
         }
         assert "kiabatch" not in imported, program
 

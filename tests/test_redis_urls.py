@@ -16,9 +16,7 @@ from kiabatch.errors import UnreachableError
 from tests.conftest import run_cli
 
 DEBIAN_REDIS = "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
-needs_debian_redis = pytest.mark.skipif(
-    DEBIAN_REDIS is None, reason="Debian's redis-server (7.x) is not installed"
-)
+needs_debian_redis = pytest.mark.skipif(DEBIAN_REDIS is None, reason="Debian's redis-server (7.x) is not installed")
 
 
 def free_port() -> int:
@@ -62,9 +60,7 @@ def password_redis(tmp_path):
     from kiabatch.embedded import redis_server_binary
 
     port = free_port()
-    process = start(
-        str(redis_server_binary()), tmp_path / "pw", "--port", str(port), "--requirepass", "s3cr3t"
-    )
+    process = start(str(redis_server_binary()), tmp_path / "pw", "--port", str(port), "--requirepass", "s3cr3t")
     wait_ready(redis.Redis(port=port, password="s3cr3t"))
     yield port
     process.terminate()
@@ -93,7 +89,7 @@ def test_a_detached_batch_reaches_the_same_password_protected_redis(password_red
 
 def test_redis_older_than_6_2_is_refused(monkeypatch, password_redis):
     monkeypatch.setattr(redis.Redis, "info", lambda self, section=None: {"redis_version": "6.0.9"})
-    with pytest.raises(UnreachableError, match="needs Redis 6.2 or newer"):
+    with pytest.raises(UnreachableError, match=r"needs Redis 6\.2 or newer"):
         connect(f"redis://:s3cr3t@127.0.0.1:{password_redis}/0")
 
 

@@ -50,9 +50,7 @@ def assert_untouched(sandbox: Path) -> None:
         (["sh", "-c", 'printf %s "$1"', "sh", "{item}"], False),  # a shell script reading its argument
     ],
 )
-def test_hostile_items_reach_the_worker_verbatim_on_the_local_backend(
-    redis_url, home, sandbox, command, stdin
-):
+def test_hostile_items_reach_the_worker_verbatim_on_the_local_backend(redis_url, home, sandbox, command, stdin):
     batch = submit(items=HOSTILE, command=command, stdin=stdin, parallel=2, wait=True, home=home)
     results = {r.item: r.text for r in batch.results()}
     assert batch.failed() == []

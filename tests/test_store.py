@@ -45,9 +45,7 @@ def ok(result: bytes = b"r") -> ItemOutcome:
 
 
 def bad(code: int = 1, stderr: bytes = b"boom") -> ItemOutcome:
-    return ItemOutcome(
-        ok=False, exit_code=code, duration=0.1, stderr=stderr, reason=f"exited with status {code}"
-    )
+    return ItemOutcome(ok=False, exit_code=code, duration=0.1, stderr=stderr, reason=f"exited with status {code}")
 
 
 @pytest.fixture
@@ -57,9 +55,7 @@ def store(client) -> Store:
 
 def report(store: Store, batch: str, index: int, outcomes, **kw):
     claim = store.claim(batch, index)
-    return claim, store.report(
-        batch, index, claim.attempt, claim.sha1, outcomes, claimed_items=claim.items, **kw
-    )
+    return claim, store.report(batch, index, claim.attempt, claim.sha1, outcomes, claimed_items=claim.items, **kw)
 
 
 def test_every_key_of_a_batch_shares_one_hash_tag():

@@ -56,9 +56,7 @@ def test_run_sh_feeds_stdin_and_input_files_and_reads_declared_output(redis_url,
     assert [r.result for r in via_output.results()] == [b'"x"']
 
 
-def test_run_sh_runs_every_item_of_a_chunk_and_exits_with_the_first_failure(
-    redis_url, home, tmp_path, client
-):
+def test_run_sh_runs_every_item_of_a_chunk_and_exits_with_the_first_failure(redis_url, home, tmp_path, client):
     store = Store(client)
     batch = create(
         home,
@@ -74,9 +72,7 @@ def test_run_sh_runs_every_item_of_a_chunk_and_exits_with_the_first_failure(
     assert [(f.item, f.exit_code) for f in batch.failed()] == [("bad", 7)]
 
 
-def test_an_item_missing_a_field_is_skipped_by_run_sh_and_failed_without_retry(
-    redis_url, home, tmp_path, client
-):
+def test_an_item_missing_a_field_is_skipped_by_run_sh_and_failed_without_retry(redis_url, home, tmp_path, client):
     from kiabatch import Queue
 
     Queue("mixed").enqueue_many([{"url": "u"}, {"uri": "v"}])
@@ -105,9 +101,7 @@ def test_the_sidecar_waits_for_the_worker_then_reports_and_the_worker_waits_for_
     """KIABATCH_AWAIT_REPORT: the worker only exits once the reporter confirmed; the reporter idles after."""
     batch = create(home, items=["x"], command=["sh", "-c", "sleep 0.5; echo hi"])
     directory = tmp_path / "pod"
-    claimed = run_cli(
-        "task", "claim", "--batch", batch.id, "--dir", str(directory), env={"JOB_COMPLETION_INDEX": "0"}
-    )
+    claimed = run_cli("task", "claim", "--batch", batch.id, "--dir", str(directory), env={"JOB_COMPLETION_INDEX": "0"})
     assert claimed.returncode == 0, claimed.stderr
     reporter = subprocess.Popen(kiabatch_cmd("task", "report", "--await", "--dir", str(directory)))
     worker = subprocess.Popen(
@@ -126,9 +120,7 @@ def test_the_sidecar_waits_for_the_worker_then_reports_and_the_worker_waits_for_
 def test_the_worker_fails_when_the_reporter_never_confirms(redis_url, home, tmp_path):
     batch = create(home, items=["x"], command=["true"])
     directory = tmp_path / "pod"
-    assert (
-        run_cli("task", "claim", "--batch", batch.id, "--index", "0", "--dir", str(directory)).returncode == 0
-    )
+    assert run_cli("task", "claim", "--batch", batch.id, "--index", "0", "--dir", str(directory)).returncode == 0
     worker = subprocess.run(
         ["/bin/sh", str(directory / "run.sh")],
         capture_output=True,

@@ -13,9 +13,7 @@ def render(command, item):
 
 
 def test_placeholders_are_substituted_per_argument():
-    argv = render(
-        ["prog", "--url={url}", "{item}", "{input}", "{output}", "{index}", "{{x}}"], {"url": "u v"}
-    )
+    argv = render(["prog", "--url={url}", "{item}", "{input}", "{output}", "{index}", "{{x}}"], {"url": "u v"})
     assert argv == ["prog", "--url=u v", '{"url":"u v"}', "/t/in.json", "/t/out", "4", "{x}"]
 
 

@@ -63,15 +63,12 @@ def _run(invoke: Callable[[], Any]) -> int:
     return outcome if isinstance(outcome, int) else 0
 
 
-@click.group(
-    cls=KiabatchGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
-)
+@click.group(cls=KiabatchGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option(
     "--redis-url",
     envvar=settings.ENV_REDIS_URL,
     metavar="URL",
-    help="Redis to use (redis://, rediss://, unix://); default: the embedded server. "
-    "Env: KIABATCH_REDIS_URL.",
+    help="Redis to use (redis://, rediss://, unix://); default: the embedded server. Env: KIABATCH_REDIS_URL.",
 )
 @click.option(
     "--output",

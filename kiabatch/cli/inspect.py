@@ -125,9 +125,7 @@ def _exit_code(status: Status) -> int:
 
 
 @click.command("list")
-@click.option(
-    "--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Newest batches to show."
-)
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Newest batches to show.")
 @pass_settings
 def list_command(settings_: Settings, limit: int) -> None:
     """List recent batches, newest first."""
@@ -214,9 +212,7 @@ def logs_command(settings_: Settings, batch_id: str, index: int | None, follow: 
     with user_errors():
         entries = batch.logs(index)
     if settings_.json:
-        emit_json(
-            [{"index": i, "attempt": a, "stderr": text.decode("utf-8", "replace")} for i, a, text in entries]
-        )
+        emit_json([{"index": i, "attempt": a, "stderr": text.decode("utf-8", "replace")} for i, a, text in entries])
         return
     for task, attempt, text in entries:
         click.echo(f"==> index {task}, attempt {attempt} <==")

@@ -33,9 +33,7 @@ def delete_command(settings_: Settings, batch_ids: tuple[str, ...], keep_results
 
 @click.command("resume")
 @click.argument("batch_id")
-@click.option(
-    "--wait/--no-wait", default=True, show_default=True, help="Run in the foreground and print results."
-)
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Run in the foreground and print results.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @pass_settings
 def resume_command(settings_: Settings, batch_id: str, wait: bool, quiet: bool) -> None:

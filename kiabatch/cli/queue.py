@@ -65,9 +65,7 @@ def enqueue_command(
 
 @queue_group.command("list")
 @click.argument("name", required=False)
-@click.option(
-    "--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Items to show for NAME."
-)
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Items to show for NAME.")
 @pass_settings
 def list_command(settings_: Settings, name: str | None, limit: int) -> None:
     """List queues and their lengths, or the first items of queue NAME."""

@@ -121,9 +121,7 @@ def print_failed(failed: Sequence[FailedItem]) -> None:
     """The dead-letter set on stderr, one item per line plus its last stderr line."""
     for f in failed:
         code = "-" if f.exit_code is None else f.exit_code
-        click.echo(
-            f"FAILED {items_mod.text(f.item)}: {f.reason} (exit {code}, attempts {f.attempts})", err=True
-        )
+        click.echo(f"FAILED {items_mod.text(f.item)}: {f.reason} (exit {code}, attempts {f.attempts})", err=True)
         last = f.stderr.strip().splitlines()[-1:] if f.stderr else []
         if last and last[0] != f.reason:
             click.echo(f"       stderr: {last[0][:200]}", err=True)

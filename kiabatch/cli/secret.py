@@ -21,13 +21,9 @@ def secret_group() -> None:
 @click.option("--name", default=REDIS_SECRET, show_default=True, help="Secret name (submit --redis-secret).")
 @click.option("--namespace", "-n", envvar="KIABATCH_NAMESPACE", help="Namespace (default: the context's).")
 @click.option("--context", metavar="NAME", help="kubeconfig context.")
-@click.option(
-    "--url-stdin", is_flag=True, help="Read the URL from standard input (keeps it out of shell history)."
-)
+@click.option("--url-stdin", is_flag=True, help="Read the URL from standard input (keeps it out of shell history).")
 @pass_settings
-def create_command(
-    settings_: Settings, name: str, namespace: str | None, context: str | None, url_stdin: bool
-) -> None:
+def create_command(settings_: Settings, name: str, namespace: str | None, context: str | None, url_stdin: bool) -> None:
     """Create or update the Secret with the Redis URL *as pods see it*.
 
     The URL comes from --url-stdin, else the global --redis-url / KIABATCH_REDIS_URL.
@@ -44,9 +40,7 @@ def create_command(
         cluster = Cluster.connect(context, namespace)
         cluster.check_namespace()
         cluster.replace_secret(redis_secret(url, cluster.namespace, name, REDIS_SECRET_KEY))
-    note(
-        f"Secret {name!r} in namespace {cluster.namespace!r} now holds the Redis URL {redact(url)} (key 'url')"
-    )
+    note(f"Secret {name!r} in namespace {cluster.namespace!r} now holds the Redis URL {redact(url)} (key 'url')")
 
 
 def register(cli: click.Group) -> None:

@@ -49,9 +49,7 @@ def stop_command(force: bool) -> None:
     """Stop the embedded server now (its data is saved)."""
     info = embedded.status()
     if info["running"] and info.get("clients", 0) > 0 and not force:
-        raise CliError(
-            f"{info['clients']} other client(s) are connected (a batch may be running); use --force"
-        )
+        raise CliError(f"{info['clients']} other client(s) are connected (a batch may be running); use --force")
     note("stopped the embedded Redis" if embedded.stop() else "the embedded Redis was not running")
 
 

@@ -29,9 +29,7 @@ def _index(index: int | None) -> int:
 
 
 @task_group.command("claim")
-@click.option(
-    "--batch", "batch_id", required=True, envvar="KIABATCH_BATCH", help="Batch id. Env: KIABATCH_BATCH."
-)
+@click.option("--batch", "batch_id", required=True, envvar="KIABATCH_BATCH", help="Batch id. Env: KIABATCH_BATCH.")
 @click.option("--index", type=click.IntRange(min=0), help="Completion index (default $JOB_COMPLETION_INDEX).")
 @click.option(
     "--dir",
@@ -79,9 +77,7 @@ def report_command(settings_: Settings, directory: Path, await_worker: bool) -> 
     """Report the outcome of the task in DIR to Redis (idempotent)."""
     store = settings_.store(retry_seconds=settings.worker_retry_seconds())
     with user_errors():
-        result = (
-            task.await_and_report(store, directory) if await_worker else task.report_from(store, directory)
-        )
+        result = task.await_and_report(store, directory) if await_worker else task.report_from(store, directory)
     summary = result.status if result is not None else "nothing to report"
     note(f"reported {directory}: {summary}")
     if await_worker:

@@ -61,9 +61,7 @@ def explain(exc: Exception, action: str) -> ClusterError:
     if isinstance(exc, ApiException):
         message = _message(exc)
         if exc.status == 401:
-            return ClusterError(
-                f"{action}: the API server rejected our credentials (401); check your kubeconfig"
-            )
+            return ClusterError(f"{action}: the API server rejected our credentials (401); check your kubeconfig")
         if exc.status == 403 and "exceeded quota" in message:
             return ClusterError(f"{action}: quota exceeded: {message}")
         if exc.status == 403:
@@ -181,9 +179,7 @@ class Cluster:
     # -- generic objects -----------------------------------------------------------------
 
     def _method(self, obj_or_kind: dict[str, Any] | tuple[str, str], verb: str) -> Any:
-        key = (
-            (obj_or_kind["apiVersion"], obj_or_kind["kind"]) if isinstance(obj_or_kind, dict) else obj_or_kind
-        )
+        key = (obj_or_kind["apiVersion"], obj_or_kind["kind"]) if isinstance(obj_or_kind, dict) else obj_or_kind
         api_class, suffix = _KINDS[key]
         return getattr(getattr(k8s, api_class)(self.api), f"{verb}_namespaced_{suffix}")
 
@@ -245,9 +241,7 @@ class Cluster:
 
     def list(self, kind: tuple[str, str], selector: str | None = None) -> list[dict[str, Any]]:
         """Objects of ``kind`` in the namespace, optionally by label selector."""
-        listing = self._call(
-            f"listing {kind[1]}s", self._method(kind, "list"), self.namespace, label_selector=selector
-        )
+        listing = self._call(f"listing {kind[1]}s", self._method(kind, "list"), self.namespace, label_selector=selector)
         return list(listing.get("items", []))
 
     def delete(self, kind: tuple[str, str], name: str, *, propagation: str = "Background") -> bool:
@@ -315,9 +309,7 @@ class Cluster:
         """Pods matching a label selector."""
         return self.list(("v1", "Pod"), selector)
 
-    def pod_log(
-        self, pod: str, container: str, *, follow: bool = False, tail: int | None = None
-    ) -> Iterator[bytes]:
+    def pod_log(self, pod: str, container: str, *, follow: bool = False, tail: int | None = None) -> Iterator[bytes]:
         """A container's log as chunks of bytes.
 
         With ``follow`` the log is streamed until the container ends, waiting for
@@ -341,10 +333,6 @@ class Cluster:
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 raise explain(exc, f"reading logs of {pod}/{container}") from None
             current = self.get(("v1", "Pod"), pod)
-            if (
-                not follow
-                or current is None
-                or current.get("status", {}).get("phase") in ("Succeeded", "Failed")
-            ):
+            if not follow or current is None or current.get("status", {}).get("phase") in ("Succeeded", "Failed"):
                 return
             time.sleep(0.5)

@@ -228,9 +228,7 @@ def worker_service_account(namespace: str, name: str = WORKER_SERVICE_ACCOUNT) -
     }
 
 
-def redis_secret(
-    url: str, namespace: str, name: str = REDIS_SECRET, key: str = REDIS_SECRET_KEY
-) -> dict[str, Any]:
+def redis_secret(url: str, namespace: str, name: str = REDIS_SECRET, key: str = REDIS_SECRET_KEY) -> dict[str, Any]:
     """The Secret holding the Redis URL pods use (created by ``kiabatch secret create``; never printed)."""
     return {
         "apiVersion": "v1",

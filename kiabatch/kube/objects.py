@@ -121,9 +121,7 @@ _Dumper.add_representer(str, _str_presenter)
 
 def to_yaml(objects: Iterable[Mapping[str, Any]]) -> str:
     """A multi-document YAML stream (what ``kubectl apply -f -`` reads)."""
-    documents = [
-        yaml.dump(dict(obj), Dumper=_Dumper, sort_keys=False, default_flow_style=False) for obj in objects
-    ]
+    documents = [yaml.dump(dict(obj), Dumper=_Dumper, sort_keys=False, default_flow_style=False) for obj in objects]
     return "---\n" + "---\n".join(documents)
 
 

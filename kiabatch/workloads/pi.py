@@ -194,17 +194,13 @@ class PiWorkload:
     ) -> Plan:
         """Items are the term ranges; one range per task."""
         if unknown:
-            raise UsageError(
-                f"unknown option(s) for workload pi: {', '.join(sorted(unknown))}; allowed: digits, force"
-            )
+            raise UsageError(f"unknown option(s) for workload pi: {', '.join(sorted(unknown))}; allowed: digits, force")
         if isinstance(digits, bool) or not isinstance(digits, int):
             raise UsageError(f"digits must be a positive integer, not {digits!r}")
         if digits <= 0:
             raise UsageError(f"digits must be a positive integer (1 to {MAX_DIGITS:,}), not {digits}")
         if digits > MAX_DIGITS and not force:
-            raise UsageError(
-                f"digits {digits:,} is more than {MAX_DIGITS:,}; add --force to compute it anyway"
-            )
+            raise UsageError(f"digits {digits:,} is more than {MAX_DIGITS:,}; add --force to compute it anyway")
         terms = terms_for(digits)
         wanted = tasks if tasks is not None else parallel
         if wanted > terms:

@@ -90,9 +90,7 @@ def restricted_violations(pod: dict[str, Any]) -> list[str]:
         "container_engine_t",
     ):
         problems.append("pod SELinux type")
-    containers = (
-        pod.get("initContainers", []) + pod.get("containers", []) + pod.get("ephemeralContainers", [])
-    )
+    containers = pod.get("initContainers", []) + pod.get("containers", []) + pod.get("ephemeralContainers", [])
     for container in containers:
         name = container["name"]
         sc = container.get("securityContext", {})

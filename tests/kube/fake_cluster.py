@@ -126,9 +126,7 @@ class Store:
             if key in self.objects:
                 raise ApiError(409, "AlreadyExists", f'{plural} "{name}" already exists')
             stored = copy.deepcopy(obj)
-            stored["metadata"].update(
-                name=name, namespace=namespace, uid=str(uuid.uuid4()), creationTimestamp=now()
-            )
+            stored["metadata"].update(name=name, namespace=namespace, uid=str(uuid.uuid4()), creationTimestamp=now())
             stored["metadata"].setdefault("labels", {})
             stored.setdefault("status", {})
             self.objects[key] = stored
@@ -145,9 +143,7 @@ class Store:
             except KeyError:
                 raise ApiError(404, "NotFound", f'{plural} "{name}" not found') from None
 
-    def update(
-        self, plural: str, namespace: str, name: str, change: Callable[[dict[str, Any]], None]
-    ) -> dict:
+    def update(self, plural: str, namespace: str, name: str, change: Callable[[dict[str, Any]], None]) -> dict:
         with self.changed:
             obj = self.objects.get((plural, namespace, name))
             if obj is None:
@@ -189,9 +185,7 @@ class Store:
                         self._record("pods", "DELETED", pod)
         return obj
 
-    def list(
-        self, plural: str, namespace: str, labels: str | None, fields: str | None
-    ) -> list[dict[str, Any]]:
+    def list(self, plural: str, namespace: str, labels: str | None, fields: str | None) -> list[dict[str, Any]]:
         with self.changed:
             return [copy.deepcopy(o) for (p, ns, _), o in self.objects.items()
                     if p == plural and ns == namespace and matches(o, labels, fields)]  # fmt: skip
@@ -271,9 +265,7 @@ class FakeApiServer:
 
     # -- request handling ----------------------------------------------------------------
 
-    def _send(
-        self, handler: BaseHTTPRequestHandler, code: int, body: Any, content_type: str = "application/json"
-    ):
+    def _send(self, handler: BaseHTTPRequestHandler, code: int, body: Any, content_type: str = "application/json"):
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         handler.send_response(code)
         handler.send_header("Content-Type", content_type)
@@ -297,9 +289,7 @@ class FakeApiServer:
             elif parts[0] == "apis":
                 rest = parts[3:]
             else:
-                raise ApiError(
-                    404, "NotFound", f"the server could not find the requested resource {url.path}"
-                )
+                raise ApiError(404, "NotFound", f"the server could not find the requested resource {url.path}")
             if rest[:1] == ["namespaces"] and len(rest) == 2:
                 if rest[1] not in self.store.namespaces:
                     raise ApiError(404, "NotFound", f'namespaces "{rest[1]}" not found')
@@ -320,9 +310,7 @@ class FakeApiServer:
             if method == "GET" and name is None and query.get("watch") in ("true", "True", "1"):
                 return self._watch(handler, plural, namespace, query)
             if method == "GET" and name is None:
-                items = self.store.list(
-                    plural, namespace, query.get("labelSelector"), query.get("fieldSelector")
-                )
+                items = self.store.list(plural, namespace, query.get("labelSelector"), query.get("fieldSelector"))
                 api_version, kind = RESOURCES[plural]
                 return self._send(handler, 200, {"apiVersion": api_version, "kind": f"{kind}List",
                                                  "metadata": {"resourceVersion": str(next(self.store.version))},
@@ -344,9 +332,7 @@ class FakeApiServer:
                     ),
                 )
             if method == "PATCH":
-                return self._patch(
-                    handler, plural, namespace, name, body, handler.headers.get("Content-Type", "")
-                )
+                return self._patch(handler, plural, namespace, name, body, handler.headers.get("Content-Type", ""))
             if method == "DELETE":
                 self.store.delete(plural, namespace, name, (body or {}).get("propagationPolicy", "Background"))
                 return self._send(handler, 200, status_body(200, "", "deleted") | {"status": "Success"})
@@ -370,21 +356,32 @@ class FakeApiServer:
         group = "" if parts[0] == "api" else parts[1]
         resource = f"{plural}/{sub}" if sub else plural
         for binding in self.store.list("rolebindings", namespace, None, None):
-            if not any(s.get("kind") == "ServiceAccount" and s.get("name") == account
-                       and s.get("namespace", namespace) == account_namespace for s in binding.get("subjects", [])):
+            if not any(
+                s.get("kind") == "ServiceAccount"
+                and s.get("name") == account
+                and s.get("namespace", namespace) == account_namespace
+                for s in binding.get("subjects", [])
+            ):
                 continue
             try:
                 role = self.store.get("roles", namespace, binding["roleRef"]["name"])
             except ApiError:
                 continue
             for rule in role.get("rules", []):
-                if group in rule.get("apiGroups", []) and resource in rule.get("resources", []) and (
-                        verb in rule.get("verbs", []) or "*" in rule.get("verbs", [])):
+                if (
+                    group in rule.get("apiGroups", [])
+                    and resource in rule.get("resources", [])
+                    and (verb in rule.get("verbs", []) or "*" in rule.get("verbs", []))
+                ):
                     return
         where = f'in API group "{group}" ' if group else ""
-        raise ApiError(403, "Forbidden", f'{plural} is forbidden: User "system:serviceaccount:{account_namespace}:'
-                                         f'{account}" cannot {verb} resource "{resource}" {where}in the namespace '
-                                         f'"{namespace}"')
+        raise ApiError(
+            403,
+            "Forbidden",
+            f'{plural} is forbidden: User "system:serviceaccount:{account_namespace}:'
+            f'{account}" cannot {verb} resource "{resource}" {where}in the namespace '
+            f'"{namespace}"',
+        )
 
     def _validate(self, plural: str, body: dict[str, Any]) -> None:
         api_version, kind = RESOURCES[plural]
@@ -399,9 +396,7 @@ class FakeApiServer:
                 self._validate(plural, body)
                 return self._send(handler, 201, self.store.create(plural, namespace, body))
             merged = deep_merge(current, {k: v for k, v in body.items() if k != "status"})
-            return self._send(
-                handler, 200, self.store.update(plural, namespace, name, lambda o: o.update(merged))
-            )
+            return self._send(handler, 200, self.store.update(plural, namespace, name, lambda o: o.update(merged)))
         patched = self.store.update(plural, namespace, name, lambda o: o.update(deep_merge(o, body)))
         return self._send(handler, 200, patched)
 
@@ -426,9 +421,7 @@ class FakeApiServer:
         write = self._start_stream(handler, "application/json")
         sent = 0
         if not since:  # no version: the current state first, as ADDED events
-            for obj in self.store.list(
-                plural, namespace, query.get("labelSelector"), query.get("fieldSelector")
-            ):
+            for obj in self.store.list(plural, namespace, query.get("labelSelector"), query.get("fieldSelector")):
                 write(json.dumps({"type": "ADDED", "object": obj}).encode() + b"\n")
             since = max((e[0] for e in self.store.events), default=0)
         try:
@@ -626,11 +619,7 @@ class JobEmulator:
         spec = pod["spec"]
         images = [c["image"] for c in spec.get("initContainers", []) + spec["containers"]]
         if any(self.UNPULLABLE in image for image in images):
-            bad = next(
-                c
-                for c in spec.get("initContainers", []) + spec["containers"]
-                if self.UNPULLABLE in c["image"]
-            )
+            bad = next(c for c in spec.get("initContainers", []) + spec["containers"] if self.UNPULLABLE in c["image"])
             self._pod_status(namespace, pod_name, phase="Pending", initContainerStatuses=[
                 {"name": bad["name"], "image": bad["image"], "ready": False, "restartCount": 0,
                  "state": {"waiting": {"reason": "ImagePullBackOff",
@@ -652,9 +641,7 @@ class JobEmulator:
                             "image": images[0],
                             "ready": False,
                             "restartCount": 0,
-                            "state": {
-                                "waiting": {"reason": "CreateContainerConfigError", "message": env_missing}
-                            },
+                            "state": {"waiting": {"reason": "CreateContainerConfigError", "message": env_missing}},
                         }
                     ],
                 )
@@ -700,9 +687,7 @@ class JobEmulator:
             self._stop_all(sidecars)
             phase = "Succeeded" if code == 0 and not disrupted else "Failed"
             conditions = (
-                [{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}]
-                if disrupted
-                else []
+                [{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}] if disrupted else []
             )
             self._pod_status(namespace, pod_name, phase=phase, conditions=conditions, containerStatuses=[
                 {"name": "worker", "image": worker_spec["image"], "ready": False, "restartCount": 0,
@@ -742,11 +727,7 @@ class JobEmulator:
     ) -> subprocess.Popen[bytes]:
         mounts = {m["mountPath"]: str(volumes[m["name"]]) for m in container.get("volumeMounts", [])}
 
-        pattern = (
-            re.compile("|".join(re.escape(p) for p in sorted(mounts, key=len, reverse=True)))
-            if mounts
-            else None
-        )
+        pattern = re.compile("|".join(re.escape(p) for p in sorted(mounts, key=len, reverse=True))) if mounts else None
 
         def mount(text: str) -> str:  # one pass, so a host path is never rewritten again
             return pattern.sub(lambda m: mounts[m.group(0)], text) if pattern else text
@@ -758,9 +739,7 @@ class JobEmulator:
             elif "fieldRef" in variable["valueFrom"]:
                 env[variable["name"]] = self._field(namespace, pod, variable["valueFrom"]["fieldRef"]["fieldPath"])
             else:
-                env[variable["name"]] = (
-                    self._secret_value(namespace, variable["valueFrom"]["secretKeyRef"]) or ""
-                )
+                env[variable["name"]] = self._secret_value(namespace, variable["valueFrom"]["secretKeyRef"]) or ""
         env.update(self._service_account_env(namespace, pod))
         if container["image"] == self.kiabatch_image:
             # The kiabatch image: entrypoint `kiabatch`, worker programs on PATH.

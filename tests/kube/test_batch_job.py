@@ -56,9 +56,7 @@ def test_max_failed_indexes_tolerates_poison_items_but_stops_a_flood(tasks, expe
 
 def test_the_pod_failure_policy_ignores_disruptions_and_fails_declared_exit_codes():
     plain = job(spec(), KubeOptions())["spec"]["podFailurePolicy"]["rules"]
-    assert plain == [
-        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
-    ]
+    assert plain == [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
     worker = WorkerSpec(command=["x"], non_retriable_exit_codes=(42, 7))
     rules = job(spec(worker=worker), KubeOptions())["spec"]["podFailurePolicy"]["rules"]
     assert rules[1] == {
@@ -145,9 +143,7 @@ def every_rendered_object() -> list[dict]:
     ).spec  # fmt: skip
     return [
         *batch_objects(pi, KubeOptions(namespace="batch")),
-        *batch_objects(
-            exec_spec, KubeOptions(namespace="batch", image_pull_policy="Always", read_only_root=False)
-        ),
+        *batch_objects(exec_spec, KubeOptions(namespace="batch", image_pull_policy="Always", read_only_root=False)),
         redis_secret("redis://:pw@kiabatch-redis-primary:6379/0", "batch"),
         worker_service_account("batch"),
     ]

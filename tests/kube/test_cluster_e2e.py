@@ -44,8 +44,11 @@ def real_cluster(monkeypatch, home):
 
 def test_pi_runs_on_the_cluster_and_prints_the_same_digits(real_cluster):
     runner = CliRunner()
-    created = runner.invoke(cli, ["secret", "create", "-n", real_cluster, "--url-stdin"],
-                            input=os.environ["KIABATCH_E2E_POD_REDIS_URL"] + "\n")
+    created = runner.invoke(
+        cli,
+        ["secret", "create", "-n", real_cluster, "--url-stdin"],
+        input=os.environ["KIABATCH_E2E_POD_REDIS_URL"] + "\n",
+    )
     assert created.exit_code == 0, created.stderr
     done = runner.invoke(cli, ["submit", "pi", "--digits", "5000", "--parallel", "3", "--backend", "kubernetes",
                                "-n", real_cluster])  # fmt: skip

@@ -50,9 +50,7 @@ def test_secret_create_stores_the_url_and_never_prints_it(api, monkeypatch):
     assert stored["stringData"] == {"url": "redis://:s3cret@kiabatch-redis-primary:6379/0"}
     again = kb("secret", "create", "-n", "batch", "--url-stdin", input="redis://:other@h:6379/1\n")
     assert again.exit_code == 0
-    assert (
-        api.store.get("secrets", "batch", "kiabatch-redis")["stringData"]["url"] == "redis://:other@h:6379/1"
-    )
+    assert api.store.get("secrets", "batch", "kiabatch-redis")["stringData"]["url"] == "redis://:other@h:6379/1"
 
 
 def test_pi_on_kubernetes_prints_the_same_digits_as_locally(secret, cluster):
@@ -307,9 +305,7 @@ def test_logs_follow_streams_a_running_worker(secret, cluster):
         "echo first >&2; sleep 1; echo second >&2",
     )
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and not cluster.store.list(
-        "pods", "batch", "kiabatch.io/batch=ex-follow", None
-    ):
+    while time.monotonic() < deadline and not cluster.store.list("pods", "batch", "kiabatch.io/batch=ex-follow", None):
         time.sleep(0.05)
     time.sleep(0.5)
     followed = kb("logs", "ex-follow", "--follow", "--index", "0").stdout
@@ -384,9 +380,7 @@ def test_a_missing_namespace_is_reported(cluster, secret):
         ),
     ],
 )
-def test_rbac_and_quota_refusals_exit_three_and_leave_no_batch_behind(
-    cluster, secret, client, denial, fragment
-):
+def test_rbac_and_quota_refusals_exit_three_and_leave_no_batch_behind(cluster, secret, client, denial, fragment):
     cluster.deny[("POST", "jobs")] = denial
     done = kb("submit", "--backend", "kubernetes", "-n", "batch", "--item", "1", "--", "true")
     one_line_error(done, 3, fragment)
@@ -528,8 +522,24 @@ def test_list_joins_batches_with_their_jobs(secret, cluster):
 
 
 def test_resume_reruns_in_a_new_job_only_what_redis_is_missing(secret, cluster, client):
-    kb("submit", "--backend", "kubernetes", "-n", "batch", "-p", "2", "--batch-id", "ex-resume", "--item", '"a"',
-       "--item", '"b"', "--", "echo", "{item}")
+    kb(
+        "submit",
+        "--backend",
+        "kubernetes",
+        "-n",
+        "batch",
+        "-p",
+        "2",
+        "--batch-id",
+        "ex-resume",
+        "--item",
+        '"a"',
+        "--item",
+        '"b"',
+        "--",
+        "echo",
+        "{item}",
+    )
     # Simulate a Redis that lost the last writes of index 1 after the Job completed.
     keys = {name: f"kiabatch:{{ex-resume}}:{name}" for name in ("final", "results", "outcomes", "progress", "meta")}
     client.srem(keys["final"], "1")
