@@ -314,14 +314,19 @@ class KubernetesBackend:
         raise ClusterError(f"Job {job_name} disappeared while we waited for it")
 
     def _job_states(self, cluster: Cluster, name: str) -> Iterator[dict[str, Any]]:
-        """The Job now, then every change, then its state at least every few seconds."""
+        """The Job now, and again after each change (or every few seconds) it shows.
+
+        Each watch is closed at its first event, before the caller makes other
+        requests, so no stream is left half-read.
+        """
         while True:
             job = cluster.get(JOB, name)
             if job is None:
                 return
             yield job
             version = job["metadata"].get("resourceVersion")
-            yield from cluster.watch_job(name, version, _WATCH_SECONDS)
+            for _changed in cluster.watch_job(name, version, _WATCH_SECONDS):
+                break
 
     # -- reading -------------------------------------------------------------------------
 

@@ -29,6 +29,10 @@ from ..errors import ClusterError, NotFoundError
 #: Oldest Kubernetes kiabatch supports (backoffLimitPerIndex and native sidecars are GA).
 MIN_VERSION = (1, 33)
 FIELD_MANAGER = "kiabatch"
+# Seconds to connect, and to wait for a reply, before an API call counts as failed (never hang).
+_CONNECT_TIMEOUT = 10
+_READ_TIMEOUT = 60
+_TIMEOUTS = (_CONNECT_TIMEOUT, _READ_TIMEOUT)
 _IN_CLUSTER_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 # (apiVersion, kind) -> (API class, method suffix) for the kinds kiabatch manages.
@@ -131,6 +135,7 @@ class Cluster:
         self.namespace = config.namespace
         self.core = k8s.CoreV1Api(self.api)
         self.batch = k8s.BatchV1Api(self.api)
+        self._watch_batch: k8s.BatchV1Api | None = None
 
     @classmethod
     def connect(cls, context: str | None = None, namespace: str | None = None) -> Cluster:
@@ -144,7 +149,7 @@ class Cluster:
 
     def _call(self, action: str, method: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            response = method(*args, _preload_content=False, **kwargs)
+            response = method(*args, _preload_content=False, _request_timeout=_TIMEOUTS, **kwargs)
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
             raise explain(exc, action) from None
         data = response.data
@@ -166,7 +171,7 @@ class Cluster:
     def check_namespace(self) -> None:
         """ClusterError if the namespace does not exist (or we may not see it)."""
         try:
-            self.core.read_namespace(self.namespace, _preload_content=False)
+            self.core.read_namespace(self.namespace, _preload_content=False, _request_timeout=_TIMEOUTS)
         except ApiException as exc:
             if exc.status == 404:
                 raise ClusterError(f"namespace {self.namespace!r} does not exist on {self.server}") from None
@@ -191,7 +196,9 @@ class Cluster:
         """
         action = f"creating {obj['kind']} {obj['metadata']['name']!r} in namespace {self.namespace!r}"
         try:
-            response = self._method(obj, "create")(self.namespace, obj, _preload_content=False)
+            response = self._method(obj, "create")(
+                self.namespace, obj, _preload_content=False, _request_timeout=_TIMEOUTS
+            )
         except ApiException as exc:
             if (exc.status == 409 and exist_ok) or (exc.status == 403 and forbidden_ok):
                 return obj
@@ -230,7 +237,9 @@ class Cluster:
     def get(self, kind: tuple[str, str], name: str) -> dict[str, Any] | None:
         """One object, or None if it does not exist."""
         try:
-            response = self._method(kind, "read")(name, self.namespace, _preload_content=False)
+            response = self._method(kind, "read")(
+                name, self.namespace, _preload_content=False, _request_timeout=_TIMEOUTS
+            )
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -248,7 +257,9 @@ class Cluster:
         """Delete an object (dependents per ``propagation``); False if it was not there."""
         body = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": propagation}
         try:
-            self._method(kind, "delete")(name, self.namespace, body=body, _preload_content=False)
+            self._method(kind, "delete")(
+                name, self.namespace, body=body, _preload_content=False, _request_timeout=_TIMEOUTS
+            )
         except ApiException as exc:
             if exc.status == 404:
                 return False
@@ -261,7 +272,9 @@ class Cluster:
         """Create the Secret, or replace its data if it exists."""
         name = secret["metadata"]["name"]
         try:
-            self.core.create_namespaced_secret(self.namespace, secret, _preload_content=False)
+            self.core.create_namespaced_secret(
+                self.namespace, secret, _preload_content=False, _request_timeout=_TIMEOUTS
+            )
         except ApiException as exc:
             if exc.status != 409:
                 raise explain(exc, f"creating Secret {name!r} in namespace {self.namespace!r}") from None
@@ -286,15 +299,22 @@ class Cluster:
         return found
 
     def watch_job(self, name: str, resource_version: str | None, timeout: int) -> Iterator[dict[str, Any]]:
-        """Job ``name`` as it changes, for up to ``timeout`` seconds (server-side)."""
+        """Job ``name`` as it changes, for up to ``timeout`` seconds (server-side).
+
+        Watches use a connection pool of their own, so a stream left open never
+        shares a connection with other requests.
+        """
+        if self._watch_batch is None:
+            self._watch_batch = k8s.BatchV1Api(k8s.ApiClient(self.api.configuration))
         watcher = k8s_watch.Watch()
         try:
             for event in watcher.stream(
-                self.batch.list_namespaced_job,
+                self._watch_batch.list_namespaced_job,
                 self.namespace,
                 field_selector=f"metadata.name={name}",
                 resource_version=resource_version,
                 timeout_seconds=timeout,
+                _request_timeout=(_CONNECT_TIMEOUT, timeout + _READ_TIMEOUT),
                 deserialize=False,
             ):
                 if event.get("type") == "ERROR":
@@ -324,6 +344,8 @@ class Cluster:
                     follow=follow,
                     tail_lines=tail,
                     _preload_content=False,
+                    # A followed log may be quiet for long: no timeout then.
+                    _request_timeout=None if follow else _TIMEOUTS,
                 )
                 yield from response.stream(4096)
                 return
