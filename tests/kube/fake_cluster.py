@@ -727,10 +727,13 @@ class JobEmulator:
     ) -> subprocess.Popen[bytes]:
         mounts = {m["mountPath"]: str(volumes[m["name"]]) for m in container.get("volumeMounts", [])}
 
-        pattern = re.compile("|".join(re.escape(p) for p in sorted(mounts, key=len, reverse=True))) if mounts else None
+        # A mount path counts only as a whole path component at the start of a value or after
+        # "=", ":" or a space, never inside a host path (this checkout may itself live under /tmp).
+        alternatives = "|".join(re.escape(p) for p in sorted(mounts, key=len, reverse=True))
+        pattern = re.compile(rf"(?:(?<=^)|(?<=[=:\s]))({alternatives})(?=/|:|\s|$)") if mounts else None
 
         def mount(text: str) -> str:  # one pass, so a host path is never rewritten again
-            return pattern.sub(lambda m: mounts[m.group(0)], text) if pattern else text
+            return pattern.sub(lambda m: mounts[m.group(1)], text) if pattern else text
 
         env = {"PATH": os.environ["PATH"], "JOB_COMPLETION_INDEX": str(index)}
         for variable in container.get("env", []):
@@ -747,7 +750,8 @@ class JobEmulator:
             entrypoint = [sys.executable, "-m", "kiabatch"]
         else:
             entrypoint = []
-        command = [mount(part) for part in container.get("command", entrypoint)]
+        # The image's own entrypoint is a host path already; only the spec's command is mapped.
+        command = [mount(part) for part in container["command"]] if "command" in container else entrypoint
         args = [mount(part) for part in container.get("args", [])]
         key = (namespace, pod, container["name"])
         self.store.logs[key] = bytearray()
