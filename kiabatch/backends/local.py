@@ -150,18 +150,8 @@ class LocalBackend:
         launch_detached(spec.id, home, url_of(store.redis))
         return None
 
-    def resume(
-        self,
-        store: Store,
-        spec: Any,
-        *,
-        wait: bool,
-        home: Path | None = None,
-        on_update: Callable[[Progress], None] | None = None,
-        on_running: Callable[[], None] | None = None,
-    ) -> Status | None:
-        """Same as launch: the runner only runs what is unsettled."""
-        return self.launch(store, spec, wait=wait, home=home, on_update=on_update, on_running=on_running)
+    #: Resuming is launching again: the runner only runs what is unsettled.
+    resume = launch
 
     def attach(
         self,

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from kiabatch import Batch
 from kiabatch.cli import cli
+from kiabatch.kube.objects import from_yaml
 from tests.kube.conftest import IMAGE
 from tests.test_pi import truth
 from tests.test_security import HOSTILE
@@ -433,7 +434,6 @@ def test_dry_run_prints_what_render_prints_and_touches_nothing(cluster, redis_ur
     dry = kb("submit", *args, "--backend", "kubernetes", "--dry-run")
     assert rendered.exit_code == dry.exit_code == 0
     assert rendered.stdout == dry.stdout
-    from kiabatch.kube.objects import from_yaml
 
     assert [o["kind"] for o in from_yaml(rendered.stdout)] == ["ServiceAccount", "Job"]
     assert client.dbsize() == 0 and cluster.requests == []
@@ -441,8 +441,7 @@ def test_dry_run_prints_what_render_prints_and_touches_nothing(cluster, redis_ur
 
 def test_the_job_submit_creates_is_exactly_the_one_render_prints(secret, cluster):
     args = ["pi", "--digits", "200", "-p", "2", "-n", "batch", "--batch-id", "pi-same"]
-    rendered = {o["kind"]: o for o in __import__("kiabatch.kube.objects", fromlist=["x"]).from_yaml(
-        kb("render", *args).stdout)}  # fmt: skip
+    rendered = {o["kind"]: o for o in from_yaml(kb("render", *args).stdout)}
     assert kb("submit", *args, "--backend", "kubernetes").exit_code == 0
     created = cluster.store.get("jobs", "batch", "pi-same")
     for key in ("spec",):
