@@ -8,43 +8,70 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import IO, Any
 
+from . import limits
 from .errors import UsageError
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 _ITEM_HELP = 'each item must be one JSON value, e.g. 42, "photo.png" or {"url": "https://..."}'
 
 
-def encode(value: Any) -> str:
-    """Compact JSON text of an item; raises UsageError for values JSON cannot hold."""
+def _check_depth(value: Any) -> None:
+    """UsageError if ``value`` nests arrays/objects deeper than MAX_ITEM_DEPTH (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        current, depth = stack.pop()
+        if isinstance(current, dict | list):
+            if depth > limits.MAX_ITEM_DEPTH:
+                raise UsageError(
+                    f"an item nests arrays/objects more than {limits.MAX_ITEM_DEPTH} levels deep; {_ITEM_HELP}"
+                )
+            children = current.values() if isinstance(current, dict) else current
+            stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+
+
+def _utf8(text: str, value: Any) -> bytes:
     try:
-        return _ENCODER.encode(value)
-    except (TypeError, ValueError) as exc:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(
+            f"item {value!r:.60} holds text that is not valid Unicode (a lone surrogate, e.g. from undecodable "
+            f"bytes); {_ITEM_HELP}"
+        ) from None
+
+
+def encode(value: Any) -> str:
+    """Compact JSON text of an item; UsageError for values JSON (or UTF-8) cannot hold, or nested too deep."""
+    if isinstance(value, dict | list):
+        _check_depth(value)
+    try:
+        text = _ENCODER.encode(value)
+    except (TypeError, ValueError, RecursionError) as exc:
         raise UsageError(f"item {value!r:.60} is not JSON-serialisable: {exc}; {_ITEM_HELP}") from None
+    _utf8(text, value)
+    return text
 
 
-def encode_many(values: Iterable[Any]) -> Iterator[str]:
-    """Encode items lazily (the fast path of ``Queue.enqueue_many``).
+def encode_many(values: Iterable[Any]) -> Iterator[bytes]:
+    """Encode items lazily as UTF-8 JSON (the fast path of ``Queue.enqueue_many``).
 
     Integers and strings, the common small items, skip the general encoder; the
-    text is the same as :func:`encode` gives.
+    text is the same as :func:`encode` gives. Every item is checked like
+    :func:`encode` checks it.
     """
-    encode_one = _ENCODER.encode
     encode_string = json.encoder.encode_basestring  # what ensure_ascii=False uses
     for value in values:
         kind = type(value)
         if kind is int:
-            yield int.__repr__(value)
+            yield int.__repr__(value).encode()
         elif kind is str:
-            yield encode_string(value)
+            yield _utf8(encode_string(value), value)
         else:
-            try:
-                yield encode_one(value)
-            except (TypeError, ValueError):
-                yield encode(value)  # re-raise with the friendly message
+            yield encode(value).encode()
 
 
 def decode(text: str | bytes) -> Any:
@@ -63,28 +90,55 @@ def parse(source: str, where: str = "--item") -> Any:
         value = json.loads(source)
     except json.JSONDecodeError as exc:
         raise UsageError(f"malformed item JSON in {where}: {exc.msg} (column {exc.colno}); {_ITEM_HELP}") from None
+    except RecursionError:
+        raise UsageError(
+            f"item in {where} nests arrays/objects more than {limits.MAX_ITEM_DEPTH} levels deep; {_ITEM_HELP}"
+        ) from None
     if isinstance(value, float) and not math.isfinite(value):
-        raise UsageError(f"malformed item JSON in {where}: {source!r} is not a finite number; {_ITEM_HELP}")
+        raise UsageError(f"malformed item JSON in {where}: {source!r:.60} is not a finite number; {_ITEM_HELP}")
+    encode(value)  # depth, and text that UTF-8 cannot hold (a lone surrogate from "\ud800")
     return value
 
 
-def parse_lines(stream: TextIO, name: str) -> list[Any]:
-    """Items from a JSON-lines stream: one JSON value per non-blank line."""
-    values = []
-    for number, line in enumerate(stream, start=1):
+def _open_lines(path: Path | str, option: str) -> Iterator[tuple[int, str]]:
+    """(number, text) of every line of ``path`` ('-': standard input), decoded strictly as UTF-8."""
+    name = "stdin" if str(path) == "-" else str(path)
+    try:
+        stream: IO[bytes] = sys.stdin.buffer if str(path) == "-" else open(path, "rb")  # noqa: SIM115
+    except OSError as exc:
+        raise UsageError(f"cannot read {option} file {path}: {exc.strerror}") from None
+    try:
+        for number, raw in enumerate(stream, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UsageError(
+                    f"{option} {name} line {number} is not valid UTF-8 (byte {raw[exc.start]:#04x} at column "
+                    f"{exc.start + 1}); items must be UTF-8 text"
+                ) from None
+            yield number, line.removesuffix("\n").removesuffix("\r")
+    except OSError as exc:
+        raise UsageError(f"cannot read {option} file {path}: {exc.strerror}") from None
+    finally:
+        if stream is not sys.stdin.buffer:
+            stream.close()
+
+
+def iter_jsonl(path: Path | str, option: str = "--items") -> Iterator[Any]:
+    """Items from a JSON-lines file (``-``: standard input): one JSON value per non-blank line."""
+    name = "stdin" if str(path) == "-" else str(path)
+    for number, line in _open_lines(path, option):
         if line.strip():
-            values.append(parse(line, f"{name} line {number}"))
-    return values
+            yield parse(line, f"{option} {name} line {number}")
+
+
+def iter_lines(path: Path | str, option: str = "--lines") -> Iterator[str]:
+    """String items from a file (``-``: standard input): every non-blank line, without its line ending."""
+    for _number, line in _open_lines(path, option):
+        if line.strip():
+            yield line
 
 
 def read_jsonl(path: Path | str) -> list[Any]:
     """Items from a JSON-lines file; ``-`` reads standard input."""
-    import sys
-
-    if str(path) == "-":
-        return parse_lines(sys.stdin, "stdin")
-    try:
-        with open(path, encoding="utf-8") as stream:
-            return parse_lines(stream, str(path))
-    except OSError as exc:
-        raise UsageError(f"cannot read items file {path}: {exc.strerror}") from None
+    return list(iter_jsonl(path))

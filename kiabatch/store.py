@@ -9,13 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
-from . import items as items_mod
 from . import keys, lua
 from .errors import NotFoundError, UsageError
 from .model import (
@@ -305,57 +304,76 @@ class Store:
         """Failed attempts reported for task ``index``."""
         return int(self.redis.hget(keys.batch_keys(batch_id).failures, index) or 0)
 
-    def _claimed_items(self, batch_id: str) -> dict[int, list[Any]]:
-        raw = self.redis.hgetall(keys.batch_keys(batch_id).claims)
-        return {int(index): json.loads(value) for index, value in raw.items()}
+    def iter_outcomes(
+        self, batch_id: str, *, results: bool = True, failed: bool = True, page: int = 1000
+    ) -> Iterator[ItemResult | FailedItem]:
+        """Every settled item, in (index, position) order: its result or its dead-letter entry.
+
+        Streams: memory and each Redis reply stay bounded by ``page`` items (plus one
+        task's claim), whatever the batch's size, so a million results print at once.
+        """
+        k = keys.batch_keys(batch_id)
+        tasks = int(self.meta(batch_id).get("tasks", 0))
+        start = 0
+        while start < tasks:
+            window = list(range(start, min(tasks, start + page)))
+            sizes = self.redis.hmget(k.sizes, window)
+            # Take indexes until ``page`` items (at least one index, however large its chunk).
+            chosen, total = [], 0
+            for index, size in zip(window, sizes, strict=True):
+                count = int(size or 0)
+                if chosen and total + count > page:
+                    break
+                chosen.append((index, count))
+                total += count
+            start = chosen[-1][0] + 1
+            fields = [keys.result_field(i, p) for i, n in chosen for p in range(n)]
+            if not fields:
+                continue
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hmget(k.claims, [i for i, n in chosen if n])
+                pipe.hmget(k.results, fields) if results else pipe.echo("")
+                pipe.hmget(k.outcomes, fields) if results else pipe.echo("")
+                pipe.hmget(k.failed, fields) if failed else pipe.echo("")
+                claims, values, outcomes, dead = pipe.execute()
+            claimed = iter(claims)
+            position = 0
+            for index, count in chosen:
+                if not count:
+                    continue
+                raw_claim = next(claimed)
+                claim_items = json.loads(raw_claim) if raw_claim else [None] * count
+                for offset in range(count):
+                    at = position + offset
+                    if results and values[at] is not None:
+                        info = json.loads(outcomes[at] or b"{}")
+                        yield ItemResult(
+                            index=index,
+                            position=offset,
+                            item=claim_items[offset],
+                            result=values[at],
+                            exit_code=info.get("exit_code", 0),
+                            duration=info.get("duration", 0.0),
+                            attempt=info.get("attempt", 0),
+                        )
+                    elif failed and dead[at] is not None:
+                        yield _failed_item(index, offset, dead[at])
+                position += count
 
     def results(self, batch_id: str) -> list[ItemResult]:
-        """Results of the successful items, in (index, position) order."""
-        self.meta(batch_id)
-        k = keys.batch_keys(batch_id)
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hgetall(k.results)
-            pipe.hgetall(k.outcomes)
-            pipe.hgetall(k.claims)
-            results, outcomes, claims = pipe.execute()
-        claimed = {int(index): json.loads(value) for index, value in claims.items()}
-        out = []
-        for field, value in results.items():
-            index, position = keys.parse_result_field(field)
-            info = json.loads(outcomes.get(field, b"{}"))
-            out.append(
-                ItemResult(
-                    index=index,
-                    position=position,
-                    item=claimed[index][position],
-                    result=value,
-                    exit_code=info.get("exit_code", 0),
-                    duration=info.get("duration", 0.0),
-                    attempt=info.get("attempt", 0),
-                )
-            )
-        return sorted(out, key=lambda r: (r.index, r.position))
+        """Results of the successful items, in (index, position) order (see :meth:`iter_outcomes`)."""
+        return [r for r in self.iter_outcomes(batch_id, failed=False) if isinstance(r, ItemResult)]
 
     def failed(self, batch_id: str) -> list[FailedItem]:
         """The dead-letter set, in (index, position) order."""
         self.meta(batch_id)
         raw = self.redis.hgetall(keys.batch_keys(batch_id).failed)
-        out = []
-        for field, value in raw.items():
-            index, position = keys.parse_result_field(field)
-            entry = json.loads(value)
-            out.append(
-                FailedItem(
-                    index=index,
-                    position=position,
-                    item=entry["item"],
-                    exit_code=entry.get("exit_code"),
-                    reason=entry.get("reason", ""),
-                    stderr=entry.get("stderr", ""),
-                    attempts=entry.get("attempts", 0),
-                )
-            )
-        return sorted(out, key=lambda f: (f.index, f.position))
+        entries = [_failed_item(*keys.parse_result_field(field), value) for field, value in raw.items()]
+        return sorted(entries, key=lambda f: (f.index, f.position))
+
+    def failed_count(self, batch_id: str) -> int:
+        """How many items are dead-lettered (O(1))."""
+        return int(self.redis.hlen(keys.batch_keys(batch_id).failed))
 
     def logs(self, batch_id: str, index: int | None = None) -> list[tuple[int, int, bytes]]:
         """Stored stderr tails as (index, attempt, bytes), oldest attempt first."""
@@ -398,6 +416,14 @@ class Store:
         return bool(existed)
 
 
-def encode_items(values: Iterable[Any]) -> list[str]:
-    """Encode items for :meth:`Store.create`."""
-    return list(items_mod.encode_many(values))
+def _failed_item(index: int, position: int, raw: bytes) -> FailedItem:
+    entry = json.loads(raw)
+    return FailedItem(
+        index=index,
+        position=position,
+        item=entry["item"],
+        exit_code=entry.get("exit_code"),
+        reason=entry.get("reason", ""),
+        stderr=entry.get("stderr", ""),
+        attempts=entry.get("attempts", 0),
+    )

@@ -12,7 +12,7 @@ from typing import Any
 
 import redis
 
-from . import backends, settings, workloads
+from . import backends, limits, settings, workloads
 from . import items as items_mod
 from .batch import Batch, open_store
 from .connection import url_of
@@ -20,22 +20,6 @@ from .errors import UsageError
 from .kube.batch_job import KubeOptions
 from .model import BatchSpec, Progress, new_batch_id, validate_batch_id, validate_queue_name
 from .schedules import run_batch_id
-
-
-def _positive_int(name: str, value: Any, *, minimum: int = 1, allow_none: bool = True) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UsageError(f"{name} must be an integer >= {minimum}, not {value!r}")
-    return value
-
-
-def _positive_seconds(name: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0 or math.isinf(value):
-        raise UsageError(f"{name} must be a positive number of seconds, not {value!r}")
-    return float(value)
 
 
 def cut_tasks(total: int, *, tasks: int | None, chunk: int | None) -> tuple[int, int]:
@@ -83,13 +67,15 @@ def plan_batch(
 
     Raises UsageError naming the first bad value. (``kiabatch render`` stops here.)
     """
-    _positive_int("parallel", parallel, allow_none=False)
-    _positive_int("tasks", tasks)
-    _positive_int("chunk", chunk)
-    _positive_int("retries", retries, minimum=0, allow_none=False)
-    _positive_int("ttl", ttl, minimum=0, allow_none=False)
-    deadline = _positive_seconds("timeout", timeout)
-    per_task = _positive_seconds("task_timeout", task_timeout)
+    limits.check_int("parallel", parallel, 1, limits.MAX_PARALLEL)
+    if tasks is not None:
+        limits.check_int("tasks", tasks, 1, limits.MAX_TASKS)
+    if chunk is not None:
+        limits.check_int("chunk", chunk, 1, limits.MAX_CHUNK)
+    limits.check_int("retries", retries, 0, limits.MAX_RETRIES)
+    limits.check_int("ttl", ttl, 0, limits.MAX_SECONDS)  # 0: keep forever
+    deadline = None if timeout is None else limits.check_seconds("timeout", timeout)
+    per_task = None if task_timeout is None else limits.check_seconds("task_timeout", task_timeout)
     backends.validate(backend)
     chosen = workloads.get(workload)
     if batch_id is not None:

@@ -47,6 +47,9 @@ def validate(command: Sequence[str]) -> list[str]:
     """Check a command template; returns its placeholder names."""
     if not command or not command[0]:
         raise UsageError("the worker command is empty; give a program and its arguments, e.g. --command 'echo {item}'")
+    for argument in command:
+        if "\0" in argument:
+            raise UsageError(f"command argument {argument!r:.60} contains a NUL byte, which no program can receive")
     return placeholders(command)
 
 
@@ -55,31 +58,44 @@ def fields(command: Sequence[str]) -> list[str]:
     return [name for name in placeholders(command) if name not in RESERVED]
 
 
-def check_item(command: Sequence[str], item: Any, where: str = "item") -> None:
-    """Raise UsageError if ``item`` lacks a field the template substitutes."""
-    needed = fields(command)
-    if not needed:
-        return
-    if not isinstance(item, dict):
+def _substituted(names: Sequence[str], item: Any, where: str) -> list[str]:
+    """The texts ``names`` put into argv for ``item``; UsageError if a field is missing."""
+    needed = [name for name in names if name not in RESERVED]
+    if needed and not isinstance(item, dict):
         raise UsageError(
             f"{where} {items_mod.text(item)!r:.80} is not a JSON object, but the command uses "
             f"{{{needed[0]}}}; give object items or use {{item}}"
         )
+    texts = [items_mod.text(item)] if "item" in names else []
     for name in needed:
         if name not in item:
             raise UsageError(f"{where} {items_mod.text(item)!r:.80} has no field {name!r}, which the command uses")
+        texts.append(items_mod.text(item[name]))
+    for text in texts:
+        if "\0" in text:
+            raise UsageError(
+                f"{where} {items_mod.text(item)!r:.80} has a NUL byte where the command puts it in an argument, "
+                "which no program can receive; pass such items with {input} or --stdin"
+            )
+    return texts
+
+
+def check_item(command: Sequence[str], item: Any, where: str = "item") -> None:
+    """Raise UsageError if ``item`` cannot be put into ``command`` (a missing field, a NUL byte in argv)."""
+    _substituted(placeholders(command), item, where)
 
 
 def check_items(command: Sequence[str], values: Iterable[Any]) -> None:
     """``check_item`` for every item, numbering them from 1 in messages."""
-    if not fields(command):
+    names = placeholders(command)
+    if not any(name == "item" or name not in RESERVED for name in names):
         return
     for number, value in enumerate(values, start=1):
-        check_item(command, value, where=f"item {number}")
+        _substituted(names, value, f"item {number}")
 
 
 def render(command: Sequence[str], item: Any, *, input_path: str, output_path: str, index: int) -> list[str]:
-    """The argv for one item. Raises UsageError if a field is missing."""
+    """The argv for one item. Raises UsageError if a field is missing or a value holds a NUL byte."""
     check_item(command, item)
     known = {"item": items_mod.text(item), "input": input_path, "output": output_path, "index": str(index)}
 

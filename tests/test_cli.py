@@ -142,12 +142,12 @@ def test_queue_commands_enqueue_list_purge_and_submit_from_queue(runner, redis_u
 
 
 BAD_INPUTS = [
-    (["submit", "pi", "--digits", "0"], 2, ["--digits", "x>=1"]),
+    (["submit", "pi", "--digits", "0"], 2, ["--digits", "1<=x<="]),
     (["submit", "pi", "--digits", "-5"], 2, ["--digits"]),
     (["submit", "pi", "--digits", "abc"], 2, ["--digits", "not a valid integer"]),
     (["submit", "pi", "--digits", "1.5"], 2, ["--digits", "not a valid integer"]),
     (["submit", "pi", "--digits", "100000001"], 2, ["more than 100,000,000", "--force"]),
-    (["submit", "pi", "--digits", "100", "--parallel", "0"], 2, ["--parallel", "x>=1"]),
+    (["submit", "pi", "--digits", "100", "--parallel", "0"], 2, ["--parallel", "1<=x<="]),
     (["submit", "pi", "--digits", "10", "--tasks", "9"], 2, ["tasks 9", "use at most 4"]),
     (["submit", "fizz"], 2, ["unknown workload 'fizz'", "exec, pi"]),
     (["submit", "--command", "echo {item}", "--item", "{oops"], 2, ["malformed item JSON", "--item"]),
@@ -257,7 +257,7 @@ def test_a_terminal_gets_a_live_progress_bar_and_a_pipe_gets_none(redis_url):
         chunks.append(data)
     process.wait(timeout=60)
     terminal = b"".join(chunks).decode(errors="replace")
-    assert "running" in terminal and "failed 0" in terminal and "3/3" in terminal  # the live bar
+    assert "running" in terminal and "0 failed" in terminal and "3/3" in terminal  # the live bar
     piped = subprocess.run(args, capture_output=True, text=True, timeout=60)
     assert "running 0, failed" not in piped.stderr and "#" not in piped.stderr  # no bar in a pipe
     assert [line.split(":")[0].split()[0] for line in piped.stderr.strip().splitlines()] == ["batch", "batch"]

@@ -22,6 +22,7 @@ from typing import IO, Any
 
 from .. import settings
 from ..errors import InterruptedBatchError, UsageError
+from ..files import open_private, private_dir
 from ..model import Progress, Status
 from ..store import Store
 
@@ -34,12 +35,18 @@ def runs_dir(batch_id: str, home: Path | None = None) -> Path:
     return (home or settings.home()) / "runs" / batch_id
 
 
+def make_runs_dir(batch_id: str, home: Path | None = None) -> Path:
+    """Create :func:`runs_dir` and the state directory above it, all private (0700)."""
+    root = private_dir(home or settings.home(), f"the state directory (${settings.ENV_HOME})")
+    private_dir(root / "runs", "the runs directory", tighten=True)
+    return private_dir(runs_dir(batch_id, root), "the batch's run directory", tighten=True)
+
+
 @contextlib.contextmanager
 def runner_lock(batch_id: str, home: Path | None = None) -> Iterator[IO[str]]:
     """Exclusive right to run ``batch_id`` on this machine; UsageError if taken."""
-    directory = runs_dir(batch_id, home)
-    directory.mkdir(parents=True, exist_ok=True)
-    handle = open(directory / "runner.lock", "a+")  # noqa: SIM115 - closed below
+    directory = make_runs_dir(batch_id, home)
+    handle = open_private(directory / "runner.lock", "a+")
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -72,14 +79,13 @@ def runner_alive(batch_id: str, home: Path | None = None) -> bool:
 
 def launch_detached(batch_id: str, home: Path | None = None, redis_url: str | None = None) -> int:
     """Run ``batch_id`` in a background process; returns its pid once it holds the runner lock."""
-    directory = runs_dir(batch_id, home)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = make_runs_dir(batch_id, home)
     env = dict(os.environ)
     if home is not None:
         env[settings.ENV_HOME] = str(home)
     if redis_url:
         env[settings.ENV_REDIS_URL] = redis_url  # the environment, never argv: it may hold a password
-    with open(directory / "background.log", "ab") as log:
+    with open_private(directory / "background.log") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "kiabatch", "task", "run-batch", batch_id],
             env=env,

@@ -27,6 +27,7 @@ import selectors
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -39,34 +40,47 @@ import psutil
 from .. import items as items_mod
 from .. import settings, templates
 from ..errors import InterruptedBatchError, UsageError
+from ..files import private_dir
 from ..model import FAILED, INTERRUPTED, BatchSpec, Progress, Status
 from ..store import LOG_TAIL, Claim, ItemOutcome, Store
 from ..task import item_dir, task_env
-from .local import runner_lock, runs_dir
+from .local import make_runs_dir, runner_lock
 
 _GRACE = 5.0
 _TICK = 0.1
 _MARKER = "KIABATCH_LOCAL_WORKER_OF"
 
 
-def scratch_dir(batch_id: str, home: Path | None = None) -> Path:
-    """Where a batch's task directories (the emptyDirs) go.
+def scratch_root(home: Path | None = None) -> Path | None:
+    """The directory holding batches' task directories, created if needed; None: use the run directory.
 
-    ``$KIABATCH_SCRATCH`` if set; else a memory file system (``/dev/shm``), like an
-    emptyDir with ``medium: Memory``, as task directories are small and short-lived;
-    else the batch's directory under the state directory.
+    ``$KIABATCH_SCRATCH`` if set (an unusable one is a UsageError naming it); else a
+    memory file system (``/dev/shm/kiabatch-UID``, private), like an emptyDir with
+    ``medium: Memory``, as task directories are small and short-lived.
     """
     explicit = os.environ.get(settings.ENV_SCRATCH)
     if explicit:
-        return Path(explicit) / batch_id
-    shm = Path("/dev/shm")  # noqa: S108 - private per-user subdirectory, mode 0700
+        return private_dir(Path(explicit), f"${settings.ENV_SCRATCH}")
+    shm = Path("/dev/shm")  # noqa: S108 - a private per-user subdirectory, verified below
     if shm.is_dir() and os.access(shm, os.W_OK):
         root = shm / f"kiabatch-{os.getuid()}"
         with contextlib.suppress(OSError):
             root.mkdir(mode=0o700, exist_ok=True)
-            if root.stat().st_uid == os.getuid():
-                return root / batch_id
-    return runs_dir(batch_id, home)
+            info = root.lstat()
+            # Someone else's directory, or a symlink planted in the shared /dev/shm: do not use it.
+            if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid():
+                if info.st_mode & 0o077:
+                    root.chmod(0o700)
+                return root
+    return None
+
+
+def scratch_dir(batch_id: str, home: Path | None = None) -> Path:
+    """Where a batch's task directories (the emptyDirs) go: private, created now."""
+    root = scratch_root(home)
+    if root is None:  # beside the runner lock, never the run directory itself (removed after the run)
+        return private_dir(make_runs_dir(batch_id, home) / "scratch", "the batch's scratch directory", tighten=True)
+    return private_dir(root / batch_id, "the batch's scratch directory", tighten=True)
 
 
 def exit_status(returncode: int) -> int:
@@ -171,6 +185,7 @@ class LocalRunner:
         claim = self.store.claim(self.batch_id, index)
         if claim.status != "ok":
             return False  # settled meanwhile
+        self._notify()  # the running count changed
         directory = self.scratch / f"task-{index}-{claim.attempt}"
         started = time.monotonic()
         try:

@@ -7,6 +7,7 @@ import time
 
 import click
 
+from .. import limits
 from ..batch import Batch
 from ..errors import EXIT_ITEMS_FAILED, EXIT_OK
 from ..model import TERMINAL_STATES, Status
@@ -14,6 +15,7 @@ from ..progress import ProgressBar
 from ..readonly import ENV_REPLICA_URL, ReadOnlyBatch, open_read_only
 from ..store import Store
 from .context import CliError, Settings, emit_json, pass_settings, user_errors
+from .options import LIMIT, Interval, count
 from .render import status_block, status_rows
 from .submit import conclude
 
@@ -63,7 +65,7 @@ def _show(settings_: Settings, status: Status) -> None:
 @click.option("--watch", "-w", is_flag=True, help="Keep updating until the batch finishes.")
 @click.option(
     "--interval",
-    type=click.FloatRange(min=0.1),
+    type=Interval(),
     default=1.0,
     show_default=True,
     help="Seconds between updates with --watch.",
@@ -125,7 +127,7 @@ def _exit_code(status: Status) -> int:
 
 
 @click.command("list")
-@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Newest batches to show.")
+@click.option("--limit", type=LIMIT, default=50, show_default=True, help="Newest batches to show.")
 @pass_settings
 def list_command(settings_: Settings, limit: int) -> None:
     """List recent batches, newest first."""
@@ -174,10 +176,10 @@ def results_command(
     batch = _batch(settings_, batch_id, read_only=read_only, replica_url=replica_url)
     if raw:
         with user_errors():
-            for result in batch.results():
-                sys.stdout.buffer.write(result.result)
+            for result in batch.store.iter_outcomes(batch_id, failed=False):
+                sys.stdout.buffer.write(result.result)  # type: ignore[union-attr]
             sys.stdout.flush()
-            raise click.exceptions.Exit(EXIT_ITEMS_FAILED if batch.failed() else EXIT_OK)
+            raise click.exceptions.Exit(EXIT_ITEMS_FAILED if batch.store.failed_count(batch_id) else EXIT_OK)
     with user_errors():
         status = batch.status()
     if not status.finished and reduce:
@@ -189,7 +191,7 @@ def results_command(
 
 @click.command("logs")
 @click.argument("batch_id")
-@click.option("--index", "-i", type=click.IntRange(min=0), help="Only this task (completion index).")
+@click.option("--index", "-i", type=count(0, limits.MAX_INDEX), help="Only this task (completion index).")
 @click.option("--follow", "-f", is_flag=True, help="Kubernetes: keep streaming the workers' output.")
 @pass_settings
 def logs_command(settings_: Settings, batch_id: str, index: int | None, follow: bool) -> None:

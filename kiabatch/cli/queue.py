@@ -10,6 +10,7 @@ import click
 from .. import items as items_mod
 from ..queue import Queue, queue_names
 from .context import Settings, emit_json, note, pass_settings, user_errors
+from .options import LIMIT
 from .render import table
 
 
@@ -48,14 +49,12 @@ def enqueue_command(
       kiabatch queue enqueue thumbs '{"url": "https://example.org/a.png"}' 42 '"b.png"'
       kiabatch queue enqueue thumbs --lines urls.txt
     """
-    from .submit import _read_lines
-
     with user_errors():
         parsed: list[Any] = [items_mod.parse(v, f"argument {v!r}") for v in values]
         if items_file is not None:
             parsed += items_mod.read_jsonl(items_file)
         if lines_file is not None:
-            parsed += _read_lines(lines_file)
+            parsed += items_mod.iter_lines(lines_file)
         if not parsed:
             raise click.UsageError("no items given; pass JSON values, --items FILE or --lines FILE")
         queue = _queue(settings_, name)
@@ -65,7 +64,7 @@ def enqueue_command(
 
 @queue_group.command("list")
 @click.argument("name", required=False)
-@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Items to show for NAME.")
+@click.option("--limit", type=LIMIT, default=20, show_default=True, help="Items to show for NAME.")
 @pass_settings
 def list_command(settings_: Settings, name: str | None, limit: int) -> None:
     """List queues and their lengths, or the first items of queue NAME."""

@@ -52,8 +52,8 @@ from ..kube.redis_objects import (
 )
 from ..kube.redis_status import HEADERS, parse_probe_log, pod_rows, statefulset_line, table_cells
 from .context import CliError, Settings, emit_json, note, pass_settings, user_errors
+from .options import Duration
 from .render import table
-from .submit import Duration
 
 STATEFULSET_KIND = ("apps/v1", "StatefulSet")
 CRONJOB_KIND = ("batch/v1", "CronJob")
@@ -105,7 +105,7 @@ def object_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Cron schedule of the backup CronJob."),
         click.option("--backup-time-zone", default=defaults.backup_time_zone, show_default=True,
                      help="Time zone of the schedule."),
-        click.option("--backup-keep", type=click.IntRange(min=1), default=defaults.backup_keep, show_default=True,
+        click.option("--backup-keep", type=click.IntRange(1, 1000), default=defaults.backup_keep, show_default=True,
                      help="Snapshots kept (the oldest are removed)."),
         click.option("--backup-storage-size", default=defaults.backup_storage_size, show_default=True,
                      help="The backup volume."),

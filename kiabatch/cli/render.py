@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import click
 
 from .. import items as items_mod
 from ..model import FailedItem, ItemResult, Status
+from ..text import printable
 
 
 def when(timestamp: float | None) -> str:
@@ -28,7 +29,7 @@ def duration(status: Status) -> str:
 
 def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
     """A plain aligned text table."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    cells = [[str(h) for h in headers]] + [[printable(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in cells]
     return "\n".join(lines)
@@ -64,7 +65,7 @@ def status_block(status: Status) -> str:
             )
         lines.append((key.replace("_", " "), value))
     width = max(len(k) for k, _ in lines)
-    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in lines)
+    return "\n".join(f"{k.ljust(width)}  {printable(v)}" for k, v in lines)
 
 
 def status_rows(statuses: Sequence[Status]) -> str:
@@ -92,36 +93,45 @@ def result_value(result: bytes) -> dict[str, Any]:
 
 def result_dict(r: ItemResult) -> dict[str, Any]:
     """JSON form of one item result."""
-    return {"index": r.index, "position": r.position, "item": r.item, "exit_code": r.exit_code,
+    return {"index": r.index, "position": r.position, "item": r.item, "failed": False, "exit_code": r.exit_code,
             "duration": r.duration, "attempt": r.attempt, **result_value(r.result)}  # fmt: skip
 
 
 def failed_dict(f: FailedItem) -> dict[str, Any]:
     """JSON form of one dead-lettered item."""
-    return {"index": f.index, "position": f.position, "item": f.item, "exit_code": f.exit_code,
+    return {"index": f.index, "position": f.position, "item": f.item, "failed": True, "exit_code": f.exit_code,
             "reason": f.reason, "attempts": f.attempts, "stderr": f.stderr}  # fmt: skip
 
 
+def outcome_dict(outcome: ItemResult | FailedItem) -> dict[str, Any]:
+    """JSON form of an item's outcome, whichever it is."""
+    return result_dict(outcome) if isinstance(outcome, ItemResult) else failed_dict(outcome)
+
+
 def result_text(result: bytes) -> str:
-    """A result on one line: text with newlines escaped, or a byte count for binary."""
+    """A result on one line: text with control characters escaped, or a byte count for binary."""
     try:
         text = result.decode("utf-8")
     except UnicodeDecodeError:
         return f"<{len(result)} bytes, binary; use --json or --raw>"
-    return text.rstrip("\n").replace("\n", "\\n")
+    return printable(text.rstrip("\n"))
 
 
-def print_results(results: Sequence[ItemResult]) -> None:
-    """``ITEM<TAB>RESULT`` per item."""
-    for r in results:
-        click.echo(f"{items_mod.text(r.item)}\t{result_text(r.result)}")
+def outcome_line(outcome: ItemResult | FailedItem) -> str:
+    """``ITEM<TAB>RESULT``, or ``ITEM<TAB>FAILED (exit N, attempts M): reason`` for a dead-lettered item."""
+    item = printable(items_mod.text(outcome.item))
+    if isinstance(outcome, ItemResult):
+        return f"{item}\t{result_text(outcome.result)}"
+    code = "-" if outcome.exit_code is None else outcome.exit_code
+    return f"{item}\tFAILED (exit {code}, attempts {outcome.attempts}): {printable(outcome.reason)}"
 
 
-def print_failed(failed: Sequence[FailedItem]) -> None:
+def print_failed(failed: Iterable[FailedItem]) -> None:
     """The dead-letter set on stderr, one item per line plus its last stderr line."""
     for f in failed:
         code = "-" if f.exit_code is None else f.exit_code
-        click.echo(f"FAILED {items_mod.text(f.item)}: {f.reason} (exit {code}, attempts {f.attempts})", err=True)
+        item = printable(items_mod.text(f.item))
+        click.echo(f"FAILED {item}: {printable(f.reason)} (exit {code}, attempts {f.attempts})", err=True)
         last = f.stderr.strip().splitlines()[-1:] if f.stderr else []
         if last and last[0] != f.reason:
-            click.echo(f"       stderr: {last[0][:200]}", err=True)
+            click.echo(f"       stderr: {printable(last[0][:200])}", err=True)

@@ -13,8 +13,8 @@ from ..errors import UsageError
 from ..scheduler import LocalScheduler, ScheduleStore, serve_until_signalled
 from ..schedules import CONCURRENCY, DEFAULT_STARTING_DEADLINE, Schedule
 from .context import CliError, Settings, emit_json, note, pass_settings, user_errors
+from .options import LIMIT, Duration, Interval
 from .render import table, when
-from .submit import Duration
 
 
 def check_submit_args(args: tuple[str, ...]) -> None:
@@ -273,7 +273,7 @@ def run_now_command(
 
 @schedule_group.command("history")
 @click.argument("name")
-@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--limit", type=LIMIT, default=20, show_default=True)
 @backend_option
 @pass_settings
 def history_command(
@@ -319,7 +319,7 @@ def _history(
 
 @click.command("scheduler")
 @click.option("--once", is_flag=True, help="Handle the ticks due now, then exit (e.g. from system cron).")
-@click.option("--poll", type=click.FloatRange(min=0.1), default=1.0, show_default=True, help="Seconds between checks.")
+@click.option("--poll", type=Interval(), default=1.0, show_default=True, help="Seconds between checks.")
 @pass_settings
 def scheduler_command(settings_: Settings, once: bool, poll: float) -> None:
     """Run the local schedules in the foreground (SIGTERM or Ctrl-C stops it cleanly)."""

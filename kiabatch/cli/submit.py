@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 from collections.abc import Callable
 from dataclasses import replace
@@ -11,7 +12,7 @@ from typing import Any
 
 import click
 
-from .. import backends, settings, workloads
+from .. import backends, limits, settings, workloads
 from .. import items as items_mod
 from ..backends import KUBERNETES
 from ..batch import Batch
@@ -21,24 +22,8 @@ from ..kube.objects import to_yaml
 from ..progress import ProgressBar
 from ..submission import plan_batch, submit
 from .context import CliError, Settings, emit_json, note, pass_settings, user_errors
-from .render import duration, failed_dict, print_failed, print_results, progress_text, result_dict
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-class Duration(click.ParamType):
-    """Seconds, or a number with unit s/m/h/d (``90``, ``30m``, ``7d``)."""
-
-    name = "duration"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        if isinstance(value, int | float):
-            return float(value)
-        match = _DURATION.match(str(value))
-        if not match or float(match.group(1)) <= 0:
-            self.fail(f"{value!r} is not a positive duration; use seconds or a number with s, m, h or d (e.g. 30m)")
-        return float(match.group(1)) * _UNITS[match.group(2)]
+from .options import Duration, count
+from .render import duration, outcome_dict, outcome_line, print_failed, progress_text
 
 
 class WorkloadGroup(click.Group):
@@ -84,15 +69,15 @@ def _first_positional_token(command: click.Command, args: list[str]) -> str | No
 def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """Options every workload takes."""
     options = [
-        click.option("--parallel", "-p", type=click.IntRange(min=1), default=1, show_default=True,
+        click.option("--parallel", "-p", type=count(1, limits.MAX_PARALLEL), default=1, show_default=True,
                      help="Tasks running at once (Job parallelism)."),
-        click.option("--tasks", type=click.IntRange(min=1), help="Number of tasks (Job completions); "
+        click.option("--tasks", type=count(1, limits.MAX_TASKS), help="Number of tasks (Job completions); "
                      "default one per chunk of items."),
-        click.option("--retries", type=click.IntRange(min=0), default=3, show_default=True,
+        click.option("--retries", type=count(0, limits.MAX_RETRIES), default=3, show_default=True,
                      help="Retries per task before its items are dead-lettered (backoffLimitPerIndex)."),
         click.option("--timeout", type=Duration(), help="Batch deadline, e.g. 2h (activeDeadlineSeconds)."),
         click.option("--task-timeout", type=Duration(), help="Time limit of one task attempt, e.g. 10m."),
-        click.option("--ttl", type=Duration(), default=str(settings.DEFAULT_TTL), show_default="7d",
+        click.option("--ttl", type=Duration(minimum=1), default=str(settings.DEFAULT_TTL), show_default="7d",
                      help="Keep a finished batch's results this long."),
         click.option("--batch-id", help="Id for the batch (DNS label, <= 52 chars); default WORKLOAD-xxxxx."),
         click.option("--backend", type=click.Choice(backends.NAMES), default=backends.LOCAL,
@@ -121,13 +106,14 @@ def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Memory request and limit of a worker."),
         click.option("--redis-secret", "kube_redis_secret", default=REDIS_SECRET, show_default=True,
                      help="Secret whose 'url' key holds the Redis URL pods use (kiabatch secret create)."),
-        click.option("--max-failed-indexes", "kube_max_failed_indexes", type=click.IntRange(min=1),
+        click.option("--max-failed-indexes", "kube_max_failed_indexes", type=count(1, limits.MAX_TASKS),
                      help="Failed tasks after which the Job stops (default: 10% of tasks, at least 10)."),
-        click.option("--job-ttl", "kube_ttl_after_finished", type=Duration(), default="1d", show_default=True,
+        click.option("--job-ttl", "kube_ttl_after_finished", type=Duration(minimum=1), default="1d", show_default=True,
                      help="Delete the finished Job (not the results) after this long (ttlSecondsAfterFinished)."),
         click.option("--image-pull-grace", "kube_pull_grace", type=Duration(), default="2m", show_default=True,
                      help="With --wait, fail once pods could not start (image pull, missing Secret) this long."),
-        click.option("--report-timeout", "kube_report_timeout", type=Duration(), default="10m", show_default=True,
+        click.option("--report-timeout", "kube_report_timeout", type=Duration(minimum=1), default="10m",
+                     show_default=True,
                      help="How long a finished worker waits for its result to be uploaded before the pod fails."),
         click.option("--writable-root", "kube_writable_root", is_flag=True,
                      help="Give the worker container a writable root filesystem (default: read-only + /tmp)."),
@@ -161,12 +147,12 @@ def submit_group(ctx: click.Context) -> None:
 @click.option(
     "--digits",
     "-d",
-    type=click.IntRange(min=1),
+    type=count(1, workloads.pi.MAX_DIGITS_FORCED),
     default=1000,
     show_default=True,
     help=f"Decimals of pi to compute (up to {workloads.pi.MAX_DIGITS:,} without --force).",
 )
-@click.option("--force", is_flag=True, help="Allow more than 10^8 digits.")
+@click.option("--force", is_flag=True, help=f"Allow more than 10^8 digits (up to {workloads.pi.MAX_DIGITS_FORCED:,}).")
 @common_options
 @pass_settings
 def submit_pi(settings_: Settings, digits: int, force: bool, **common: Any) -> None:
@@ -196,7 +182,7 @@ def submit_pi(settings_: Settings, digits: int, force: bool, **common: Any) -> N
     help="File whose non-blank lines are string items ('-' for stdin).",
 )
 @click.option("--from-queue", metavar="QUEUE", help="Take everything queued in this named queue right now.")
-@click.option("--chunk", type=click.IntRange(min=1), help="Items per task (default 1).")
+@click.option("--chunk", type=count(1, limits.MAX_CHUNK), help="Items per task (default 1).")
 @click.option("--stdin", "use_stdin", is_flag=True, help="Feed each item's text to the worker's stdin.")
 @click.option(
     "--non-retriable-exit-code",
@@ -241,7 +227,7 @@ def submit_exec(
         if items_file is not None:
             values += items_mod.read_jsonl(items_file)
         if lines_file is not None:
-            values += _read_lines(lines_file)
+            values += items_mod.iter_lines(lines_file)
     if from_queue is not None:
         if values:
             raise click.UsageError("--from-queue takes its items from the queue; drop --item/--items/--lines")
@@ -257,16 +243,6 @@ def submit_exec(
         "image": worker_image,
     }
     run_submit(settings_, "exec", common, **options)
-
-
-def _read_lines(path: Path) -> list[str]:
-    import sys
-
-    try:
-        text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise CliError(f"cannot read --lines file {path}: {exc.strerror}") from None
-    return [line for line in text.splitlines() if line.strip()]
 
 
 def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -348,38 +324,40 @@ def render_batch(workload: str, kube: KubeOptions, common: dict[str, Any], optio
     click.echo(to_yaml(batch_objects(planned.spec, replace(kube, namespace=kube.namespace or "default"))), nl=False)
 
 
+#: Dead-lettered items listed on stderr after the results (all of them are on stdout, marked).
+_FAILED_SHOWN = 20
+
+
 def conclude(settings_: Settings, batch: Batch, *, reduce: bool | None, quiet: bool = False) -> int:
-    """Print a finished batch's answer or results, its failures, and return the exit code."""
+    """Print a finished batch's answer, or every item's outcome in order (failed ones marked).
+
+    Returns the exit code: 0, or 1 when items failed (those are also listed on stderr).
+    """
     with user_errors():
         status = batch.status()
-        failed = batch.failed()
-        workload = workloads.get(status.workload)
-        reducible = isinstance(workload, workloads.Reducible)
+        failed = batch.store.failed_count(batch.id)
+        reducible = isinstance(workloads.get(status.workload), workloads.Reducible)
         if not quiet:
             note(f"batch {batch.id} {status.state}: {progress_text(status)} in {duration(status)}")
-        if failed:
-            if settings_.json:
-                for entry in failed:
-                    emit_json({"failed": True, **failed_dict(entry)})
-            print_failed(failed)
-            return EXIT_ITEMS_FAILED
-        if reduce is None:
-            reduce = reducible
-        if reduce:
-            if not reducible:
-                raise CliError(f"workload {status.workload!r} has no reduce step", EXIT_USAGE)
-            answer = batch.reduce()
+        if reduce and not reducible:
+            raise CliError(f"workload {status.workload!r} has no reduce step", EXIT_USAGE)
+        if reduce or (reduce is None and reducible and not failed):
+            answer = batch.reduce()  # BatchFailedError (exit 1) if items failed
             if settings_.json:
                 emit_json({"batch": batch.id, "answer": answer})
             else:
                 click.echo(answer)
             return EXIT_OK
-        results = batch.results()
-        if settings_.json:
-            for result in results:
-                emit_json(result_dict(result))
-        else:
-            print_results(results)
+        for outcome in batch.store.iter_outcomes(batch.id):
+            if settings_.json:
+                emit_json(outcome_dict(outcome))
+            else:
+                click.echo(outcome_line(outcome))
+        if failed:
+            print_failed(itertools.islice(batch.store.iter_outcomes(batch.id, results=False), _FAILED_SHOWN))
+            if failed > _FAILED_SHOWN:
+                note(f"... and {failed - _FAILED_SHOWN} more failed item(s): kiabatch -o json results {batch.id}")
+            return EXIT_ITEMS_FAILED
     return EXIT_OK
 
 
@@ -413,4 +391,4 @@ def register(cli: click.Group) -> None:
     cli.add_command(render_group, "render")
 
 
-__all__ = ["Duration", "common_options", "conclude", "register", "run_submit"]
+__all__ = ["common_options", "conclude", "register", "run_submit"]

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import click
 
-from .. import settings, task
+from .. import limits, settings, task
 from ..backends.local_runner import LocalRunner
 from .context import CliError, Settings, emit_json, note, pass_settings, user_errors
+from .options import count
 
 
 @click.group("task")
@@ -30,7 +31,7 @@ def _index(index: int | None) -> int:
 
 @task_group.command("claim")
 @click.option("--batch", "batch_id", required=True, envvar="KIABATCH_BATCH", help="Batch id. Env: KIABATCH_BATCH.")
-@click.option("--index", type=click.IntRange(min=0), help="Completion index (default $JOB_COMPLETION_INDEX).")
+@click.option("--index", type=count(0, limits.MAX_INDEX), help="Completion index (default $JOB_COMPLETION_INDEX).")
 @click.option(
     "--dir",
     "directory",

@@ -32,6 +32,8 @@ DIGITS_PER_TERM = math.log10(151931373056000)
 _SERIES_MARGIN = 30
 _GUARD_DIGITS = 20
 MAX_DIGITS = 10**8
+#: Not even --force goes beyond this (the reduce step alone would need tens of GiB).
+MAX_DIGITS_FORCED = 10**9
 _MAGIC = b"KBPI1\n"
 
 
@@ -197,8 +199,8 @@ class PiWorkload:
             raise UsageError(f"unknown option(s) for workload pi: {', '.join(sorted(unknown))}; allowed: digits, force")
         if isinstance(digits, bool) or not isinstance(digits, int):
             raise UsageError(f"digits must be a positive integer, not {digits!r}")
-        if digits <= 0:
-            raise UsageError(f"digits must be a positive integer (1 to {MAX_DIGITS:,}), not {digits}")
+        if not 1 <= digits <= MAX_DIGITS_FORCED:
+            raise UsageError(f"digits must be an integer from 1 to {MAX_DIGITS:,} ({MAX_DIGITS_FORCED:,} with force)")
         if digits > MAX_DIGITS and not force:
             raise UsageError(f"digits {digits:,} is more than {MAX_DIGITS:,}; add --force to compute it anyway")
         terms = terms_for(digits)

@@ -1,0 +1,53 @@
+"""Every numeric range kiabatch accepts, in one place (the README's "Limits" table).
+
+The CLI's option types and the Python API's checks both read these, so a value is
+refused before anything is written, with the allowed range in the message. The
+Kubernetes ones follow the API server's own validation of Indexed Jobs.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .errors import UsageError
+
+#: Tasks running at once (Job ``parallelism``; the API's limit for Indexed Jobs).
+MAX_PARALLEL = 100_000
+#: Tasks of one batch (Job ``completions``).
+MAX_TASKS = 10_000_000
+#: Items per task (one report carries them all).
+MAX_CHUNK = 100_000
+#: Retries per task (``backoffLimitPerIndex``).
+MAX_RETRIES = 10_000
+#: Longest duration any option takes: 10 years, in seconds (Redis TTLs, Job deadlines).
+MAX_SECONDS = 10 * 365 * 86400
+#: Rows a listing may ask for.
+MAX_LIMIT = 100_000
+#: Refresh intervals (``status --watch --interval``, ``scheduler --poll``), seconds.
+MIN_INTERVAL, MAX_INTERVAL = 0.1, 3600.0
+#: Nesting depth of one item (JSON arrays and objects).
+MAX_ITEM_DEPTH = 64
+#: Completion indexes (``task claim --index``).
+MAX_INDEX = MAX_TASKS - 1
+
+
+def check_int(name: str, value: object, minimum: int, maximum: int) -> int:
+    """``value`` if it is an int in [minimum, maximum]; else UsageError naming ``name`` and the range."""
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise UsageError(f"{name} must be an integer from {minimum:,} to {maximum:,}, not {value!r:.40}")
+    return value
+
+
+def check_seconds(name: str, value: object, minimum: float = 0.0, maximum: float = MAX_SECONDS) -> float:
+    """``value`` as float seconds if finite and in (minimum, maximum]; else UsageError."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not minimum < value <= maximum
+    ):
+        raise UsageError(
+            f"{name} must be a number of seconds above {minimum:g} and at most {maximum:g} (10 years), "
+            f"not {value!r:.40}"
+        )
+    return float(value)
