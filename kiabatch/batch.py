@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from . import workloads
+from . import backends, workloads
+from .backends import Backend, LogChunk, RunHooks
 from .connection import connect
-from .errors import BatchFailedError, InterruptedBatchError, KiabatchError
+from .errors import BatchFailedError, KiabatchError, UsageError
 from .model import FAILED, FailedItem, ItemResult, Progress, Status
 from .progress import ProgressBar
 from .store import Store
@@ -39,22 +40,31 @@ class Batch:
     # -- reading ----------------------------------------------------------------------
 
     def status(self, read_only: bool = False) -> Status:
-        """State and progress, merged with backend detail (e.g. the Kubernetes Job).
+        """State and progress, merged with what the backend knows (a runner gone, the Kubernetes Job).
 
         ``read_only`` never writes (on Kubernetes, status otherwise settles in
         Redis the indexes the Job gave up on).
         """
         status = self.store.status(self.id)
-        backend = _backend_for(status.backend)
-        return backend.augment_status(self.store, status, home=self.home, read_only=read_only)
+        return self._backend(status.backend).status_detail(self.store, status, read_only=read_only)
 
     def progress(self) -> Progress:
         """Item counters: total, done, failed, running (O(1))."""
         return self.store.progress(self.id)
 
     def results(self) -> list[ItemResult]:
-        """Per-item results of the successful items, in index order."""
+        """Per-item results of the successful items, in index order (all in memory: see :meth:`iter_results`)."""
         return self.store.results(self.id)
+
+    def iter_results(self) -> Iterator[ItemResult]:
+        """The successful items' results in index order, streamed: memory stays small for any batch."""
+        for outcome in self.store.iter_outcomes(self.id, failed=False):
+            if isinstance(outcome, ItemResult):
+                yield outcome
+
+    def iter_outcomes(self) -> Iterator[ItemResult | FailedItem]:
+        """Every settled item in index order, streamed: an :class:`ItemResult` or a :class:`FailedItem`."""
+        return self.store.iter_outcomes(self.id)
 
     def failed(self) -> list[FailedItem]:
         """The dead-letter set: items that failed for good, with exit code and stderr tail."""
@@ -73,37 +83,20 @@ class Batch:
             self._prepared = executor.submit(workload.prepare, spec.options)
             executor.shutdown(wait=False)
 
-    def wait(self, progress: bool = False, timeout: float | None = None, poll: float = 0.25) -> Batch:
+    def wait(self, progress: bool = False, timeout: float | None = None) -> Batch:
         """Block until every item is settled; returns ``self``.
 
-        ``progress`` shows a live bar on a terminal. Raises TimeoutError after
+        ``progress`` shows a live line on a terminal. Raises TimeoutError after
         ``timeout`` seconds and InterruptedBatchError if the batch's runner died.
         """
         self.start_prepare()
-        started = time.monotonic()
         status = self.store.status(self.id)
-        backend = _backend_for(status.backend)
-        if hasattr(backend, "wait") and not status.finished:
-            with ProgressBar(status.progress.total, f"{self.id}", enabled=progress) as bar:
-                backend.wait(self.store, self.id, on_update=bar.update, timeout=timeout)
+        if status.finished:
             return self
+        backend = self._backend(status.backend)
         with ProgressBar(status.progress.total, f"{self.id}", enabled=progress) as bar:
-            while True:
-                status = backend.augment_status(self.store, self.store.status(self.id), home=self.home)
-                bar.update(status.progress)
-                if status.finished:
-                    return self
-                problem = status.detail.get("problem")
-                if problem:
-                    raise KiabatchError(f"batch {self.id}: {problem}")
-                if status.detail.get("runner_alive") is False:
-                    raise InterruptedBatchError(
-                        f"batch {self.id} is not running (state {status.state}); continue it with: "
-                        f"kiabatch resume {self.id}"
-                    )
-                if timeout is not None and time.monotonic() - started > timeout:
-                    raise TimeoutError(f"batch {self.id} did not finish within {timeout:g}s")
-                time.sleep(poll)
+            backend.wait(self.store, self.id, hooks=RunHooks(on_update=bar.update), timeout=timeout)
+        return self
 
     def reduce(self) -> str:
         """The workload's combined answer (e.g. π's digits). Needs every item to have succeeded."""
@@ -123,12 +116,19 @@ class Batch:
 
     # -- managing ---------------------------------------------------------------------
 
-    def resume(self, wait: bool = False, on_update: Any = None) -> Batch:
+    def resume(self, wait: bool = False, on_update: Callable[[Progress, str], None] | None = None) -> Batch:
         """Run the batch's unsettled tasks again (after an interruption)."""
         spec = self.store.spec(self.id)
-        _backend_for(spec.backend).resume(self.store, spec, wait=wait, home=self.home, on_update=on_update,
-                                          on_running=self.start_prepare if wait else None)  # fmt: skip
+        hooks = RunHooks(on_update=on_update, on_running=self.start_prepare if wait else None)
+        self._backend(spec.backend).resume(self.store, spec, wait=wait, hooks=hooks)
         return self
+
+    def scale(self, parallel: int) -> None:
+        """Change how many of the batch's tasks run at once, while it runs."""
+        status = self.store.status(self.id)
+        if status.finished:
+            raise UsageError(f"batch {self.id} is {status.state}; there is nothing to scale")
+        self._backend(status.backend).scale(self.store, self.id, parallel)
 
     def delete(self, keep_results: bool = False) -> bool:
         """Delete the batch now (and its Kubernetes Job). Returns False if it did not exist."""
@@ -136,15 +136,16 @@ class Batch:
             spec = self.store.spec(self.id)
         except KiabatchError:
             return False
-        _backend_for(spec.backend).delete(self.store, spec, home=self.home)
+        self._backend(spec.backend).delete(self.store, spec)
         return self.store.delete(self.id, keep_results=keep_results)
 
     def logs(self, index: int | None = None) -> list[tuple[int, int, bytes]]:
-        """Stored worker stderr tails as (index, attempt, bytes)."""
+        """The stderr tails reports stored, as (index, attempt, bytes), oldest attempt first."""
         return self.store.logs(self.id, index)
 
+    def log_chunks(self, index: int | None = None, *, follow: bool = False) -> Iterator[LogChunk]:
+        """The workers' logs as the backend has them (Kubernetes: the pods' containers; local: stored tails)."""
+        return self._backend(self.store.spec(self.id).backend).logs(self.store, self.id, index=index, follow=follow)
 
-def _backend_for(name: str) -> Any:
-    from . import backends
-
-    return backends.get(name)
+    def _backend(self, name: str) -> Backend:
+        return backends.get(name, home=self.home)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -17,6 +17,7 @@ from redis.retry import Retry
 
 from . import embedded, settings
 from .errors import UnreachableError, UsageError
+from .text import printable
 
 MIN_REDIS_VERSION = (6, 2)
 _SCHEMES = ("redis", "rediss", "unix")
@@ -24,15 +25,34 @@ _URL_HELP = "expected redis://[[user]:password@]host[:port][/db], rediss://... (
 
 
 def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***``, safe to print."""
-    parts = urlsplit(url)
-    userinfo, at, hostport = parts.netloc.rpartition("@")
-    if not at:
-        return url
-    # "user:password@" keeps the user; a lone "secret@" may be a password, so hide it.
-    user, colon, _ = userinfo.partition(":")
-    hidden = f"{user}:***" if colon else "***"
-    return urlunsplit(parts._replace(netloc=f"{hidden}@{hostport}"))
+    """A form of ``url`` safe to print: scheme, host, port and database only.
+
+    Whatever could hold a credential is never shown: the user-info part (``:***@``),
+    the query (``?password=``) and fragment, and anything that does not parse as a
+    URL (a password with an unencoded ``/``, ``?`` or ``#`` breaks the parse, and
+    then any part of it may be the secret).
+    """
+    scheme, colon, rest = url.partition(":")
+    scheme = scheme.lower() if scheme.lower() in _SCHEMES else ""
+    shown = f"{scheme or 'unknown-scheme'}://"
+    if not colon or not rest.startswith("//"):
+        return f"{shown}<not a URL>"
+    netloc, _, after_host = rest[2:].partition("/")
+    for mark in "?#":
+        netloc, found, tail = netloc.partition(mark)
+        after_host = f"{mark}{tail}" if found else after_host
+    if "@" in after_host:
+        return f"{shown}<unparseable>"  # an '@' after the host: a password with '/', '?' or '#' broke the parse
+    credentials, at, hostport = netloc.rpartition("@")
+    userinfo = (":***@" if ":" in credentials else "***@") if at else ""
+    path = after_host.partition("?")[0].partition("#")[0]
+    if scheme == "unix":
+        return f"{shown}{userinfo}/{path}"
+    if not hostport or (not at and ":" in hostport and not hostport.startswith("[")
+                        and not hostport.rpartition(":")[2].isdigit()):  # fmt: skip
+        return f"{shown}<unparseable>"  # ":secret" with no '@': it may be a password
+    database = f"/{path}" if path.isdigit() else ("/<hidden>" if path else "")
+    return f"{shown}{userinfo}{printable(hostport)}{database}"
 
 
 def validate_url(url: str) -> str:
@@ -101,6 +121,8 @@ def connect(
         raise UnreachableError(f"cannot reach {where}: {exc}") from None
     except redis.ResponseError as exc:
         raise UnreachableError(f"{where} refused INFO: {exc}") from None
+    except redis.RedisError as exc:  # e.g. an HTTP server on that port: not the Redis protocol
+        raise UnreachableError(f"{where} does not speak the Redis protocol ({type(exc).__name__}: {exc})") from None
     if tuple(int(part) for part in version.split(".")[:2]) < MIN_REDIS_VERSION:
         raise UnreachableError(f"{where} runs Redis {version}; kiabatch needs Redis 6.2 or newer")
     if retry_seconds > 0:

@@ -20,6 +20,8 @@ key                                    type    holds
 ``kiabatch:{B}:outcomes``              hash    ``index:pos`` -> JSON exit code, duration, attempt
 ``kiabatch:{B}:failed``                hash    ``index:pos`` -> JSON dead-letter entry
 ``kiabatch:{B}:logs``                  hash    ``index:attempt`` -> tail of the worker's stderr
+``kiabatch:{B}:staging``               list    items being written by submit (renamed to queue
+                                               once all are in; expires if submit dies)
 ``kiabatch:batches``                   zset    batch id -> creation time (for ``list``)
 ``kiabatch:queue:{Q}``                 list    named queue Q
 ``kiabatch:queues``                    set     names of named queues ever used
@@ -62,6 +64,7 @@ class BatchKeys:
     outcomes: str
     failed: str
     logs: str
+    staging: str
 
     def all(self) -> list[str]:
         """Every key of the batch, in a fixed order (for DEL and EXPIRE)."""

@@ -6,17 +6,20 @@ at that instant as a new batch. Items enqueued a moment later wait for the next.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
 from . import items as items_mod
-from . import keys
+from . import keys, settings
 from .batch import Batch, open_store
-from .model import validate_queue_name
+from .model import Progress, validate_queue_name
+
+if TYPE_CHECKING:
+    from .kube.batch_job import KubeOptions
 
 _PIPELINE_ITEMS = 10_000
 _PUSH_ARGS = 1000
@@ -88,26 +91,37 @@ class Queue:
         self,
         command: str | Sequence[str],
         *,
+        stdin: bool = False,
+        env: Mapping[str, str] | None = None,
+        image: str | None = None,
+        non_retriable_exit_codes: Sequence[int] = (),
         parallel: int = 1,
+        tasks: int | None = None,
+        chunk: int | None = None,
+        retries: int = 3,
+        timeout: float | None = None,
+        task_timeout: float | None = None,
+        ttl: int = settings.DEFAULT_TTL,
+        batch_id: str | None = None,
+        backend: str = "local",
+        wait: bool = False,
+        start: bool = True,
         home: Path | None = None,
-        **options: Any,
+        on_update: Callable[[Progress, str], None] | None = None,
+        kube: KubeOptions | None = None,
     ) -> Batch | None:
         """Start a batch with everything queued right now; None if the queue is empty.
 
-        Takes the same options as :func:`kiabatch.submit` (``tasks``, ``chunk``,
-        ``retries``, ``timeout``, ``wait``, ``stdin``, ...).
+        The options are :func:`kiabatch.submit`'s (see :class:`~kiabatch.submission.BatchOptions`).
         """
         from .submission import submit
 
         return submit(
-            "exec",
-            command=command,
-            from_queue=self.name,
-            parallel=parallel,
-            redis=self.redis,
-            home=home,
-            **options,
-        )
+            "exec", command=command, from_queue=self.name, stdin=stdin, env=env, image=image,
+            non_retriable_exit_codes=non_retriable_exit_codes, parallel=parallel, tasks=tasks, chunk=chunk,
+            retries=retries, timeout=timeout, task_timeout=task_timeout, ttl=ttl, batch_id=batch_id, backend=backend,
+            redis=self.redis, wait=wait, start=start, home=home, on_update=on_update, kube=kube,
+        )  # fmt: skip
 
 
 def queue_names(client: redis.Redis) -> list[str]:

@@ -30,16 +30,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
 from . import keys, settings
-from .backends.local import runner_alive, stop_runner
+from .backends.local_state import runner_alive, stop_runner
 from .errors import NotFoundError, UsageError
 from .model import TERMINAL_STATES
-from .schedules import Schedule, run_batch_id, submit_argv
+from .schedules import Schedule, ScheduleRow, StartedRun, run_batch_id, submit_argv
 from .store import Store
+from .text import when
+
+if TYPE_CHECKING:
+    from .kube.options import KubeOptions
 
 #: Outcomes of a tick recorded in a schedule's history.
 LAUNCHED, SKIPPED, EMPTY, REPLACED, FAILED_TO_START = "launched", "skipped", "empty", "replaced", "failed-to-start"
@@ -59,6 +63,10 @@ class ScheduleStore:
                 raise UsageError(f"schedule {schedule.name!r} already exists; delete it first or pick another name")
             self.redis.hset(keys.SCHEDULES, schedule.name, schedule.to_json())
 
+    def exists(self, name: str) -> bool:
+        """True if a schedule called ``name`` is stored (even one that cannot be evaluated)."""
+        return bool(self.redis.hexists(keys.SCHEDULES, name))
+
     def get(self, name: str) -> Schedule:
         """The schedule called ``name``; NotFoundError if there is none."""
         raw = self.redis.hget(keys.SCHEDULES, name)
@@ -67,8 +75,25 @@ class ScheduleStore:
         return Schedule.from_json(raw)
 
     def all(self) -> list[Schedule]:
-        """Every schedule, by name."""
-        return sorted((Schedule.from_json(v) for v in self.redis.hvals(keys.SCHEDULES)), key=lambda s: s.name)
+        """Every schedule that can be evaluated, by name (see :meth:`broken` for the others)."""
+        return self._load()[0]
+
+    def broken(self) -> dict[str, str]:
+        """Stored schedules that cannot be evaluated (made by an older version, edited by hand): name -> why.
+
+        They never stop the others from running; ``schedule list`` shows them and
+        ``schedule delete`` removes them.
+        """
+        return self._load()[1]
+
+    def _load(self) -> tuple[list[Schedule], dict[str, str]]:
+        good, bad = [], {}
+        for name, raw in self.redis.hgetall(keys.SCHEDULES).items():
+            try:
+                good.append(Schedule.from_json(raw))
+            except (UsageError, ValueError, TypeError, KeyError) as exc:
+                bad[name.decode(errors="replace")] = str(exc) or type(exc).__name__
+        return sorted(good, key=lambda s: s.name), bad
 
     def delete(self, name: str) -> bool:
         """Remove a schedule and its state and history."""
@@ -173,9 +198,15 @@ class LocalScheduler:
         for schedule in self.schedules.all():
             if schedule.suspend:
                 continue
-            outcome = self._tick_one(schedule, now)
+            try:
+                outcome = self._tick_one(schedule, now)
+            except (UsageError, ValueError) as exc:  # one schedule that cannot be evaluated stops no other
+                self.log(f"{schedule.name}: cannot evaluate this schedule: {exc}; skipped")
+                outcome = "invalid"
             if outcome:
                 handled.append((schedule.name, outcome))
+        for name, reason in self.schedules.broken().items():
+            handled.append((name, f"invalid: {reason}"))
         return handled
 
     def _tick_one(self, schedule: Schedule, now: datetime) -> str | None:
@@ -239,6 +270,84 @@ class LocalScheduler:
             self.tick()
             stop.wait(poll)
         self.log("kiabatch scheduler: stopped (runs already started keep running in their own processes)")
+
+
+class LocalSchedules:
+    """Schedules kept in Redis and run by ``kiabatch scheduler`` (the :class:`~kiabatch.schedules.Schedules` of the
+    local backend)."""
+
+    def __init__(self, store: Store, *, redis_url: str | None = None, home: Path | None = None) -> None:
+        self.store = store
+        self.schedules = ScheduleStore(store.redis)
+        self.redis_url = redis_url
+        self.home = home
+
+    def create(self, schedule: Schedule, kube: KubeOptions) -> str:
+        """Store the schedule; the next tick is reported."""
+        del kube  # the local backend's runs use the machine, not a cluster
+        self.schedules.save(schedule)
+        next_tick = schedule.next_tick(datetime.now(UTC))
+        return (f"created schedule {schedule.name} ({schedule.cron}); next run {next_tick.isoformat()}; "
+                "run `kiabatch scheduler` to start runs")  # fmt: skip
+
+    def rows(self) -> list[ScheduleRow]:
+        """Every schedule with its last tick; stored ones that cannot be evaluated say why."""
+        rows = []
+        for schedule in self.schedules.all():
+            last = self.schedules.state(schedule.name).get("last_tick")
+            rows.append(ScheduleRow(schedule.name, schedule, when(float(last)) if last else "-"))
+        rows += [ScheduleRow(name, None, invalid=reason) for name, reason in self.schedules.broken().items()]
+        return sorted(rows, key=lambda row: row.name)
+
+    def get(self, name: str) -> Schedule:
+        """The schedule ``name``."""
+        return self.schedules.get(name)
+
+    def set_suspend(self, name: str, suspend: bool) -> None:
+        """Suspend or resume: stored with the schedule."""
+        self.schedules.save(self.schedules.get(name).with_changes(suspend=suspend), replace=True)
+
+    def delete(self, name: str, *, cascade: bool) -> list[str]:
+        """Remove the schedule, its state and history (with ``cascade``, its runs' batches)."""
+        if not self.schedules.exists(name):
+            raise NotFoundError(f"no schedule {name!r}")
+        removed = []
+        if cascade:
+            from .batch import Batch
+
+            for entry in self.schedules.history(name, limit=10_000):
+                if entry.get("batch") and Batch(entry["batch"], self.store.redis, home=self.home).delete():
+                    removed.append(entry["batch"])
+        self.schedules.delete(name)
+        return removed
+
+    def run_now(self, name: str) -> StartedRun:
+        """Start a run now; its batch id is the ref."""
+        result = LocalScheduler(self.store.redis, redis_url=self.redis_url, home=self.home).run_now(name)
+        if result.outcome == FAILED_TO_START:
+            raise UsageError(f"the run of {name} did not start: {result.note}")
+        return StartedRun(result.batch or "-", f"run of {name}: {result.outcome}"
+                          + (f" ({result.note})" if result.note else ""))  # fmt: skip
+
+    def history(self, name: str, limit: int) -> list[dict[str, Any]]:
+        """Recent runs, newest first, joined with their batches' progress."""
+        if not self.schedules.exists(name):
+            raise NotFoundError(f"no schedule {name!r}")
+        rows = []
+        for entry in self.schedules.history(name, limit):
+            batch = entry.get("batch") or ""
+            done = failed = None
+            started = finished = None
+            state = entry["outcome"]
+            if batch and self.store.exists(batch):
+                status = self.store.status(batch)
+                done, failed = status.progress.done, status.progress.failed
+                started, finished = when(status.started_at), when(status.finished_at)
+                state = status.state if entry["outcome"] == LAUNCHED else entry["outcome"]
+            rows.append({"run": entry["run"], "started": started or when(entry["tick"]), "finished": finished,
+                         "state": state + (f" ({entry['note']})" if entry.get("note") else ""),
+                         "batches": [batch] if batch else [], "done": done, "failed": failed})  # fmt: skip
+        return rows
 
 
 def serve_until_signalled(scheduler: LocalScheduler, poll: float = 1.0) -> None:

@@ -18,15 +18,21 @@ import difflib
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 
 from .errors import UsageError
 from .model import MAX_BATCH_ID, validate_batch_id
+
+if TYPE_CHECKING:
+    from .kube.options import KubeOptions
+    from .store import Store
 
 CONCURRENCY = ("forbid", "allow", "replace")
 DEFAULT_STARTING_DEADLINE = 300
@@ -55,6 +61,7 @@ def validate_cron(expression: str) -> str:
             f"or one of {', '.join(_MACROS)}; got {len(parts)} field(s)"
         )
     if croniter.is_valid(text):
+        _check_fires(expression, text)
         return text
     for position, name in enumerate(_FIELDS):
         probe = ["*"] * 5
@@ -65,6 +72,16 @@ def validate_cron(expression: str) -> str:
                 f"(allowed: {_ALLOWED[name]}, with *, lists a,b, ranges a-b and steps */n)"
             )
     raise UsageError(f"bad cron expression {expression!r}: its fields do not combine into a valid schedule")
+
+
+def _check_fires(expression: str, text: str) -> None:
+    """UsageError for an expression that names no real moment (``0 0 31 2 *``: February 31st)."""
+    try:
+        croniter(text, datetime(2000, 1, 1)).get_next(datetime)
+    except CroniterBadDateError:
+        raise UsageError(
+            f"bad cron expression {expression!r}: it never fires (no month has that day, e.g. February 30 or 31)"
+        ) from None
 
 
 def validate_time_zone(name: str | None) -> str | None:
@@ -162,3 +179,74 @@ class Schedule:
     def with_changes(self, **changes: Any) -> Schedule:
         """A copy with ``changes`` (validated again)."""
         return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class ScheduleRow:
+    """One line of ``schedule list``: a schedule and when it last ran, or why it cannot be evaluated."""
+
+    name: str
+    schedule: Schedule | None
+    last_run: str = "-"
+    #: Why a stored schedule cannot be evaluated ("" when it can).
+    invalid: str = ""
+
+
+@dataclass(frozen=True)
+class StartedRun:
+    """What ``schedule run-now`` started: ``ref`` (printed: a batch id, or a launcher Job's name) and a note."""
+
+    ref: str
+    note: str
+
+
+class Schedules(Protocol):
+    """Where schedules live and run: Redis plus ``kiabatch scheduler`` (local), or CronJobs (kubernetes)."""
+
+    def create(self, schedule: Schedule, kube: KubeOptions) -> str:
+        """Store ``schedule`` (refused if its name exists); returns a line saying what was made."""
+        ...
+
+    def rows(self) -> list[ScheduleRow]:
+        """Every schedule, by name, with its last run."""
+        ...
+
+    def get(self, name: str) -> Schedule:
+        """The schedule ``name`` (NotFoundError if there is none)."""
+        ...
+
+    def set_suspend(self, name: str, suspend: bool) -> None:
+        """Stop (or start again) starting runs; runs already started go on."""
+        ...
+
+    def delete(self, name: str, *, cascade: bool) -> list[str]:
+        """Remove the schedule (with ``cascade``, its runs' batches too); returns the batches removed."""
+        ...
+
+    def run_now(self, name: str) -> StartedRun:
+        """Start a run at once, whatever the schedule says."""
+        ...
+
+    def history(self, name: str, limit: int) -> list[dict[str, Any]]:
+        """Recent runs, newest first: run, started, finished, state, batches, done, failed."""
+        ...
+
+
+def open_schedules(
+    backend: str,
+    *,
+    store: Callable[[], Store],
+    redis_url: str | None = None,
+    home: Path | None = None,
+    namespace: str | None = None,
+    context: str | None = None,
+) -> Schedules:
+    """The schedules of ``backend``; ``store`` opens the Redis store when it is needed."""
+    if backend == "kubernetes":
+        from .kube.api import Cluster
+        from .kube.schedule_ops import KubeSchedules
+
+        return KubeSchedules(Cluster.connect(context, namespace), store)
+    from .scheduler import LocalSchedules
+
+    return LocalSchedules(store(), redis_url=redis_url, home=home)

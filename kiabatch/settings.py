@@ -19,6 +19,8 @@ ENV_REDIS_SERVER = "KIABATCH_REDIS_SERVER"
 ENV_REDIS_RETRY_SECONDS = "KIABATCH_REDIS_RETRY_SECONDS"
 #: Default backend for ``submit`` ("local" or "kubernetes").
 ENV_BACKEND = "KIABATCH_BACKEND"
+#: Kubernetes namespace (default: the kubeconfig context's).
+ENV_NAMESPACE = "KIABATCH_NAMESPACE"
 #: Container image for Kubernetes pods.
 ENV_IMAGE = "KIABATCH_IMAGE"
 

@@ -6,11 +6,13 @@ batched with other writes (the Lua scripts run atomically on their own).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import redis
@@ -27,7 +29,11 @@ from .model import (
     validate_batch_id,
 )
 
-_PUSH_CHUNK = 5000
+#: Items per RPUSH, and per pipelined round of RPUSHes, when a batch is written.
+_PUSH_CHUNK = 1000
+_PUSH_ROUND = 10_000
+#: Seconds a half-written batch's staging list outlives a submit that died.
+_STAGING_TTL = 3600
 #: Last bytes of stderr kept with a dead-lettered item.
 DEAD_LETTER_STDERR = 4096
 #: Last bytes of stderr kept per attempt for ``kiabatch logs``.
@@ -88,18 +94,59 @@ class Store:
 
     # -- creating batches -------------------------------------------------------------
 
-    def create(self, spec: BatchSpec, encoded_items: Sequence[str]) -> None:
-        """Write a new batch and its items in one transaction (all or nothing)."""
+    def create(
+        self,
+        spec: BatchSpec,
+        encoded_items: Iterable[bytes | str],
+        shape: Callable[[int], tuple[int, int]] | None = None,
+    ) -> BatchSpec:
+        """Write a new batch, streaming its items; returns its spec with tasks, chunk and total filled in.
+
+        Items go to a staging list in pipelined rounds (memory stays bounded for any
+        number of items); the batch appears only when all of them are in, in one
+        transaction (RENAME staging -> queue, meta, progress, index). If the items
+        raise (a bad one at line 150,000) nothing is left behind; if this process
+        dies, the staging list expires. ``shape(total)`` gives (tasks, chunk); without
+        it, ``spec``'s own tasks and chunk are kept.
+        """
         k = keys.batch_keys(spec.id)
         if self.redis.exists(k.meta):
             raise UsageError(f"batch {spec.id!r} already exists; choose another id or delete it first")
-        with self.redis.pipeline(transaction=True) as pipe:
-            for start in range(0, len(encoded_items), _PUSH_CHUNK):
-                pipe.rpush(k.queue, *encoded_items[start : start + _PUSH_CHUNK])
-            pipe.hset(k.meta, mapping={**spec.to_fields(), "state": QUEUED})
-            pipe.hset(k.progress, mapping={"total": spec.total, "done": 0, "failed": 0, "running": 0})
-            pipe.zadd(keys.BATCH_INDEX, {spec.id: spec.created_at})
-            pipe.execute()
+        total = 0
+        try:
+            self.redis.delete(k.staging)
+            for round_items in _rounds(encoded_items, _PUSH_ROUND):
+                with self.redis.pipeline(transaction=False) as pipe:
+                    for start in range(0, len(round_items), _PUSH_CHUNK):
+                        pipe.rpush(k.staging, *round_items[start : start + _PUSH_CHUNK])
+                    pipe.expire(k.staging, _STAGING_TTL)
+                    pipe.execute()
+                total += len(round_items)
+            if total == 0:
+                raise UsageError("no items to run; give items (--item, --items FILE, --lines FILE) or --from-queue")
+            tasks, chunk = shape(total) if shape is not None else (spec.tasks, spec.chunk)
+            final = replace(spec, tasks=tasks, chunk=chunk, total=total)
+            with self.redis.pipeline(transaction=True) as pipe:
+                pipe.watch(k.meta)
+                if pipe.exists(k.meta):
+                    raise UsageError(f"batch {spec.id!r} already exists; choose another id or delete it first")
+                pipe.multi()
+                pipe.rename(k.staging, k.queue)
+                pipe.persist(k.queue)
+                pipe.hset(k.meta, mapping={**final.to_fields(), "state": QUEUED})
+                pipe.hset(k.progress, mapping={"total": total, "done": 0, "failed": 0, "running": 0})
+                pipe.zadd(keys.BATCH_INDEX, {spec.id: spec.created_at})
+                try:
+                    pipe.execute()
+                except redis.WatchError:  # another submit created the same id a moment ago
+                    raise UsageError(
+                        f"batch {spec.id!r} already exists; choose another id or delete it first"
+                    ) from None
+        except BaseException:
+            with contextlib.suppress(redis.RedisError):
+                self.redis.delete(k.staging)
+            raise
+        return final
 
     def create_from_queue(self, spec: BatchSpec, queue_name: str, *, chunk: int | None, tasks: int | None) -> int:
         """Start batch ``spec.id`` with a snapshot of named queue ``queue_name``.
@@ -300,6 +347,13 @@ class Store:
         settled = {int(i) for i in self.redis.smembers(k.final)}
         return [i for i in range(tasks) if i not in settled]
 
+    def unsettled_among(self, batch_id: str, indexes: Sequence[int]) -> list[int]:
+        """Which of ``indexes`` are not settled yet (one round trip, for a page of indexes)."""
+        if not indexes:
+            return []
+        flags = self.redis.smismember(keys.batch_keys(batch_id).final, list(indexes))
+        return [index for index, settled in zip(indexes, flags, strict=True) if not settled]
+
     def failure_count(self, batch_id: str, index: int) -> int:
         """Failed attempts reported for task ``index``."""
         return int(self.redis.hget(keys.batch_keys(batch_id).failures, index) or 0)
@@ -405,7 +459,7 @@ class Store:
         """Delete a batch at once (``keep_results``: keep what ``results`` and ``status`` read)."""
         validate_batch_id(batch_id)
         k = keys.batch_keys(batch_id)
-        keep = {k.meta, k.progress, k.results, k.outcomes, k.failed, k.claims, k.logs} if keep_results else set()
+        keep = {k.meta, k.progress, k.results, k.outcomes, k.failed, k.claims, k.sizes, k.logs} if keep_results else set()
         doomed = [key for key in k.all() if key not in keep]
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.exists(k.meta)
@@ -414,6 +468,12 @@ class Store:
                 pipe.zrem(keys.BATCH_INDEX, batch_id)
             existed = pipe.execute()[0]
         return bool(existed)
+
+
+def _rounds(values: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(values)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
 
 
 def _failed_item(index: int, position: int, raw: bytes) -> FailedItem:

@@ -1,25 +1,104 @@
-"""``submit``: turn a workload and its options into a batch, and start it."""
+"""``submit``: turn a workload and its options into a batch, and start it.
+
+:class:`BatchOptions` is the one definition of a batch's options (with their
+defaults and ranges); :func:`submit` spells every one of them out as a keyword,
+so ``help(kiabatch.submit)`` and an IDE show them, and a misspelt one is a
+``TypeError`` naming it before anything happens.
+"""
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
 from . import backends, limits, settings, workloads
 from . import items as items_mod
+from .backends import RunHooks
 from .batch import Batch, open_store
-from .connection import url_of
 from .errors import UsageError
-from .kube.batch_job import KubeOptions
 from .model import BatchSpec, Progress, new_batch_id, validate_batch_id, validate_queue_name
 from .schedules import run_batch_id
+
+if TYPE_CHECKING:
+    from .kube.batch_job import KubeOptions
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """Everything that shapes a batch besides its workload's own options (``digits`` for π).
+
+    Ranges are checked when it is made (UsageError naming the option and its range).
+    """
+
+    #: The items (any JSON values; a generator is consumed lazily, as the batch is written).
+    items: Iterable[Any] | None = None
+    #: The worker's command template (exec): an argv list, or a string split like a shell would.
+    command: str | Sequence[str] | None = None
+    #: Take every item queued in this named queue at submit time instead of ``items``.
+    from_queue: str | None = None
+    #: Feed each item's text to the worker's standard input.
+    stdin: bool = False
+    #: Environment variables for the worker.
+    env: Mapping[str, str] | None = None
+    #: The worker's container image (kubernetes; default: the kiabatch image).
+    image: str | None = None
+    #: Exit codes that fail an item at once, without retries.
+    non_retriable_exit_codes: Sequence[int] = ()
+    #: Tasks running at once (Job ``parallelism``).
+    parallel: int = 1
+    #: Number of tasks (Job ``completions``); default one per chunk of items.
+    tasks: int | None = None
+    #: Items per task (default 1, or as many as ``tasks`` needs).
+    chunk: int | None = None
+    #: Retries per task before its items are dead-lettered (``backoffLimitPerIndex``).
+    retries: int = 3
+    #: Batch deadline in seconds (``activeDeadlineSeconds``).
+    timeout: float | None = None
+    #: Time limit of one task attempt, in seconds.
+    task_timeout: float | None = None
+    #: Seconds a finished batch's results are kept (0: forever).
+    ttl: int = settings.DEFAULT_TTL
+    #: The batch's id (a DNS label of at most 52 characters); default WORKLOAD-xxxxx.
+    batch_id: str | None = None
+    #: "local" or "kubernetes".
+    backend: str = backends.LOCAL
+    #: The schedule and run that start this batch (set by launchers; the run fixes the batch id).
+    schedule: str | None = None
+    run: str | None = None
+    #: Options of the workload itself (e.g. ``{"digits": 5000}``).
+    workload_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        limits.check_int("parallel", self.parallel, 1, limits.MAX_PARALLEL)
+        if self.tasks is not None:
+            limits.check_int("tasks", self.tasks, 1, limits.MAX_TASKS)
+        if self.chunk is not None:
+            limits.check_int("chunk", self.chunk, 1, limits.MAX_CHUNK)
+        if self.tasks is not None and self.chunk is not None:
+            raise UsageError("give either tasks or chunk, not both (chunk = items per task)")
+        limits.check_int("retries", self.retries, 0, limits.MAX_RETRIES)
+        limits.check_int("ttl", self.ttl, 0, limits.MAX_SECONDS)
+        if self.timeout is not None:
+            limits.check_seconds("timeout", self.timeout)
+        if self.task_timeout is not None:
+            limits.check_seconds("task_timeout", self.task_timeout)
+        backends.validate(self.backend)
+        if self.batch_id is not None:
+            validate_batch_id(self.batch_id)
+        if self.run is not None and self.batch_id is not None:
+            raise UsageError("give either a batch id or a run (whose batch id is derived from it), not both")
+        if self.from_queue is not None:
+            validate_queue_name(self.from_queue)
+            if self.items is not None:
+                raise UsageError("from_queue takes its items from the queue; give no items")
 
 
 def cut_tasks(total: int, *, tasks: int | None, chunk: int | None) -> tuple[int, int]:
@@ -29,27 +108,122 @@ def cut_tasks(total: int, *, tasks: int | None, chunk: int | None) -> tuple[int,
     if tasks is not None:
         chunk = math.ceil(total / tasks)
     chunk = chunk or 1
-    return math.ceil(total / chunk), chunk
+    count = math.ceil(total / chunk)
+    if count > limits.MAX_TASKS:
+        raise UsageError(
+            f"{total:,} items at {chunk:,} per task make {count:,} tasks, more than {limits.MAX_TASKS:,}; "
+            f"give --chunk {math.ceil(total / limits.MAX_TASKS)} or more"
+        )
+    return count, chunk
 
 
 @dataclass(frozen=True)
 class PlannedBatch:
     """A validated batch that has not been written anywhere yet."""
 
+    #: The batch's spec; tasks, chunk and total are 0 until its items are counted.
     spec: BatchSpec
-    #: Encoded items; None when they come from a named queue at submit time.
-    items: list[str] | None
+    #: Encoded items, produced (and checked) lazily; None when they come from a named queue.
+    items: Iterator[bytes] | None
     from_queue: str | None
-    plan_chunk: int | None
-    plan_tasks: int | None
+    #: What the workload asked for: items per task and number of tasks (None: derive).
+    chunk: int | None
+    tasks: int | None
+
+    def shape(self, total: int) -> tuple[int, int]:
+        """(tasks, chunk) for ``total`` items."""
+        return cut_tasks(total, tasks=self.tasks, chunk=self.chunk)
+
+    def counted(self) -> BatchSpec:
+        """The spec with its items counted (consumes them; for ``render``, which writes nothing)."""
+        total = sum(1 for _ in self.items or ())
+        if total == 0:
+            raise UsageError(NO_ITEMS)
+        count, size = self.shape(total)
+        return replace(self.spec, tasks=count, chunk=size, total=total)
 
 
-def plan_batch(
+_OPTION_FIELDS = frozenset(f.name for f in fields(BatchOptions)) - {"workload_options"}
+
+NO_ITEMS = "no items to run; give items (--item, --items FILE, --lines FILE) or --from-queue"
+
+
+def plan_batch(workload: str = "exec", options: BatchOptions | None = None, **workload_options: Any) -> PlannedBatch:
+    """Validate everything and build the batch's spec; touches neither Redis nor a cluster.
+
+    Batch options come as ``options``, or as keywords named like its fields
+    (``plan_batch("pi", parallel=3, digits=5000)``); other keywords are the
+    workload's own. Raises UsageError naming the first bad value, TypeError for an
+    unknown keyword. (``kiabatch render`` stops here.)
+    """
+    given = {name: workload_options.pop(name) for name in list(workload_options) if name in _OPTION_FIELDS}
+    options = replace(options or BatchOptions(), **given) if given else options or BatchOptions()
+    chosen = workloads.get(workload)
+    check_workload_options(chosen, {**options.workload_options, **workload_options})
+    extra = {**options.workload_options, **workload_options}
+    if chosen.takes_command:
+        extra.update(command=options.command, items=options.items, chunk=options.chunk, stdin=options.stdin,
+                     non_retriable_exit_codes=options.non_retriable_exit_codes, image=options.image,
+                     env=options.env)  # fmt: skip
+    else:
+        given = [name for name in ("items", "command", "from_queue") if getattr(options, name) is not None]
+        if given:
+            raise UsageError(f"workload {workload!r} makes its own items and command; drop {', '.join(given)}")
+    plan = chosen.plan(backends.get(options.backend).runtime(), parallel=options.parallel, tasks=options.tasks,
+                       **extra)  # fmt: skip
+    batch_id = options.batch_id or (run_batch_id(options.run) if options.run else None)
+    spec = BatchSpec(
+        id=batch_id or new_batch_id(workload if options.from_queue is None else options.from_queue),
+        workload=chosen.name,
+        worker=plan.worker,
+        tasks=0,
+        parallelism=options.parallel,
+        chunk=0,
+        retries=options.retries,
+        total=0,
+        created_at=time.time(),
+        ttl=options.ttl,
+        backend=options.backend,
+        options=plan.options,
+        deadline=None if options.timeout is None else float(options.timeout),
+        task_timeout=None if options.task_timeout is None else float(options.task_timeout),
+        source="items" if options.from_queue is None else f"queue:{options.from_queue}",
+        cwd=os.getcwd(),
+        schedule=options.schedule or "",
+        run=options.run or "",
+    )
+    if options.from_queue is not None:
+        return PlannedBatch(spec, None, options.from_queue, plan.chunk, plan.tasks)
+    return PlannedBatch(spec, items_mod.encode_many(plan.items), None, plan.chunk, plan.tasks)
+
+
+#: What :func:`submit` takes besides the batch options and the workload's own.
+_SUBMIT_ONLY = ("redis", "wait", "start", "home", "on_update", "on_created", "kube")
+
+
+def check_workload_options(workload: workloads.Workload, given: Mapping[str, Any]) -> None:
+    """TypeError naming an option that neither :func:`submit` nor the workload takes (a typo, at once)."""
+    known = [f.name for f in fields(BatchOptions) if f.name != "workload_options"] + list(_SUBMIT_ONLY)
+    allowed = tuple(getattr(workload, "option_names", ()))
+    for name in given:
+        if name not in allowed:
+            close = difflib.get_close_matches(name, known + list(allowed), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            takes = f"takes {', '.join(allowed)}" if allowed else "takes no options of its own"
+            raise TypeError(f"submit() got an unexpected keyword argument {name!r} (workload {workload.name!r} "
+                            f"{takes}){hint}")  # fmt: skip
+
+
+def submit(
     workload: str = "exec",
     *,
     items: Iterable[Any] | None = None,
     command: str | Sequence[str] | None = None,
     from_queue: str | None = None,
+    stdin: bool = False,
+    env: Mapping[str, str] | None = None,
+    image: str | None = None,
+    non_retriable_exit_codes: Sequence[int] = (),
     parallel: int = 1,
     tasks: int | None = None,
     chunk: int | None = None,
@@ -61,126 +235,80 @@ def plan_batch(
     backend: str = backends.LOCAL,
     schedule: str | None = None,
     run: str | None = None,
-    **options: Any,
-) -> PlannedBatch:
-    """Validate everything and build the batch's spec; touches neither Redis nor a cluster.
+    redis: redis.Redis | str | None = None,
+    wait: bool = False,
+    start: bool = True,
+    home: Path | None = None,
+    on_update: Callable[[Progress, str], None] | None = None,
+    on_created: Callable[[Batch], None] | None = None,
+    kube: KubeOptions | None = None,
+    **workload_options: Any,
+) -> Batch | None:
+    """Create a batch and start it; returns its :class:`Batch` handle.
 
-    Raises UsageError naming the first bad value. (``kiabatch render`` stops here.)
+    ``workload`` is ``"exec"`` (``command`` plus ``items`` or ``from_queue``) or a
+    named workload such as ``"pi"`` with its own options (``digits=5000``). The
+    batch options are described on :class:`BatchOptions`: ``parallel`` caps tasks
+    running at once, ``tasks`` / ``chunk`` cut the items (default one item per
+    task), ``retries`` is the per-task retry limit, ``timeout`` / ``task_timeout``
+    the batch deadline and per-attempt limit in seconds, ``ttl`` how long results
+    stay, ``backend`` "local" or "kubernetes".
+
+    ``redis`` is a client or URL (default ``$KIABATCH_REDIS_URL``, else the embedded
+    server). With ``wait`` the batch runs to its end before this returns (locally, in
+    this process); ``on_update(progress, note)`` follows it and ``on_created(batch)``
+    is called once it is written. With ``start=False`` the batch is only written:
+    run its tasks yourself with ``kiabatch task claim`` / ``task report``. ``kube``
+    holds the cluster-side settings of the kubernetes backend. Returns None when
+    ``from_queue`` names an empty queue (nothing is created). Bad input raises
+    UsageError (an unusable cluster ClusterError) before anything is written, and an
+    unknown keyword raises TypeError naming it.
     """
-    limits.check_int("parallel", parallel, 1, limits.MAX_PARALLEL)
-    if tasks is not None:
-        limits.check_int("tasks", tasks, 1, limits.MAX_TASKS)
-    if chunk is not None:
-        limits.check_int("chunk", chunk, 1, limits.MAX_CHUNK)
-    limits.check_int("retries", retries, 0, limits.MAX_RETRIES)
-    limits.check_int("ttl", ttl, 0, limits.MAX_SECONDS)  # 0: keep forever
-    deadline = None if timeout is None else limits.check_seconds("timeout", timeout)
-    per_task = None if task_timeout is None else limits.check_seconds("task_timeout", task_timeout)
-    backends.validate(backend)
-    chosen = workloads.get(workload)
-    if batch_id is not None:
-        validate_batch_id(batch_id)
-    if run is not None:
-        if batch_id is not None:
-            raise UsageError("give either a batch id or a run (whose batch id is derived from it), not both")
-        batch_id = run_batch_id(run)
-    if from_queue is not None:
-        validate_queue_name(from_queue)
-        if workload != "exec" or items is not None:
-            raise UsageError("from_queue works with the exec workload and no explicit items")
-    workload_options = dict(options)
-    if workload == "exec":
-        workload_options.update(command=command, items=list(items) if items is not None else None, chunk=chunk)
-    elif command is not None or items is not None:
-        raise UsageError(f"workload {workload!r} makes its own items and command; drop command/items")
-    plan = chosen.plan(backends.get(backend).runtime(), parallel=parallel, tasks=tasks, **workload_options)
-    spec = BatchSpec(
-        id=batch_id or new_batch_id(workload if from_queue is None else from_queue),
-        workload=chosen.name,
-        worker=plan.worker,
-        tasks=0,
-        parallelism=parallel,
-        chunk=0,
-        retries=retries,
-        total=0,
-        created_at=time.time(),
-        ttl=ttl,
-        backend=backend,
-        options=plan.options,
-        deadline=deadline,
-        task_timeout=per_task,
-        source="items" if from_queue is None else f"queue:{from_queue}",
-        cwd=os.getcwd(),
-        schedule=schedule or "",
-        run=run or "",
-    )
-    if from_queue is not None:
-        return PlannedBatch(spec, None, from_queue, plan.chunk, plan.tasks)
-    if not plan.items:
-        raise UsageError("no items to run; give items (--item, --items FILE, --lines FILE) or --from-queue")
-    encoded = list(items_mod.encode_many(plan.items))
-    count, size = cut_tasks(len(encoded), tasks=plan.tasks, chunk=plan.chunk)
-    return PlannedBatch(replace(spec, tasks=count, chunk=size, total=len(encoded)), encoded, None, None, None)
+    options = BatchOptions(
+        items=items, command=command, from_queue=from_queue, stdin=stdin, env=env, image=image,
+        non_retriable_exit_codes=non_retriable_exit_codes, parallel=parallel, tasks=tasks, chunk=chunk,
+        retries=retries, timeout=timeout, task_timeout=task_timeout, ttl=ttl, batch_id=batch_id, backend=backend,
+        schedule=schedule, run=run, workload_options=workload_options,
+    )  # fmt: skip
+    return submit_options(workload, options, redis=redis, wait=wait, start=start, home=home, on_update=on_update,
+                          on_created=on_created, kube=kube)  # fmt: skip
 
 
-def submit(
-    workload: str = "exec",
+def submit_options(
+    workload: str,
+    options: BatchOptions,
     *,
     redis: redis.Redis | str | None = None,
     wait: bool = False,
     start: bool = True,
     home: Path | None = None,
-    on_update: Callable[[Progress], None] | None = None,
+    on_update: Callable[[Progress, str], None] | None = None,
     on_created: Callable[[Batch], None] | None = None,
     kube: KubeOptions | None = None,
-    **options: Any,
 ) -> Batch | None:
-    """Create a batch and start it; returns its :class:`Batch` handle.
-
-    ``workload`` is ``"exec"`` (``command`` plus ``items`` or ``from_queue``) or
-    a named workload such as ``"pi"`` with its options (``digits=5000``).
-    ``parallel`` caps concurrent tasks; ``tasks`` / ``chunk`` cut the items
-    (default: one item per task); ``retries`` is the per-task retry limit;
-    ``timeout`` the batch deadline and ``task_timeout`` the per-attempt limit,
-    in seconds; ``backend`` is ``"local"`` or ``"kubernetes"`` (see
-    :func:`plan_batch` for every option). With ``wait`` the batch runs to the end
-    before returning (on the local backend, in this process). Returns None when
-    ``from_queue`` names an empty queue: nothing is created. With ``start=False``
-    the batch is only written to Redis: run its tasks yourself with
-    ``kiabatch task claim`` / ``task report``. ``kube`` holds the cluster-side
-    settings of the kubernetes backend (namespace, image, resources, ...). Bad
-    input raises UsageError (an unusable cluster ClusterError) before anything is
-    written.
-    """
-    planned = plan_batch(workload, **options)
+    """:func:`submit` with the batch options as one :class:`BatchOptions` value (what the CLI builds)."""
+    planned = plan_batch(workload, options)
     spec = planned.spec
-    target = backends.get(spec.backend)
+    target = backends.get(spec.backend, home=home, kube=kube)
     # A batch run in this process must ride out a Redis restart; a detached one only writes once.
     store = open_store(redis, retry_seconds=settings.worker_retry_seconds() if wait else 0.0)
-    extra: dict[str, Any] = {}
-    if spec.backend == backends.KUBERNETES:
-        if url_of(store.redis) is None:
-            raise UsageError(
-                "the kubernetes backend needs a Redis the cluster can reach: give --redis-url "
-                "(or KIABATCH_REDIS_URL), and store the URL pods use with: kiabatch secret create"
-            )
-        if start:
-            extra = {"kube": kube, "cluster": target.preflight(kube or KubeOptions())}
+    if start:
+        target.preflight(store)
+    hooks = RunHooks(on_update=on_update)
     if spec.run and store.exists(spec.id):
         # This run started before (its launcher or scheduler died): finish that batch.
         batch = Batch(spec.id, store.redis, home=home)
-        existing = store.spec(spec.id)
-        if not store.status(spec.id).finished:
-            target.attach(store, existing, wait=wait, home=home, on_update=on_update,
-                          on_running=batch.start_prepare if wait else None, **extra)  # fmt: skip
+        if start and not store.status(spec.id).finished:
+            hooks = replace(hooks, on_running=batch.start_prepare if wait else None)
+            target.attach(store, store.spec(spec.id), wait=wait, hooks=hooks)
         return batch
     if planned.from_queue is not None:
-        taken = store.create_from_queue(spec, planned.from_queue, chunk=planned.plan_chunk, tasks=planned.plan_tasks)
+        taken = store.create_from_queue(spec, planned.from_queue, chunk=planned.chunk, tasks=planned.tasks)
         if taken == 0:
             return None
         spec = store.spec(spec.id)
     else:
-        store.create(spec, planned.items or [])
+        spec = store.create(spec, planned.items or iter(()), planned.shape)
     batch = Batch(spec.id, store.redis, home=home)
     if on_created is not None:
         on_created(batch)
@@ -188,6 +316,5 @@ def submit(
         return batch
     # The workload's prepare step (e.g. π's square root) overlaps the map step; it
     # starts once workers run, as it may hold the GIL for a while.
-    target.launch(store, spec, wait=wait, home=home, on_update=on_update,
-                  on_running=batch.start_prepare if wait else None, **extra)  # fmt: skip
+    target.launch(store, spec, wait=wait, hooks=replace(hooks, on_running=batch.start_prepare if wait else None))
     return batch

@@ -18,14 +18,19 @@ emptyDir shared by the init container, the worker and the reporter sidecar)::
     reported               written by the reporter once Redis has the outcome
 
 ``kiabatch task claim`` and ``kiabatch task report`` are thin wrappers around
-:func:`claim_into` and :func:`report_from`; the local backend calls them in process.
+:func:`claim_into` and :func:`report_from`. The local backend runs workers with
+pipes instead of files, but decides every outcome with the same functions
+(:func:`item_argv`, :func:`item_outcome`, :func:`report_outcomes`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -35,9 +40,11 @@ from . import items as items_mod
 from . import templates
 from .errors import UsageError
 from .model import BatchSpec
-from .store import Claim, ItemOutcome, ReportResult, Store
+from .store import LOG_TAIL, Claim, ItemOutcome, ReportResult, Store
 
 RUNNER_NAME = "run.sh"
+#: Written by the claim step when an item cannot be run; run.sh skips the item.
+INVALID_FILE = "invalid"
 TASK_FILE = "task.json"
 DONE_FILE = "done"
 REPORTED_FILE = "reported"
@@ -80,6 +87,13 @@ def item_dir(directory: Path, position: int) -> Path:
     return directory / "items" / f"{position:05d}"
 
 
+def item_argv(spec: BatchSpec, value: Any, index: int, where: Path) -> list[str]:
+    """The worker's argv for item ``value`` laid out in ``where``; UsageError says why it cannot run."""
+    return templates.fill(
+        spec.worker.command, value, input_path=str(where / "item.json"), output_path=str(where / "output"), index=index
+    )
+
+
 def prepare(directory: Path, spec: BatchSpec, index: int, claim: Claim) -> TaskInfo:
     """Lay out the task directory for ``claim`` (idempotent for a given claim)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -92,18 +106,11 @@ def prepare(directory: Path, spec: BatchSpec, index: int, claim: Claim) -> TaskI
     for position, value in enumerate(values):
         where = item_dir(directory, position)
         (where / "argv").mkdir(parents=True, exist_ok=True)
-        input_path = where / "item.json"
-        _write(input_path, items_mod.encode(value))
+        _write(where / "item.json", items_mod.encode(value))
         try:
-            argv = templates.render(
-                spec.worker.command,
-                value,
-                input_path=str(input_path),
-                output_path=str(where / "output"),
-                index=index,
-            )
-        except UsageError as exc:
-            _write(where / "invalid", str(exc))
+            argv = item_argv(spec, value, index, where)
+        except UsageError as exc:  # the reporter fails it with this reason, without retries
+            _write(where / INVALID_FILE, str(exc))
             continue
         for number, argument in enumerate(argv):
             _write(where / "argv" / f"{number:04d}", argument)
@@ -153,7 +160,10 @@ def done_status(directory: Path) -> int | None:
 
 def _tail(path: Path, limit: int) -> bytes:
     try:
-        with open(path, "rb") as handle:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return b""
             handle.seek(0, os.SEEK_END)
             size = handle.tell()
             handle.seek(max(0, size - limit))
@@ -162,48 +172,119 @@ def _tail(path: Path, limit: int) -> bytes:
         return b""
 
 
-def collect(directory: Path, info: TaskInfo, *, killed_reason: str = "") -> tuple[list[ItemOutcome], bool, bytes]:
-    """Read the outcome of every item: (outcomes, non_retriable, stderr tail).
+class OutputError(Exception):
+    """A result file kiabatch will not read (missing, a symbolic link, not a regular file)."""
 
-    ``killed_reason`` explains items that have no exit status because the
-    runner was stopped (a time limit); they count as failed.
+
+def read_result_file(path: Path, what: str) -> bytes:
+    """The bytes of a file the worker wrote, without following a symbolic link it may have planted.
+
+    Opened with O_NOFOLLOW and O_NONBLOCK (a FIFO cannot block us) and read only if it
+    is a regular file: a worker cannot make its result someone else's file.
     """
-    from .store import LOG_TAIL
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise OutputError(f"the worker exited 0 but did not write its {what} file") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OutputError(f"the worker's {what} is a symbolic link; kiabatch does not follow it") from None
+        raise OutputError(f"cannot read the worker's {what}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise OutputError(f"the worker's {what} is not a regular file")
+        return handle.read()
 
+
+def item_outcome(
+    *,
+    exit_code: int | None,
+    duration: float,
+    stdout: bytes,
+    stderr: bytes,
+    output: Path | None = None,
+    invalid: str | None = None,
+    killed_reason: str = "",
+) -> ItemOutcome:
+    """How one item ended: the single rule both backends apply.
+
+    ``invalid``: why the item could not even be run (a missing field): failed, not
+    retried. ``exit_code`` None: the worker was stopped (``killed_reason`` says why).
+    A non-zero status fails the item; status 0 succeeds with stdout as the result, or
+    with the ``output`` file when the command declares ``{output}``.
+    """
+    if invalid is not None:
+        return ItemOutcome(ok=False, exit_code=None, duration=0.0, reason=invalid, stderr=invalid.encode(),
+                           retriable=False)  # fmt: skip
+    if exit_code is None:
+        reason = killed_reason or "the worker did not finish"
+        return ItemOutcome(ok=False, exit_code=None, duration=duration, reason=reason, stderr=stderr)
+    if exit_code != 0:
+        return ItemOutcome(ok=False, exit_code=exit_code, duration=duration, reason=f"exited with status {exit_code}",
+                           stderr=stderr)  # fmt: skip
+    result = stdout
+    if output is not None:
+        try:
+            result = read_result_file(output, "{output}")
+        except OutputError as exc:
+            return ItemOutcome(ok=False, exit_code=0, duration=duration, reason=str(exc), stderr=stderr)
+    return ItemOutcome(ok=True, exit_code=0, duration=duration, result=result, stderr=stderr)
+
+
+def non_retriable(outcomes: Sequence[ItemOutcome], codes: Iterable[int]) -> bool:
+    """True when retrying the task cannot help: an item that cannot run, or a declared exit code."""
+    fatal = set(codes)
+    return any(not o.ok and (not o.retriable or o.exit_code in fatal) for o in outcomes)
+
+
+def stderr_log(outcomes: Sequence[ItemOutcome]) -> bytes:
+    """The attempt's stderr as ``kiabatch logs`` shows it (items marked when there are several)."""
+    if len(outcomes) == 1:
+        return outcomes[0].stderr
+    return b"".join(f"--- item {p} ---\n".encode() + o.stderr for p, o in enumerate(outcomes))
+
+
+def report_outcomes(
+    store: Store,
+    batch_id: str,
+    index: int,
+    *,
+    attempt: int,
+    claim_sha1: str,
+    outcomes: Sequence[ItemOutcome],
+    claimed_items: Sequence[Any],
+    non_retriable_exit_codes: Iterable[int],
+) -> ReportResult:
+    """Record one attempt's outcomes in Redis (idempotent), applying the non-retriable rule and the log join."""
+    return store.report(
+        batch_id, index, attempt, claim_sha1, outcomes, claimed_items=claimed_items,
+        non_retriable=non_retriable(outcomes, non_retriable_exit_codes), stderr_tail=stderr_log(outcomes),
+    )  # fmt: skip
+
+
+def collect(directory: Path, info: TaskInfo, *, killed_reason: str = "") -> list[ItemOutcome]:
+    """Read the outcome of every item run.sh ran in ``directory``."""
     outcomes: list[ItemOutcome] = []
-    non_retriable = False
-    logs: list[bytes] = []
     for position in range(info.items):
         where = item_dir(directory, position)
-        stderr = _tail(where / "stderr", LOG_TAIL)
-        if info.items > 1:
-            logs.append(f"--- item {position} ---\n".encode())
-        logs.append(stderr)
-        if (where / "invalid").exists():
-            reason = (where / "invalid").read_text()
-            outcomes.append(ItemOutcome(ok=False, exit_code=None, duration=0.0, reason=reason, stderr=reason.encode()))
-            non_retriable = True
-            continue
-        code = _read_code(where / "exit_code")
-        duration = _duration(where)
-        if code is None:
-            reason = killed_reason or "the worker did not finish"
-            outcomes.append(ItemOutcome(ok=False, exit_code=None, duration=duration, reason=reason, stderr=stderr))
-            continue
-        if code != 0:
-            non_retriable = non_retriable or code in info.non_retriable_exit_codes
-            reason = f"exited with status {code}"
-            outcomes.append(ItemOutcome(ok=False, exit_code=code, duration=duration, reason=reason, stderr=stderr))
-            continue
-        result_path = where / ("output" if info.output_file else "stdout")
+        invalid_path = where / INVALID_FILE
+        invalid = invalid_path.read_text() if invalid_path.exists() else None
         try:
-            result = result_path.read_bytes()
-        except OSError:
-            reason = "the worker exited 0 but did not write its {output} file"
-            outcomes.append(ItemOutcome(ok=False, exit_code=0, duration=duration, reason=reason, stderr=stderr))
-            continue
-        outcomes.append(ItemOutcome(ok=True, exit_code=0, duration=duration, result=result, stderr=stderr))
-    return outcomes, non_retriable, b"".join(logs)
+            stdout = b"" if info.output_file else read_result_file(where / "stdout", "stdout")
+        except OutputError:
+            stdout = b""
+        outcomes.append(
+            item_outcome(
+                exit_code=_read_code(where / "exit_code"),
+                duration=_duration(where),
+                stdout=stdout,
+                stderr=_tail(where / "stderr", LOG_TAIL),
+                output=where / "output" if info.output_file else None,
+                invalid=invalid,
+                killed_reason=killed_reason,
+            )
+        )
+    return outcomes
 
 
 def _duration(where: Path) -> float:
@@ -223,20 +304,14 @@ def report_from(store: Store, directory: Path, *, killed_reason: str = "") -> Re
     info = TaskInfo.load(directory)
     result = None
     if info.status == "ok":
-        outcomes, non_retriable, stderr = collect(directory, info, killed_reason=killed_reason)
+        outcomes = collect(directory, info, killed_reason=killed_reason)
         claimed = [
             items_mod.decode(item_dir(directory, p).joinpath("item.json").read_bytes()) for p in range(info.items)
         ]
-        result = store.report(
-            info.batch,
-            info.index,
-            info.attempt,
-            info.claim_sha1,
-            outcomes,
-            claimed_items=claimed,
-            non_retriable=non_retriable,
-            stderr_tail=stderr,
-        )
+        result = report_outcomes(
+            store, info.batch, info.index, attempt=info.attempt, claim_sha1=info.claim_sha1, outcomes=outcomes,
+            claimed_items=claimed, non_retriable_exit_codes=info.non_retriable_exit_codes,
+        )  # fmt: skip
     _write(directory / REPORTED_FILE, f"{time.time()}\n")
     return result
 
@@ -250,12 +325,9 @@ def await_and_report(store: Store, directory: Path, *, poll: float = 0.2) -> Rep
     return report_from(store, directory)
 
 
-def task_env(spec: BatchSpec, index: int, directory: Path) -> dict[str, str]:
+def task_env(spec: BatchSpec, index: int, directory: Path | None) -> dict[str, str]:
     """Environment variables the runner and worker see (besides the inherited ones)."""
-    env: dict[str, Any] = {
-        **spec.worker.env,
-        "JOB_COMPLETION_INDEX": str(index),
-        "KIABATCH_BATCH": spec.id,
-        "KIABATCH_TASK_DIR": str(directory),
-    }
+    env: dict[str, Any] = {**spec.worker.env, "JOB_COMPLETION_INDEX": str(index), "KIABATCH_BATCH": spec.id}
+    if directory is not None:
+        env["KIABATCH_TASK_DIR"] = str(directory)
     return {key: str(value) for key, value in env.items()}

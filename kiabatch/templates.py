@@ -15,7 +15,7 @@ passes through a shell. Placeholders:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from . import items as items_mod
@@ -94,7 +94,18 @@ def check_items(command: Sequence[str], values: Iterable[Any]) -> None:
         _substituted(names, value, f"item {number}")
 
 
-def render(command: Sequence[str], item: Any, *, input_path: str, output_path: str, index: int) -> list[str]:
+def checked_items(command: Sequence[str], values: Iterable[Any]) -> Iterator[Any]:
+    """``values`` as they are consumed, each checked like :func:`check_items` checks it."""
+    names = placeholders(command)
+    if not any(name == "item" or name not in RESERVED for name in names):
+        yield from values
+        return
+    for number, value in enumerate(values, start=1):
+        _substituted(names, value, f"item {number}")
+        yield value
+
+
+def fill(command: Sequence[str], item: Any, *, input_path: str, output_path: str, index: int) -> list[str]:
     """The argv for one item. Raises UsageError if a field is missing or a value holds a NUL byte."""
     check_item(command, item)
     known = {"item": items_mod.text(item), "input": input_path, "output": output_path, "index": str(index)}

@@ -7,6 +7,7 @@ column, and an ANSI escape must not recolour (or rewrite) the user's terminal.
 from __future__ import annotations
 
 import re
+import time
 
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
 # C0 controls, DEL, C1 controls, and the bidirectional overrides that can reorder what a line shows.
@@ -31,3 +32,8 @@ def printable(value: object) -> str:
     if not _UNSAFE.search(text.replace("\\", "")):
         return text
     return _UNSAFE.sub(_escape, text)
+
+
+def when(timestamp: float | None) -> str:
+    """A local time (``2026-03-14 10:15:00``), or '-'."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp)) if timestamp else "-"

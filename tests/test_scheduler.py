@@ -185,11 +185,14 @@ def test_drain_under_concurrent_producers_processes_every_item_exactly_once(clie
     local = scheduler(client, home)
     producers, per_producer = 3, 60
     stop = threading.Event()
+    produced = [0] * producers
 
     def produce(worker: int) -> None:
+        # At least per_producer items each, and more until the runs below have cut the queue a few times.
         queue = Queue("drain", client)
-        for i in range(per_producer):
-            queue.enqueue(f"{worker}-{i}")
+        while produced[worker] < per_producer or not stop.is_set():
+            queue.enqueue(f"{worker}-{produced[worker]}")
+            produced[worker] += 1
             time.sleep(0.01)
 
     threads = [threading.Thread(target=produce, args=(w,)) for w in range(producers)]
@@ -199,15 +202,16 @@ def test_drain_under_concurrent_producers_processes_every_item_exactly_once(clie
     while any(t.is_alive() for t in threads) or len(Queue("drain", client)):
         minute += 1
         local.tick(T0 + timedelta(minutes=minute))
+        if minute >= 3:
+            stop.set()
         assert minute < 200
-    stop.set()
     batches = [e["batch"] for e in ScheduleStore(client).history("drain", limit=1000) if e["batch"]]
     assert len(batches) >= 2  # the queue was cut several times while producers ran
     seen = []
     for batch in batches:
         wait_finished(batch)
         seen += [r.item for r in Batch(batch).results()]
-    assert len(seen) == len(set(seen)) == producers * per_producer
+    assert len(seen) == len(set(seen)) == sum(produced)
 
 
 def test_the_scheduler_stops_cleanly_on_sigterm(redis_url, home):

@@ -9,7 +9,7 @@ from kiabatch.errors import UsageError
 
 
 def render(command, item):
-    return templates.render(command, item, input_path="/t/in.json", output_path="/t/out", index=4)
+    return templates.fill(command, item, input_path="/t/in.json", output_path="/t/out", index=4)
 
 
 def test_placeholders_are_substituted_per_argument():

@@ -1,10 +1,20 @@
-"""Backends run a batch's tasks: ``local`` (subprocesses) or ``kubernetes`` (an Indexed Job)."""
+"""Backends run a batch's tasks: ``local`` (subprocesses) or ``kubernetes`` (an Indexed Job).
+
+Every backend implements :class:`~kiabatch.backends.base.Backend`; :func:`get`
+builds one by name (the name a batch's meta records), and nothing else in
+kiabatch asks which backend it is talking to.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import UsageError
+from .base import Backend, LogChunk, RunHooks
+
+if TYPE_CHECKING:
+    from ..kube.batch_job import KubeOptions
 
 LOCAL = "local"
 KUBERNETES = "kubernetes"
@@ -18,13 +28,19 @@ def validate(name: str) -> str:
     return name
 
 
-def get(name: str) -> Any:
-    """The backend object called ``name``."""
+def get(name: str, *, home: Path | None = None, kube: KubeOptions | None = None) -> Backend:
+    """The backend called ``name``: ``home`` is the local state directory, ``kube`` the settings of new Jobs.
+
+    The Kubernetes client is imported only when a Kubernetes backend is asked for.
+    """
     validate(name)
     if name == LOCAL:
         from .local import LocalBackend
 
-        return LocalBackend()
+        return LocalBackend(home)
     from .kubernetes import KubernetesBackend
 
-    return KubernetesBackend()
+    return KubernetesBackend(kube)
+
+
+__all__ = ["KUBERNETES", "LOCAL", "NAMES", "Backend", "LogChunk", "RunHooks", "get", "validate"]

@@ -9,18 +9,21 @@ Job gave up on (failed indexes, a failed Job), and deletes it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
+from .. import limits
+from ..connection import url_of
 from ..errors import ClusterError, KiabatchError, UsageError
 from ..kube import batch_job
 from ..kube.api import Cluster
 from ..kube.batch_job import KubeOptions
 from ..kube.objects import BATCH_LABEL, COMPLETION_INDEX_LABEL
-from ..model import FAILED, BatchSpec, Progress, Status
+from ..model import FAILED, BatchSpec, Status
 from ..store import Store
+from ..workloads.base import Runtime
+from .base import LogChunk, RunHooks
 
 JOB = ("batch/v1", "Job")
 #: Container waiting reasons that will not fix themselves.
@@ -102,32 +105,51 @@ def job_summary(job: dict[str, Any] | None) -> dict[str, Any]:
 
 
 class KubernetesBackend:
-    """Backend protocol implementation for Kubernetes."""
+    """One Indexed Job per batch; Redis stays the source of truth for items and results."""
 
     name = "kubernetes"
 
-    def runtime(self) -> Any:
+    def __init__(self, options: KubeOptions | None = None) -> None:
+        #: Cluster-side settings for new Jobs (a batch started before keeps its own, from its meta).
+        self.options = options or KubeOptions()
+        self._cluster: Cluster | None = None
+
+    def runtime(self) -> Runtime:
         """Python and the worker programs inside the kiabatch image."""
         return batch_job.IMAGE_RUNTIME
 
     # -- submitting ----------------------------------------------------------------------
 
-    def preflight(self, options: KubeOptions) -> Cluster:
-        """Check the cluster before anything is written: reachable, >= 1.33, namespace exists."""
-        cluster = Cluster.connect(options.context, options.namespace)
+    def preflight(self, store: Store) -> None:
+        """Check before anything is written: a Redis pods can reach, the cluster (>= 1.33), namespace, Secret."""
+        if url_of(store.redis) is None:
+            raise UsageError(
+                "the kubernetes backend needs a Redis the cluster can reach: give --redis-url "
+                "(or KIABATCH_REDIS_URL), and store the URL pods use with: kiabatch secret create"
+            )
+        cluster = Cluster.connect(self.options.context, self.options.namespace)
         cluster.check_version()
         cluster.check_namespace()
         try:
-            secret = cluster.get(("v1", "Secret"), options.redis_secret)
+            secret = cluster.get(("v1", "Secret"), self.options.redis_secret)
         except ClusterError:
             secret = {}  # may not read Secrets; the pods will tell
         if secret is None:
             raise ClusterError(
-                f"Secret {options.redis_secret!r} (the Redis URL for pods) does not exist in namespace "
+                f"Secret {self.options.redis_secret!r} (the Redis URL for pods) does not exist in namespace "
                 f"{cluster.namespace!r}; create it with: kiabatch secret create -n {cluster.namespace} "
                 "--redis-url URL-AS-SEEN-FROM-PODS"
             )
-        return cluster
+        self._cluster = cluster
+
+    def _new_cluster(self) -> Cluster:
+        """The cluster of a new Job: the one preflight checked, else the options' (checked now)."""
+        if self._cluster is None:
+            cluster = Cluster.connect(self.options.context, self.options.namespace)
+            cluster.check_version()
+            cluster.check_namespace()
+            self._cluster = cluster
+        return self._cluster
 
     def create_job(self, cluster: Cluster, store: Store, spec: BatchSpec, options: KubeOptions) -> dict[str, Any]:
         """Create the batch's ServiceAccount (if missing) and Job; record where it runs."""
@@ -148,45 +170,20 @@ class KubernetesBackend:
         )
         return created
 
-    def launch(
-        self,
-        store: Store,
-        spec: BatchSpec,
-        *,
-        wait: bool,
-        home: Path | None = None,
-        on_update: Callable[[Progress], None] | None = None,
-        on_running: Callable[[], None] | None = None,
-        kube: KubeOptions | None = None,
-        cluster: Cluster | None = None,
-    ) -> Status | None:
+    def launch(self, store: Store, spec: BatchSpec, *, wait: bool, hooks: RunHooks) -> Status | None:
         """Create the Job; with ``wait``, follow it until it ends."""
-        del home
-        options = kube or KubeOptions()
-        cluster = cluster or self.preflight(options)
+        cluster = self._new_cluster()
         try:
-            self.create_job(cluster, store, spec, options)
+            self.create_job(cluster, store, spec, self.options)
         except KiabatchError:
             store.undo_create(spec.id)  # nothing half-made stays behind; a queue gets its items back
             raise
-        if on_running is not None:
-            on_running()
+        hooks.running()
         if not wait:
             return None
-        return self.wait(store, spec.id, on_update=on_update, cluster=cluster, pull_grace=options.pull_grace)
+        return self._follow(store, spec.id, cluster, hooks, pull_grace=self.options.pull_grace)
 
-    def attach(
-        self,
-        store: Store,
-        spec: BatchSpec,
-        *,
-        wait: bool,
-        home: Path | None = None,
-        on_update: Callable[[Progress], None] | None = None,
-        on_running: Callable[[], None] | None = None,
-        kube: KubeOptions | None = None,
-        cluster: Cluster | None = None,
-    ) -> Status | None:
+    def attach(self, store: Store, spec: BatchSpec, *, wait: bool, hooks: RunHooks) -> Status | None:
         """Finish an existing, unfinished batch (a launcher that died and was replaced).
 
         The batch's Jobs are found by label, since a launcher may have died between
@@ -194,30 +191,19 @@ class KubernetesBackend:
         the Job was never created; only finished ones mean Redis still misses outcomes,
         so the unsettled indexes run again in a new Job.
         """
-        options = kube or KubeOptions()
-        cluster = cluster or self.preflight(options)
+        cluster = self._new_cluster()
         jobs = cluster.list(JOB, f"{BATCH_LABEL}={spec.id}")
         live = [job for job in jobs if job_outcome(job) is None]
         if live:
             store.set_meta(spec.id, namespace=cluster.namespace, job=live[0]["metadata"]["name"])
         elif not jobs:
-            self.create_job(cluster, store, spec, options)
+            self.create_job(cluster, store, spec, self.options)
         else:
-            return self.resume(store, spec, wait=wait, home=home, on_update=on_update, on_running=on_running)
-        if on_running is not None:
-            on_running()
-        return self.wait(store, spec.id, on_update=on_update, cluster=cluster) if wait else None
+            return self.resume(store, spec, wait=wait, hooks=hooks)
+        hooks.running()
+        return self._follow(store, spec.id, cluster, hooks, pull_grace=self.options.pull_grace) if wait else None
 
-    def resume(
-        self,
-        store: Store,
-        spec: BatchSpec,
-        *,
-        wait: bool,
-        home: Path | None = None,
-        on_update: Callable[[Progress], None] | None = None,
-        on_running: Callable[[], None] | None = None,
-    ) -> Status | None:
+    def resume(self, store: Store, spec: BatchSpec, *, wait: bool, hooks: RunHooks) -> Status | None:
         """Run the unsettled indexes again in a new Job (settled ones exit at once)."""
         meta = store.meta(spec.id)
         cluster = Cluster.connect(meta.get("kube_context") or None, meta.get("namespace") or None)
@@ -233,9 +219,8 @@ class KubernetesBackend:
         options = KubeOptions(namespace=cluster.namespace, job_name=f"{spec.id}-r{generation}", context=None,
                               **_stored_options(meta))  # fmt: skip
         self.create_job(cluster, store, spec, options)
-        if on_running is not None:
-            on_running()
-        return self.wait(store, spec.id, on_update=on_update, cluster=cluster) if wait else None
+        hooks.running()
+        return self._follow(store, spec.id, cluster, hooks, pull_grace=options.pull_grace) if wait else None
 
     # -- following -----------------------------------------------------------------------
 
@@ -264,14 +249,19 @@ class KubernetesBackend:
             store.set_meta(batch_id, failure_reason=condition.get("reason", "JobFailed"))
             store.set_state(batch_id, FAILED)
 
-    def wait(
+    def wait(self, store: Store, batch_id: str, *, hooks: RunHooks, timeout: float | None = None) -> Status:
+        """Follow the batch's Job until it ends (see :meth:`_follow`)."""
+        cluster, _ = self.cluster_for(store, batch_id)
+        return self._follow(store, batch_id, cluster, hooks, pull_grace=self.options.pull_grace, timeout=timeout)
+
+    def _follow(
         self,
         store: Store,
         batch_id: str,
+        cluster: Cluster,
+        hooks: RunHooks,
         *,
-        on_update: Callable[[Progress], None] | None = None,
-        cluster: Cluster | None = None,
-        pull_grace: float = DEFAULT_PULL_GRACE,
+        pull_grace: float,
         timeout: float | None = None,
     ) -> Status:
         """Follow the Job with a watch until it reaches a terminal condition (Complete,
@@ -281,16 +271,12 @@ class KubernetesBackend:
         a missing Secret) for longer than ``pull_grace`` seconds, and KiabatchError
         when the Job completed but Redis misses outcomes (a Redis that lost writes).
         """
-        if cluster is None:
-            cluster, job_name = self.cluster_for(store, batch_id)
-        else:
-            job_name = store.meta(batch_id)["job"]
+        job_name = store.meta(batch_id)["job"]
         started = time.monotonic()
         stuck_since: float | None = None
         for job in self._job_states(cluster, job_name):
             self.reconcile(store, batch_id, job)
-            if on_update is not None:
-                on_update(store.progress(batch_id))
+            hooks.update(store.progress(batch_id))
             outcome = job_outcome(job)
             if outcome is not None and store.status(batch_id).finished:
                 return store.status(batch_id)
@@ -330,11 +316,8 @@ class KubernetesBackend:
 
     # -- reading -------------------------------------------------------------------------
 
-    def augment_status(
-        self, store: Store, status: Status, *, home: Path | None = None, read_only: bool = False
-    ) -> Status:
+    def status_detail(self, store: Store, status: Status, *, read_only: bool = False) -> Status:
         """Merge the Job's status (and pod problems) into the batch's."""
-        del home
         meta = store.meta(status.id)
         if not meta.get("job"):
             return status
@@ -369,9 +352,8 @@ class KubernetesBackend:
                          "Suspended" if job["spec"].get("suspend") else "Running")  # fmt: skip
         return replace(status, detail={**status.detail, "job_state": f"{job_name}: {state}"})
 
-    def delete(self, store: Store, spec: BatchSpec, *, home: Path | None = None) -> None:
+    def delete(self, store: Store, spec: BatchSpec) -> None:
         """Delete the batch's Job; its pods go with it (background propagation)."""
-        del home
         meta = store.meta(spec.id)
         if meta.get("job"):
             cluster, job_name = self.cluster_for(store, spec.id)
@@ -379,8 +361,8 @@ class KubernetesBackend:
 
     def logs(
         self, store: Store, batch_id: str, *, index: int | None = None, follow: bool = False
-    ) -> Iterator[tuple[str, bytes]]:
-        """(label, chunk) pairs from the pods' init, sidecar and worker containers."""
+    ) -> Iterator[LogChunk]:
+        """Pieces of the pods' claim, reporter and worker logs, each labelled with index, pod and container."""
         cluster, _ = self.cluster_for(store, batch_id)
         selector = f"{BATCH_LABEL}={batch_id}"
         if index is not None:
@@ -391,13 +373,22 @@ class KubernetesBackend:
                            p["metadata"].get("creationTimestamp", "")),
         )  # fmt: skip
         for pod in pods:
-            number = pod["metadata"].get("labels", {}).get(COMPLETION_INDEX_LABEL, "?")
+            number = int(pod["metadata"].get("labels", {}).get(COMPLETION_INDEX_LABEL, -1))
             for container in ("claim", "reporter", "worker"):
                 label = f"index {number} {pod['metadata']['name']} {container}"
                 for chunk in cluster.pod_log(
                     pod["metadata"]["name"], container, follow=follow and container == "worker"
                 ):
-                    yield label, chunk
+                    yield LogChunk(label=label, data=chunk, index=number, whole=False)
+
+    def scale(self, store: Store, batch_id: str, parallel: int) -> None:
+        """Patch the Job's ``spec.parallelism`` (mutable) and record it in the batch."""
+        limits.check_int("parallel", parallel, 1, limits.MAX_PARALLEL)
+        cluster, job_name = self.cluster_for(store, batch_id)
+        if cluster.get(JOB, job_name) is None:
+            raise UsageError(f"batch {batch_id}'s Job {job_name} is gone; nothing to scale")
+        cluster.patch(JOB, job_name, {"spec": {"parallelism": parallel}})
+        store.set_meta(batch_id, parallelism=parallel)
 
 
 def _stored_options(meta: dict[str, str]) -> dict[str, Any]:

@@ -12,11 +12,13 @@ from collections.abc import Callable
 from typing import Any
 
 import click
+import redis as redis_py  # not "redis": that name is the package's own redis command module
 
 from .. import settings
 from .._version import __version__
 from ..connection import validate_url
-from ..errors import EXIT_INTERRUPTED, EXIT_USAGE, KiabatchError
+from ..errors import EXIT_INTERRUPTED, EXIT_UNREACHABLE, EXIT_USAGE, KiabatchError
+from ..text import printable
 from .context import CliError, Settings, user_errors
 
 
@@ -34,30 +36,37 @@ class KiabatchGroup(click.Group):
         sys.exit(_run(lambda: super(KiabatchGroup, self).main(*args, standalone_mode=False, **kwargs)))
 
 
+def _error(message: str, code: int) -> int:
+    """Print ``message`` as the one error line (control characters escaped) and return ``code``."""
+    click.echo(f"kiabatch: error: {printable(message)}", err=True)
+    return code
+
+
 def _run(invoke: Callable[[], Any]) -> int:
     try:
         outcome = invoke()
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except CliError as exc:
-        click.echo(f"kiabatch: error: {exc.format_message()}", err=True)
-        return exc.exit_code
+        return _error(exc.format_message(), exc.exit_code)
     except click.UsageError as exc:
         command = exc.ctx.command_path if exc.ctx else "kiabatch"
-        click.echo(f"kiabatch: error: {exc.format_message()} (see '{command} --help')", err=True)
-        return EXIT_USAGE
+        return _error(f"{exc.format_message()} (see '{command} --help')", EXIT_USAGE)
     except click.ClickException as exc:
-        click.echo(f"kiabatch: error: {exc.format_message()}", err=True)
-        return exc.exit_code
+        return _error(exc.format_message(), exc.exit_code)
     except click.Abort:
         click.echo("kiabatch: aborted", err=True)
         return EXIT_INTERRUPTED
     except KiabatchError as exc:
-        click.echo(f"kiabatch: error: {exc}", err=True)
-        return exc.exit_code
+        return _error(str(exc), exc.exit_code)
     except KeyboardInterrupt:
         click.echo("kiabatch: interrupted", err=True)
         return EXIT_INTERRUPTED
+    except (redis_py.ConnectionError, redis_py.TimeoutError) as exc:
+        # Redis went away in the middle of a command (connecting is checked, and explained, earlier).
+        return _error(f"lost the connection to Redis: {exc}", EXIT_UNREACHABLE)
+    except redis_py.RedisError as exc:
+        return _error(f"Redis refused a command: {exc}", EXIT_UNREACHABLE)
     except BrokenPipeError:
         return 0
     return outcome if isinstance(outcome, int) else 0
@@ -95,9 +104,10 @@ def cli(ctx: click.Context, redis_url: str | None, output: str) -> None:
 
 
 def _register() -> None:
-    from . import inspect, manage, queue, redis, schedule, secret, server, submit, task
+    from . import inspect, manage, queue, schedule, secret, server, submit, task
+    from . import redis as redis_commands
 
-    for module in (submit, inspect, manage, queue, server, task, secret, redis, schedule):
+    for module in (submit, inspect, manage, queue, server, task, secret, redis_commands, schedule):
         module.register(cli)
 
 

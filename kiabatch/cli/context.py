@@ -7,12 +7,15 @@ import json
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ..errors import EXIT_USAGE, KiabatchError
 from ..store import Store
+
+if TYPE_CHECKING:
+    from ..batch import Batch
 
 
 class CliError(click.ClickException):
@@ -56,6 +59,31 @@ class Settings:
 
 
 pass_settings = click.make_pass_decorator(Settings)
+
+
+def open_batch(
+    settings_: Settings,
+    batch_id: str,
+    retry_seconds: float = 0.0,
+    *,
+    read_only: bool = False,
+    replica_url: str | None = None,
+) -> Batch:
+    """The batch ``batch_id`` (UsageError, exit 2, if there is none).
+
+    ``read_only``: through a replica and a client that never writes (see kiabatch/readonly.py).
+    """
+    from ..batch import Batch
+
+    with user_errors():
+        if read_only:
+            from ..readonly import ReadOnlyBatch, open_read_only
+
+            batch: Batch = ReadOnlyBatch(batch_id, open_read_only(settings_.redis_url, replica_url))
+        else:
+            batch = Batch(batch_id, settings_.store(retry_seconds=retry_seconds).redis)
+        batch.store.meta(batch_id)
+    return batch
 
 
 def emit_json(data: Any) -> None:

@@ -7,34 +7,16 @@ import time
 
 import click
 
-from .. import limits
-from ..batch import Batch
-from ..errors import EXIT_ITEMS_FAILED, EXIT_OK
-from ..model import TERMINAL_STATES, Status
+from .. import backends, limits
+from ..errors import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_OK
+from ..model import INTERRUPTED, TERMINAL_STATES, Status
 from ..progress import ProgressBar
-from ..readonly import ENV_REPLICA_URL, ReadOnlyBatch, open_read_only
+from ..readonly import ENV_REPLICA_URL, open_read_only
 from ..store import Store
-from .context import CliError, Settings, emit_json, pass_settings, user_errors
+from ..text import printable
+from .context import CliError, Settings, emit_json, open_batch, pass_settings, user_errors
 from .options import LIMIT, Interval, count
-from .render import status_block, status_rows
-from .submit import conclude
-
-
-def _batch(
-    settings_: Settings,
-    batch_id: str,
-    retry_seconds: float = 0.0,
-    *,
-    read_only: bool = False,
-    replica_url: str | None = None,
-) -> Batch:
-    with user_errors():
-        if read_only:  # a replica (see kiabatch/readonly.py) and a client that never writes
-            batch: Batch = ReadOnlyBatch(batch_id, open_read_only(settings_.redis_url, replica_url))
-        else:
-            batch = Batch(batch_id, settings_.store(retry_seconds=retry_seconds).redis)
-        batch.store.meta(batch_id)  # NotFoundError (exit 2) for an unknown id
-    return batch
+from .output import conclude, status_block, status_rows
 
 
 def _read_only_options(func):  # noqa: ANN001 - a click decorator
@@ -84,13 +66,13 @@ def status_command(
     if batch_id is None:
         with user_errors():
             store = open_read_only(settings_.redis_url, replica_url) if read_only else settings_.store()
-            statuses = [s for s in store.list_batches(limit=1000) if s.state not in TERMINAL_STATES]
+            statuses = [_augment(store, s) for s in store.list_batches(limit=1000) if s.state not in TERMINAL_STATES]
         if settings_.json:
             emit_json([s.to_dict() for s in statuses])
         else:
             click.echo(status_rows(statuses) if statuses else "no unfinished batches")
         return
-    batch = _batch(settings_, batch_id, read_only=read_only, replica_url=replica_url)
+    batch = open_batch(settings_, batch_id, read_only=read_only, replica_url=replica_url)
     with user_errors():
         status = batch.status(read_only=read_only)
     if not watch or status.finished:
@@ -114,7 +96,7 @@ def status_command(
                 if line != last:
                     click.echo(line)
                     last = line
-            if status.finished or status.detail.get("runner_alive") is False or status.detail.get("problem"):
+            if status.finished or status.state == INTERRUPTED or status.detail.get("problem"):
                 break
             time.sleep(interval)
     if not settings_.json:
@@ -123,6 +105,9 @@ def status_command(
 
 
 def _exit_code(status: Status) -> int:
+    """0 all done so far, 1 items failed, 130 interrupted (``kiabatch resume`` finishes it)."""
+    if status.state == INTERRUPTED:
+        return EXIT_INTERRUPTED
     return EXIT_ITEMS_FAILED if status.progress.failed else EXIT_OK
 
 
@@ -141,10 +126,7 @@ def list_command(settings_: Settings, limit: int) -> None:
 
 
 def _augment(store: Store, status: Status) -> Status:
-    from .. import backends
-
-    backend = backends.get(status.backend)
-    return backend.list_detail(store, status) if hasattr(backend, "list_detail") else status
+    return backends.get(status.backend).list_detail(store, status)
 
 
 @click.command("results")
@@ -173,7 +155,7 @@ def results_command(
     """
     if as_json:
         settings_.output = "json"
-    batch = _batch(settings_, batch_id, read_only=read_only, replica_url=replica_url)
+    batch = open_batch(settings_, batch_id, read_only=read_only, replica_url=replica_url)
     if raw:
         with user_errors():
             for result in batch.store.iter_outcomes(batch_id, failed=False):
@@ -200,25 +182,26 @@ def logs_command(settings_: Settings, batch_id: str, index: int | None, follow: 
     For a Kubernetes batch: the logs of its pods' claim, reporter and worker
     containers, each line labelled with its index, pod and container.
     """
-    batch = _batch(settings_, batch_id)
+    batch = open_batch(settings_, batch_id)
     with user_errors():
-        backend = batch.store.spec(batch_id).backend
-    if backend == "kubernetes":
-        from ..backends import get
+        chunks = batch.log_chunks(index, follow=follow)
+        if settings_.json:
+            emit_json([{"index": c.index, "attempt": c.attempt, "label": c.label,
+                        "stderr": c.data.decode("utf-8", "replace")} for c in chunks])  # fmt: skip
+            return
+        for chunk in chunks:
+            text = chunk.data.decode("utf-8", "replace")
+            if chunk.whole:
+                click.echo(f"==> {printable(chunk.label)} <==")
+                click.echo(_terminal_safe(text.rstrip("\n")))
+            else:
+                for line in text.splitlines():
+                    click.echo(f"[{printable(chunk.label)}] {_terminal_safe(line)}")
 
-        with user_errors():
-            for label, chunk in get(backend).logs(batch.store, batch_id, index=index, follow=follow):
-                for line in chunk.decode("utf-8", "replace").splitlines():
-                    click.echo(f"[{label}] {line}")
-        return
-    with user_errors():
-        entries = batch.logs(index)
-    if settings_.json:
-        emit_json([{"index": i, "attempt": a, "stderr": text.decode("utf-8", "replace")} for i, a, text in entries])
-        return
-    for task, attempt, text in entries:
-        click.echo(f"==> index {task}, attempt {attempt} <==")
-        click.echo(text.decode("utf-8", "replace").rstrip("\n"))
+
+def _terminal_safe(text: str) -> str:
+    """Log text with its lines kept but escape sequences and other control characters escaped."""
+    return "\n".join(printable(line) for line in text.split("\n"))
 
 
 def register(cli: click.Group) -> None:

@@ -1,15 +1,16 @@
-"""Commands that change batches: ``delete``, ``resume``."""
+"""Commands that change batches: ``delete``, ``resume``, ``scale``."""
 
 from __future__ import annotations
 
 import click
 
-from .. import settings
+from .. import limits, settings
+from ..batch import Batch
 from ..errors import EXIT_USAGE
 from ..progress import ProgressBar
-from .context import CliError, Settings, note, pass_settings, user_errors
-from .inspect import _batch
-from .submit import conclude
+from .context import CliError, Settings, note, open_batch, pass_settings, user_errors
+from .options import count
+from .output import conclude
 
 
 @click.command("delete")
@@ -21,8 +22,6 @@ def delete_command(settings_: Settings, batch_ids: tuple[str, ...], keep_results
     missing = []
     for batch_id in batch_ids:
         with user_errors():
-            from ..batch import Batch
-
             if Batch(batch_id, settings_.store().redis).delete(keep_results=keep_results):
                 note(f"deleted batch {batch_id}")
             else:
@@ -41,7 +40,7 @@ def resume_command(settings_: Settings, batch_id: str, wait: bool, quiet: bool) 
 
     Claimed items keep their task, so nothing is lost and nothing runs for a result twice.
     """
-    batch = _batch(settings_, batch_id, retry_seconds=settings.worker_retry_seconds())
+    batch = open_batch(settings_, batch_id, retry_seconds=settings.worker_retry_seconds())
     with user_errors():
         status = batch.status()
         if status.finished:
@@ -56,7 +55,20 @@ def resume_command(settings_: Settings, batch_id: str, wait: bool, quiet: bool) 
     raise click.exceptions.Exit(conclude(settings_, batch, reduce=None, quiet=quiet))
 
 
+@click.command("scale")
+@click.argument("batch_id")
+@click.option("--parallel", "-p", type=count(1, limits.MAX_PARALLEL), required=True,
+              help="Tasks to run at once from now on.")  # fmt: skip
+@pass_settings
+def scale_command(settings_: Settings, batch_id: str, parallel: int) -> None:
+    """Change how many tasks of a running batch run at once (the Job's parallelism, or the local slots)."""
+    batch = open_batch(settings_, batch_id)
+    with user_errors():
+        batch.scale(parallel)
+    note(f"batch {batch_id}: parallelism {parallel}")
+
+
 def register(cli: click.Group) -> None:
     """Attach the managing commands."""
-    cli.add_command(delete_command)
-    cli.add_command(resume_command)
+    for command in (delete_command, resume_command, scale_command):
+        cli.add_command(command)

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import click
 
-from .. import limits
+from .. import backends, limits, settings
+from .. import items as items_mod
+from ..kube.options import DEFAULT_TTL_AFTER_FINISHED, REDIS_SECRET, KubeOptions
 
 _DURATION = re.compile(r"^\s*(\d{1,20}(?:\.\d{1,9})?)\s*([smhd]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def _human(seconds: float) -> str:
+def human_duration(seconds: float) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size and seconds % size == 0:
             return f"{seconds / size:g}{unit}"
@@ -40,15 +45,17 @@ class Duration(click.ParamType):
             match = _DURATION.match(str(value))
             if not match:
                 self.fail(
-                    f"{str(value)!r:.60} is not a positive duration; use seconds or a number with s, m, h or d (e.g. 30m)",
+                    f"{str(value)!r:.60} is not a positive duration; "
+                    "use seconds or a number with s, m, h or d (e.g. 30m)",
                     param,
                     ctx,
                 )
             seconds = float(match.group(1)) * _UNITS[match.group(2)]
         low_ok = seconds > 0 if self.minimum is None else seconds >= self.minimum
         if not math.isfinite(seconds) or not low_ok or seconds > self.maximum:
-            low = "above 0" if self.minimum is None else f"from {_human(self.minimum)}"
-            self.fail(f"{str(value)!r:.60} is out of range: allowed {low} up to {_human(self.maximum)}", param, ctx)
+            low = "above 0" if self.minimum is None else f"from {human_duration(self.minimum)}"
+            allowed = f"allowed {low} up to {human_duration(self.maximum)}"
+            self.fail(f"{str(value)!r:.60} is out of range: {allowed}", param, ctx)
         return seconds
 
 
@@ -78,3 +85,108 @@ def count(minimum: int, maximum: int) -> click.IntRange:
 
 #: ``--limit`` of listings.
 LIMIT = count(1, limits.MAX_LIMIT)
+
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def stack(*decorators: Decorator) -> Decorator:
+    """Apply ``decorators`` in the order listed (the first is outermost in ``--help``)."""
+
+    def apply(func: Callable[..., Any]) -> Callable[..., Any]:
+        for decorator in reversed(decorators):
+            func = decorator(func)
+        return func
+
+    return apply
+
+
+#: ``--namespace/-n`` and ``--context``: where a command talks to Kubernetes (as kubectl resolves them).
+cluster_options = stack(
+    click.option("--namespace", "-n", "namespace", envvar=settings.ENV_NAMESPACE, metavar="NS",
+                 help="Kubernetes namespace (default: the kubeconfig context's, else 'default'). "
+                      "Env: KIABATCH_NAMESPACE."),
+    click.option("--context", "context", metavar="NAME", help="kubeconfig context (default: the current one)."),
+)  # fmt: skip
+
+
+def backend_option(help_text: str) -> Decorator:
+    """``--backend local|kubernetes`` (env KIABATCH_BACKEND)."""
+    return click.option("--backend", type=click.Choice(backends.NAMES), default=backends.LOCAL,
+                        envvar=settings.ENV_BACKEND, show_default=True,
+                        help=f"{help_text} Env: KIABATCH_BACKEND.")  # fmt: skip
+
+
+#: ``--item``, ``--items FILE``, ``--lines FILE``: items given on the command line (see :func:`read_items`).
+item_options = stack(
+    click.option("--item", "item_values", multiple=True, metavar="JSON", help="One item (JSON). Repeatable."),
+    click.option("--items", "items_file", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+                 help="File of items, one JSON value per line ('-' for stdin)."),
+    click.option("--lines", "lines_file", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+                 help="File whose non-blank lines are string items ('-' for stdin)."),
+)  # fmt: skip
+
+
+def read_items(params: dict[str, Any], *, where: str = "--item") -> Iterator[Any] | None:
+    """The items of :data:`item_options` (popped from ``params``), parsed lazily; None if none were given.
+
+    ``--item`` values are parsed at once (a bad one is reported before anything
+    else happens); files are read as the items are consumed.
+    """
+    values, items_file, lines_file = params.pop("item_values"), params.pop("items_file"), params.pop("lines_file")
+    if not values and items_file is None and lines_file is None:
+        return None
+    parsed = [items_mod.parse(value, f"{where} {value!r}") for value in values]
+    sources: list[Any] = [parsed]
+    if items_file is not None:
+        sources.append(items_mod.iter_jsonl(items_file))
+    if lines_file is not None:
+        sources.append(items_mod.iter_lines(lines_file))
+    return itertools.chain.from_iterable(sources)
+
+
+#: ``--image``: the kiabatch image pods (and schedule launchers) run.
+image_option = click.option("--image", "kube_image", envvar=settings.ENV_IMAGE, metavar="IMAGE",
+                            help="The kiabatch image for pods. Env: KIABATCH_IMAGE.")  # fmt: skip
+#: ``--redis-secret``: the Secret holding the Redis URL pods use.
+redis_secret_option = click.option(
+    "--redis-secret", "kube_redis_secret", default=REDIS_SECRET, show_default=True,
+    help="Secret whose 'url' key holds the Redis URL pods use (kiabatch secret create).",
+)  # fmt: skip
+
+#: Settings of the Kubernetes objects a batch creates (ignored by the local backend); see :func:`kube_options_from`.
+kube_options = stack(
+    image_option,
+    click.option("--image-pull-policy", "kube_image_pull_policy",
+                 type=click.Choice(["Always", "IfNotPresent", "Never"]), help="imagePullPolicy of pods."),
+    click.option("--cpu", "kube_cpu", default=KubeOptions.cpu, show_default=True,
+                 help="CPU request and limit of a worker."),
+    click.option("--memory", "kube_memory", default=KubeOptions.memory, show_default=True,
+                 help="Memory request and limit of a worker."),
+    redis_secret_option,
+    click.option("--max-failed-indexes", "kube_max_failed_indexes", type=count(1, limits.MAX_TASKS),
+                 help="Failed tasks after which the Job stops (default: 10% of tasks, at least 10)."),
+    click.option("--job-ttl", "kube_ttl_after_finished", type=Duration(minimum=1),
+                 default=human_duration(DEFAULT_TTL_AFTER_FINISHED), show_default=True,
+                 help="Delete the finished Job (not the results) after this long (ttlSecondsAfterFinished)."),
+    click.option("--image-pull-grace", "kube_pull_grace", type=Duration(),
+                 default=human_duration(KubeOptions.pull_grace), show_default=True,
+                 help="With --wait, fail once pods could not start (image pull, missing Secret) this long."),
+    click.option("--report-timeout", "kube_report_timeout", type=Duration(minimum=1),
+                 default=human_duration(KubeOptions.report_timeout), show_default=True,
+                 help="How long a finished worker waits for its result to be uploaded before the pod fails."),
+    click.option("--writable-root", "kube_writable_root", is_flag=True,
+                 help="Give the worker container a writable root filesystem (default: read-only + /tmp)."),
+)  # fmt: skip
+
+
+def kube_options_from(params: dict[str, Any], *, namespace: str | None, context: str | None) -> KubeOptions:
+    """Pop the ``kube_*`` option values out of ``params`` into KubeOptions (absent ones keep their defaults)."""
+    values = {key.removeprefix("kube_"): params.pop(key) for key in [k for k in params if k.startswith("kube_")]}
+    if "writable_root" in values:
+        values["read_only_root"] = not values.pop("writable_root")
+    for name in ("ttl_after_finished", "report_timeout"):
+        if values.get(name) is not None:
+            values[name] = int(values[name])
+    values["namespace"], values["context"] = namespace or None, context or None
+    return KubeOptions(**{key: value for key, value in values.items() if value is not None})

@@ -11,7 +11,7 @@ from .. import items as items_mod
 from ..queue import Queue, queue_names
 from .context import Settings, emit_json, note, pass_settings, user_errors
 from .options import LIMIT
-from .render import table
+from .output import table
 
 
 @click.group("queue")

@@ -53,7 +53,7 @@ from ..kube.redis_objects import (
 from ..kube.redis_status import HEADERS, parse_probe_log, pod_rows, statefulset_line, table_cells
 from .context import CliError, Settings, emit_json, note, pass_settings, user_errors
 from .options import Duration
-from .render import table
+from .output import table
 
 STATEFULSET_KIND = ("apps/v1", "StatefulSet")
 CRONJOB_KIND = ("batch/v1", "CronJob")

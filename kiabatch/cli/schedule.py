@@ -1,4 +1,8 @@
-"""``kiabatch schedule``: recurring batches (CronJobs on Kubernetes, ``kiabatch scheduler`` locally)."""
+"""``kiabatch schedule``: recurring batches (CronJobs on Kubernetes, ``kiabatch scheduler`` locally).
+
+Every command is one call on the :class:`~kiabatch.schedules.Schedules` of the
+chosen backend; this module parses options and prints.
+"""
 
 from __future__ import annotations
 
@@ -8,48 +12,35 @@ from typing import Any
 
 import click
 
-from .. import backends, settings
-from ..errors import UsageError
-from ..scheduler import LocalScheduler, ScheduleStore, serve_until_signalled
-from ..schedules import CONCURRENCY, DEFAULT_STARTING_DEADLINE, Schedule
-from .context import CliError, Settings, emit_json, note, pass_settings, user_errors
-from .options import LIMIT, Duration, Interval
-from .render import table, when
+from .. import settings
+from ..schedules import CONCURRENCY, DEFAULT_STARTING_DEADLINE, Schedule, ScheduleRow, Schedules, open_schedules
+from .context import Settings, emit_json, note, pass_settings, user_errors
+from .options import (
+    LIMIT,
+    Duration,
+    Interval,
+    backend_option,
+    cluster_options,
+    image_option,
+    kube_options_from,
+    redis_secret_option,
+    stack,
+)
+from .output import table
+from .submit import parse_submit_args
+
+#: Every schedule command: which backend, and where on Kubernetes.
+schedule_backend = stack(
+    backend_option("local: stored in Redis, run by `kiabatch scheduler`; kubernetes: a CronJob."), cluster_options
+)
 
 
-def check_submit_args(args: tuple[str, ...]) -> None:
-    """Parse ``args`` as ``kiabatch submit`` would (without running anything); UsageError if invalid."""
-    from .submit import submit_group
-
-    if not args:
-        raise UsageError("no submit arguments: give a workload (e.g. pi --digits 1000) or --from-queue Q --command ...")
-    try:
-        with submit_group.make_context("submit", list(args)) as ctx:
-            name, command, rest = submit_group.resolve_command(ctx, list(args))
-            command.make_context(name, rest, parent=ctx).close()
-    except click.UsageError as exc:
-        raise UsageError(f"bad submit arguments for the schedule: {exc.format_message()}") from None
-
-
-def backend_option(func: Any) -> Any:
-    """--backend, --namespace, --context for every schedule command."""
-    func = click.option("--context", "kube_context", metavar="NAME", help="kubeconfig context (kubernetes).")(func)
-    func = click.option("--namespace", "-n", envvar="KIABATCH_NAMESPACE", help="Namespace (kubernetes).")(func)
-    return click.option(
-        "--backend",
-        type=click.Choice(backends.NAMES),
-        default=backends.LOCAL,
-        envvar=settings.ENV_BACKEND,
-        show_default=True,
-        help="local: stored in Redis, run by `kiabatch scheduler`; kubernetes: a CronJob.",
-    )(func)
-
-
-def _kube(namespace: str | None, context: str | None) -> Any:
-    from ..kube.api import Cluster
-    from ..kube.schedule_ops import KubeSchedules
-
-    return KubeSchedules(Cluster.connect(context, namespace))
+def _schedules(settings_: Settings, params: dict[str, Any]) -> Schedules:
+    """The schedules of the backend named in ``params`` (popping the backend options)."""
+    backend, namespace, context = params.pop("backend"), params.pop("namespace"), params.pop("context")
+    with user_errors():
+        return open_schedules(backend, store=settings_.store, redis_url=settings_.redis_url, namespace=namespace,
+                              context=context)  # fmt: skip
 
 
 @click.group("schedule")
@@ -78,106 +69,72 @@ def schedule_group() -> None:
 @click.option("--suspend", is_flag=True, help="Create it suspended.")
 @click.option(
     "--starting-deadline",
-    type=Duration(),
+    type=Duration(minimum=1),
     default=str(DEFAULT_STARTING_DEADLINE),
     show_default="5m",
     help="Skip a tick missed by more than this (at most one missed tick ever runs).",
 )
-@click.option("--image", envvar=settings.ENV_IMAGE, help="kiabatch image for the launcher and batches (kubernetes).")
-@click.option("--redis-secret", default="kiabatch-redis", show_default=True, help="Secret with the Redis URL.")
-@backend_option
+@schedule_backend
+@image_option
+@redis_secret_option
 @click.argument("submit_args", nargs=-1, type=click.UNPROCESSED)
 @pass_settings
-def create_command(
-    settings_: Settings,
-    name: str,
-    cron: str,
-    time_zone: str | None,
-    concurrency: str,
-    suspend: bool,
-    starting_deadline: float,
-    image: str | None,
-    redis_secret: str,
-    backend: str,
-    namespace: str | None,
-    kube_context: str | None,
-    submit_args: tuple[str, ...],
-) -> None:
-    """Create schedule NAME; the remaining arguments are what each run passes to `kiabatch submit`."""
-    args = tuple(a for a in submit_args if a != "--") if submit_args[:1] == ("--",) else submit_args
+def create_command(settings_: Settings, name: str, cron: str, time_zone: str | None, concurrency: str, suspend: bool,
+                   starting_deadline: float, submit_args: tuple[str, ...], **params: Any) -> None:  # fmt: skip
+    """Create schedule NAME; the remaining arguments are what each run passes to `kiabatch submit`.
+
+    The submit arguments are checked now exactly as submit checks them (nothing runs).
+    The launcher of a Kubernetes schedule uses --image and --redis-secret.
+    """
+    args = list(submit_args[1:] if submit_args[:1] == ("--",) else submit_args)
+    backend = params["backend"]
+    kube = kube_options_from(params, namespace=params["namespace"], context=params["context"])
     with user_errors():
-        check_submit_args(args)
-        schedule = Schedule(name=name, cron=cron, submit_args=list(args), time_zone=time_zone,
-                            concurrency=concurrency, suspend=suspend, starting_deadline=int(starting_deadline),
-                            backend=backend, namespace=namespace or "",
-                            created_at=datetime.now(UTC).timestamp())  # fmt: skip
-        if backend == backends.KUBERNETES:
-            from ..kube.batch_job import KubeOptions
-
-            kube = _kube(namespace, kube_context)
-            options = KubeOptions(namespace=kube.cluster.namespace, redis_secret=redis_secret,
-                                  **({"image": image} if image else {}))  # fmt: skip
-            kube.create(schedule.with_changes(namespace=kube.cluster.namespace), options)
-            note(
-                f"created CronJob {name} in namespace {kube.cluster.namespace} ({cron}"
-                + (f", {time_zone}" if time_zone else "")
-                + f", concurrency {concurrency})"
-            )
-            return
-        ScheduleStore(settings_.store().redis).save(schedule)
-    next_tick = schedule.next_tick(datetime.now(UTC))
-    note(f"created schedule {name} ({cron}); next run {next_tick.isoformat()}; run `kiabatch scheduler` to start runs")
+        parse_submit_args(args)
+        schedule = Schedule(name=name, cron=cron, submit_args=args, time_zone=time_zone, concurrency=concurrency,
+                            suspend=suspend, starting_deadline=int(starting_deadline), backend=backend,
+                            namespace=params["namespace"] or "", created_at=datetime.now(UTC).timestamp())  # fmt: skip
+        message = _schedules(settings_, params).create(schedule, kube)
+    note(message)
 
 
-def _local(settings_: Settings) -> ScheduleStore:
-    return ScheduleStore(settings_.store().redis)
-
-
-def _row(schedule: Schedule, last: str) -> list[str]:
-    next_tick = "-" if schedule.suspend else schedule.next_tick(datetime.now(UTC)).strftime("%Y-%m-%d %H:%M %Z")
-    return [schedule.name, schedule.cron, schedule.time_zone or "UTC", schedule.concurrency,
-            "yes" if schedule.suspend else "no", schedule.backend, last, next_tick]  # fmt: skip
+def _next_run(row: ScheduleRow) -> str:
+    if row.schedule is None:
+        return f"INVALID: {row.invalid}"
+    if row.schedule.suspend:
+        return "-"
+    return row.schedule.next_tick(datetime.now(UTC)).strftime("%Y-%m-%d %H:%M %Z")
 
 
 @schedule_group.command("list")
-@backend_option
+@schedule_backend
 @pass_settings
-def list_command(settings_: Settings, backend: str, namespace: str | None, kube_context: str | None) -> None:
+def list_command(settings_: Settings, **params: Any) -> None:
     """List schedules with their last and next run."""
-    rows = []
     with user_errors():
-        if backend == backends.KUBERNETES:
-            kube = _kube(namespace, kube_context)
-            for cron in kube.list():
-                schedule = kube.schedule_of(cron)
-                rows.append((schedule, cron.get("status", {}).get("lastScheduleTime") or "-"))
-        else:
-            store = _local(settings_)
-            for schedule in store.all():
-                last = store.state(schedule.name).get("last_tick")
-                rows.append((schedule, when(float(last)) if last else "-"))
+        rows = _schedules(settings_, params).rows()
     if settings_.json:
-        emit_json([{**json.loads(s.to_json()), "last_run": last} for s, last in rows])
+        emit_json([{**json.loads(r.schedule.to_json()), "last_run": r.last_run} if r.schedule is not None
+                   else {"name": r.name, "invalid": r.invalid} for r in rows])  # fmt: skip
         return
     headers = ["NAME", "CRON", "TIME ZONE", "CONCURRENCY", "SUSPENDED", "BACKEND", "LAST RUN", "NEXT RUN"]
-    click.echo(table([_row(s, last) for s, last in rows], headers) if rows else "no schedules")
-
-
-def _get(settings_: Settings, name: str, backend: str, namespace: str | None, context: str | None) -> Schedule:
-    if backend == backends.KUBERNETES:
-        kube = _kube(namespace, context)
-        return kube.schedule_of(kube.cron_job(name))
-    return _local(settings_).get(name)
+    lines = [
+        [r.name, r.schedule.cron, r.schedule.time_zone or "UTC", r.schedule.concurrency,
+         "yes" if r.schedule.suspend else "no", r.schedule.backend, r.last_run, _next_run(r)]
+        if r.schedule is not None else [r.name, "-", "-", "-", "-", "-", "-", _next_run(r)]
+        for r in rows
+    ]  # fmt: skip
+    click.echo(table(lines, headers) if lines else "no schedules")
 
 
 @schedule_group.command("show")
 @click.argument("name")
-@backend_option
+@schedule_backend
 @pass_settings
-def show_command(settings_: Settings, name: str, backend: str, namespace: str | None, kube_context: str | None) -> None:
+def show_command(settings_: Settings, name: str, **params: Any) -> None:
     """Show a schedule's definition."""
     with user_errors():
-        schedule = _get(settings_, name, backend, namespace, kube_context)
+        schedule = _schedules(settings_, params).get(name)
     data = json.loads(schedule.to_json())
     if settings_.json:
         emit_json(data)
@@ -189,99 +146,64 @@ def show_command(settings_: Settings, name: str, backend: str, namespace: str | 
             click.echo(f"{key.replace('_', ' '):<18} {value}")
 
 
-def _set_suspend(
-    settings_: Settings, name: str, backend: str, namespace: str | None, context: str | None, suspend: bool
-) -> None:
-    with user_errors():
-        if backend == backends.KUBERNETES:
-            _kube(namespace, context).set_suspend(name, suspend)
-        else:
-            store = _local(settings_)
-            store.save(store.get(name).with_changes(suspend=suspend), replace=True)
-    note(f"{'suspended' if suspend else 'resumed'} schedule {name}")
-
-
 @schedule_group.command("suspend")
 @click.argument("name")
-@backend_option
+@schedule_backend
 @pass_settings
-def suspend_command(
-    settings_: Settings, name: str, backend: str, namespace: str | None, kube_context: str | None
-) -> None:
+def suspend_command(settings_: Settings, name: str, **params: Any) -> None:
     """Stop starting runs (runs already started continue)."""
-    _set_suspend(settings_, name, backend, namespace, kube_context, True)
+    with user_errors():
+        _schedules(settings_, params).set_suspend(name, True)
+    note(f"suspended schedule {name}")
 
 
 @schedule_group.command("resume")
 @click.argument("name")
-@backend_option
+@schedule_backend
 @pass_settings
-def resume_command(
-    settings_: Settings, name: str, backend: str, namespace: str | None, kube_context: str | None
-) -> None:
+def resume_command(settings_: Settings, name: str, **params: Any) -> None:
     """Start runs again from the next tick."""
-    _set_suspend(settings_, name, backend, namespace, kube_context, False)
+    with user_errors():
+        _schedules(settings_, params).set_suspend(name, False)
+    note(f"resumed schedule {name}")
 
 
 @schedule_group.command("delete")
 @click.argument("name")
 @click.option("--cascade", is_flag=True, help="Also delete its runs' Jobs and batches (results included).")
-@backend_option
+@schedule_backend
 @pass_settings
-def delete_command(
-    settings_: Settings, name: str, cascade: bool, backend: str, namespace: str | None, kube_context: str | None
-) -> None:
+def delete_command(settings_: Settings, name: str, cascade: bool, **params: Any) -> None:
     """Delete a schedule (its past batches stay unless --cascade)."""
     with user_errors():
-        if backend == backends.KUBERNETES:
-            store = settings_.store() if cascade else None
-            removed = _kube(namespace, kube_context).delete(name, cascade=cascade, store=store)
-        else:
-            local = _local(settings_)
-            local.get(name)
-            removed = []
-            if cascade:
-                from ..batch import Batch
-
-                for entry in local.history(name, limit=10_000):
-                    if entry.get("batch") and Batch(entry["batch"], local.redis).delete():
-                        removed.append(entry["batch"])
-            local.delete(name)
+        removed = _schedules(settings_, params).delete(name, cascade=cascade)
     note(f"deleted schedule {name}" + (f" and {len(removed)} batch(es)" if cascade else ""))
 
 
 @schedule_group.command("run-now")
 @click.argument("name")
-@backend_option
+@schedule_backend
 @pass_settings
-def run_now_command(
-    settings_: Settings, name: str, backend: str, namespace: str | None, kube_context: str | None
-) -> None:
-    """Start a run now, whatever the schedule says (like kubectl create job --from=cronjob/NAME)."""
+def run_now_command(settings_: Settings, name: str, **params: Any) -> None:
+    """Start a run now, whatever the schedule says (like kubectl create job --from=cronjob/NAME).
+
+    Prints what it started: the run's batch id (local) or launcher Job (kubernetes).
+    """
     with user_errors():
-        if backend == backends.KUBERNETES:
-            job = _kube(namespace, kube_context).run_now(name)
-            click.echo(job["metadata"]["name"])
-            note(f"started Job {job['metadata']['name']}; follow it with: kiabatch schedule history {name} -n ...")
-            return
-        result = LocalScheduler(settings_.store().redis, redis_url=settings_.redis_url).run_now(name)
-    if result.outcome == "failed-to-start":
-        raise CliError(f"the run of {name} did not start: {result.note}")
-    click.echo(result.batch or "-")
-    note(f"run of {name}: {result.outcome}" + (f" ({result.note})" if result.note else ""))
+        started = _schedules(settings_, params).run_now(name)
+    click.echo(started.ref)
+    note(started.note)
 
 
 @schedule_group.command("history")
 @click.argument("name")
-@click.option("--limit", type=LIMIT, default=20, show_default=True)
-@backend_option
+@click.option("--limit", type=LIMIT, default=20, show_default=True, help="Most recent runs to show.")
+@schedule_backend
 @pass_settings
-def history_command(
-    settings_: Settings, name: str, limit: int, backend: str, namespace: str | None, kube_context: str | None
-) -> None:
+def history_command(settings_: Settings, name: str, limit: int, **params: Any) -> None:
     """Past runs: start, end, state, items done/failed, and the batches they launched."""
     with user_errors():
-        rows = _history(settings_, name, limit, backend, namespace, kube_context)
+        rows = _schedules(settings_, params).history(name, limit)
     if settings_.json:
         emit_json(rows)
         return
@@ -292,37 +214,14 @@ def history_command(
     click.echo(table(lines, headers) if lines else f"no runs of {name} yet")
 
 
-def _history(
-    settings_: Settings, name: str, limit: int, backend: str, namespace: str | None, context: str | None
-) -> list[dict[str, Any]]:
-    store = settings_.store()
-    if backend == backends.KUBERNETES:
-        return _kube(namespace, context).history(name, store)[-limit:][::-1]
-    local = _local(settings_)
-    local.get(name)
-    rows = []
-    for entry in local.history(name, limit):
-        batch = entry.get("batch") or ""
-        done = failed = None
-        started = finished = None
-        state = entry["outcome"]
-        if batch and store.exists(batch):
-            status = store.status(batch)
-            done, failed = status.progress.done, status.progress.failed
-            started, finished = when(status.started_at), when(status.finished_at)
-            state = status.state if entry["outcome"] == "launched" else entry["outcome"]
-        rows.append({"run": entry["run"], "started": started or when(entry["tick"]), "finished": finished,
-                     "state": state + (f" ({entry['note']})" if entry.get("note") else ""),
-                     "batches": [batch] if batch else [], "done": done, "failed": failed})  # fmt: skip
-    return rows
-
-
 @click.command("scheduler")
 @click.option("--once", is_flag=True, help="Handle the ticks due now, then exit (e.g. from system cron).")
 @click.option("--poll", type=Interval(), default=1.0, show_default=True, help="Seconds between checks.")
 @pass_settings
 def scheduler_command(settings_: Settings, once: bool, poll: float) -> None:
     """Run the local schedules in the foreground (SIGTERM or Ctrl-C stops it cleanly)."""
+    from ..scheduler import LocalScheduler, serve_until_signalled
+
     with user_errors():
         scheduler = LocalScheduler(settings_.store(retry_seconds=settings.worker_retry_seconds()).redis,
                                    redis_url=settings_.redis_url)  # fmt: skip

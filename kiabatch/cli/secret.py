@@ -10,6 +10,7 @@ from ..connection import redact, validate_url
 from ..kube.api import Cluster
 from ..kube.batch_job import REDIS_SECRET, REDIS_SECRET_KEY, redis_secret
 from .context import CliError, Settings, note, pass_settings, user_errors
+from .options import cluster_options
 
 
 @click.group("secret")
@@ -19,8 +20,7 @@ def secret_group() -> None:
 
 @secret_group.command("create")
 @click.option("--name", default=REDIS_SECRET, show_default=True, help="Secret name (submit --redis-secret).")
-@click.option("--namespace", "-n", envvar="KIABATCH_NAMESPACE", help="Namespace (default: the context's).")
-@click.option("--context", metavar="NAME", help="kubeconfig context.")
+@cluster_options
 @click.option("--url-stdin", is_flag=True, help="Read the URL from standard input (keeps it out of shell history).")
 @pass_settings
 def create_command(settings_: Settings, name: str, namespace: str | None, context: str | None, url_stdin: bool) -> None:

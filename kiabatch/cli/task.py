@@ -95,7 +95,7 @@ def run_batch_command(settings_: Settings, batch_id: str) -> None:
     """Run a local batch in this process (what `submit --no-wait` starts in the background)."""
     store = settings_.store(retry_seconds=settings.worker_retry_seconds())
     with user_errors():
-        status = LocalRunner(store, batch_id).run()
+        status = LocalRunner(store, batch_id).run()  # in the background: nobody watches its progress
     note(f"batch {batch_id} {status.state}")
 
 

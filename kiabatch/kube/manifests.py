@@ -43,7 +43,7 @@ def batch_set() -> dict[str, str]:
     from ..submission import plan_batch
     from .batch_job import KubeOptions, job, worker_service_account
 
-    spec = plan_batch("pi", digits=5000, parallel=3, backend="kubernetes", batch_id="pi-example").spec
+    spec = plan_batch("pi", digits=5000, parallel=3, backend="kubernetes", batch_id="pi-example").counted()
     return {
         "kustomization.yaml": kustomization(["serviceaccount.yaml"]),
         "serviceaccount.yaml": document([worker_service_account(NAMESPACE)]),

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from ..errors import NotFoundError, UsageError
-from ..schedules import Schedule
+from ..schedules import Schedule, ScheduleRow, StartedRun
 from ..store import Store
 from .api import Cluster
 from .batch_job import KubeOptions
@@ -28,19 +30,34 @@ def job_state(job: dict[str, Any]) -> str:
 
 
 class KubeSchedules:
-    """Create, inspect and change schedules in one namespace."""
+    """Schedules as CronJobs in one namespace (the :class:`~kiabatch.schedules.Schedules` of Kubernetes)."""
 
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: Cluster, store: Callable[[], Store] | None = None) -> None:
         self.cluster = cluster
+        #: Opens the Redis store, for what joins runs with their batches (history, cascading deletes).
+        self._store = store
 
-    def create(self, schedule: Schedule, options: KubeOptions) -> list[dict[str, Any]]:
+    def create(self, schedule: Schedule, kube: KubeOptions) -> str:
         """Apply the launcher's account, Role and binding and the CronJob; refuse an existing schedule."""
         self.cluster.check_version()
         self.cluster.check_namespace()
         if self.cluster.get(CRONJOB, schedule.name) is not None:
             raise UsageError(f"schedule {schedule.name!r} already exists in namespace {self.cluster.namespace!r}")
-        objects = schedule_objects(schedule, options)
-        return [self.cluster.apply(obj) for obj in objects]
+        schedule = schedule.with_changes(namespace=self.cluster.namespace)
+        for obj in schedule_objects(schedule, replace(kube, namespace=self.cluster.namespace)):
+            self.cluster.apply(obj)
+        zone = f", {schedule.time_zone}" if schedule.time_zone else ""
+        return (f"created CronJob {schedule.name} in namespace {self.cluster.namespace} ({schedule.cron}{zone}, "
+                f"concurrency {schedule.concurrency})")  # fmt: skip
+
+    def rows(self) -> list[ScheduleRow]:
+        """kiabatch's CronJobs, with their last schedule time."""
+        return [ScheduleRow(cron["metadata"]["name"], self.schedule_of(cron),
+                            cron.get("status", {}).get("lastScheduleTime") or "-") for cron in self.list()]  # fmt: skip
+
+    def get(self, name: str) -> Schedule:
+        """The schedule a CronJob was made from."""
+        return self.schedule_of(self.cron_job(name))
 
     def cron_job(self, name: str) -> dict[str, Any]:
         """The CronJob of schedule ``name``."""
@@ -59,14 +76,17 @@ class KubeSchedules:
         definition = json.loads(cron["metadata"]["annotations"][SPEC_ANNOTATION])
         return Schedule(**{**definition, "suspend": bool(cron["spec"].get("suspend"))})
 
-    def set_suspend(self, name: str, suspend: bool) -> dict[str, Any]:
+    def set_suspend(self, name: str, suspend: bool) -> None:
         """Suspend or resume: patch ``spec.suspend``."""
         self.cron_job(name)
-        return self.cluster.patch(CRONJOB, name, {"spec": {"suspend": suspend}})
+        self.cluster.patch(CRONJOB, name, {"spec": {"suspend": suspend}})
 
-    def run_now(self, name: str) -> dict[str, Any]:
-        """Start a run now: a Job from the CronJob's template, owned by it."""
-        return self.cluster.create(job_from_cron_job(self.cron_job(name)))
+    def run_now(self, name: str) -> StartedRun:
+        """Start a run now: a Job from the CronJob's template, owned by it (its name is the ref)."""
+        job = self.cluster.create(job_from_cron_job(self.cron_job(name)))
+        run = job["metadata"]["name"]
+        return StartedRun(run, f"started Job {run}; follow it with: kiabatch schedule history {name} "
+                               f"--backend kubernetes -n {self.cluster.namespace}")  # fmt: skip
 
     def launcher_jobs(self, cron: dict[str, Any]) -> list[dict[str, Any]]:
         """The CronJob's Jobs, found by ownerReferences (a CronJob has no label selector), oldest first."""
@@ -80,8 +100,9 @@ class KubeSchedules:
         return sorted({job["metadata"]["labels"][BATCH_LABEL] for job in self.cluster.list(JOB, f"{RUN_LABEL}={run}")
                        if BATCH_LABEL in job["metadata"].get("labels", {})})  # fmt: skip
 
-    def history(self, name: str, store: Store | None) -> list[dict[str, Any]]:
-        """Past runs: start, end, state, the batches they launched and their item counts."""
+    def history(self, name: str, limit: int) -> list[dict[str, Any]]:
+        """Recent runs, newest first: start, end, state, the batches they launched and their item counts."""
+        store = self._store() if self._store is not None else None
         rows = []
         for job in self.launcher_jobs(self.cron_job(name)):
             run = job["metadata"]["name"]
@@ -95,11 +116,12 @@ class KubeSchedules:
                         done, failed = (done or 0) + progress.done, (failed or 0) + progress.failed
             rows.append({"run": run, "started": status.get("startTime"), "finished": status.get("completionTime"),
                          "state": job_state(job), "batches": batches, "done": done, "failed": failed})  # fmt: skip
-        return rows
+        return rows[-limit:][::-1]
 
-    def delete(self, name: str, *, cascade: bool, store: Store | None) -> list[str]:
+    def delete(self, name: str, *, cascade: bool) -> list[str]:
         """Delete the CronJob; with ``cascade`` also its Jobs and their batches. Returns the batches deleted."""
         cron = self.cron_job(name)
+        store = self._store() if cascade and self._store is not None else None
         removed: list[str] = []
         if cascade:
             for job in self.launcher_jobs(cron):

@@ -47,6 +47,10 @@ class Workload(Protocol):
 
     name: str
     description: str
+    #: True if the workload runs the caller's command on the caller's items (exec).
+    takes_command: bool
+    #: Keyword options of its own that ``submit`` passes to :meth:`plan` (e.g. ``digits``).
+    option_names: tuple[str, ...]
 
     def plan(self, runtime: Runtime, *, parallel: int, tasks: int | None, **options: Any) -> Plan:
         """Validate ``options`` (raise UsageError) and describe the batch."""

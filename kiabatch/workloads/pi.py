@@ -182,6 +182,9 @@ class PiWorkload:
     """``kiabatch submit pi --digits D``: digits of π as a parallel map/reduce."""
 
     name = "pi"
+    #: Makes its own items and command.
+    takes_command = False
+    option_names = ("digits", "force")
     description = "digits of pi: Chudnovsky series split across tasks, combined client-side"
 
     def plan(
@@ -200,7 +203,10 @@ class PiWorkload:
         if isinstance(digits, bool) or not isinstance(digits, int):
             raise UsageError(f"digits must be a positive integer, not {digits!r}")
         if not 1 <= digits <= MAX_DIGITS_FORCED:
-            raise UsageError(f"digits must be an integer from 1 to {MAX_DIGITS:,} ({MAX_DIGITS_FORCED:,} with force)")
+            raise UsageError(
+                f"digits must be a positive integer up to {MAX_DIGITS:,} "
+                f"({MAX_DIGITS_FORCED:,} with force), not {digits}"
+            )
         if digits > MAX_DIGITS and not force:
             raise UsageError(f"digits {digits:,} is more than {MAX_DIGITS:,}; add --force to compute it anyway")
         terms = terms_for(digits)

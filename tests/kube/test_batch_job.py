@@ -136,11 +136,11 @@ def test_read_only_root_filesystems_with_a_writable_tmp():
 
 
 def every_rendered_object() -> list[dict]:
-    pi = plan_batch("pi", digits=1000, parallel=3, backend="kubernetes", batch_id="pi-abcde").spec
+    pi = plan_batch("pi", digits=1000, parallel=3, backend="kubernetes", batch_id="pi-abcde").counted()
     exec_spec = plan_batch(
         "exec", items=["a", "b"], command=["convert", "{item}"], backend="kubernetes", batch_id="ex-abcde",
         non_retriable_exit_codes=[3], image="me/tool:1", env={"MODE": "fast"}, timeout=60, task_timeout=10,
-    ).spec  # fmt: skip
+    ).counted()  # fmt: skip
     return [
         *batch_objects(pi, KubeOptions(namespace="batch")),
         *batch_objects(exec_spec, KubeOptions(namespace="batch", image_pull_policy="Always", read_only_root=False)),

@@ -1,8 +1,9 @@
-"""Turn statuses, results and failures into text tables or JSON."""
+"""What commands print: statuses, results and failures as text tables or JSON, and a batch's conclusion."""
 
 from __future__ import annotations
 
 import base64
+import itertools
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -10,13 +11,12 @@ from typing import Any
 import click
 
 from .. import items as items_mod
+from .. import workloads
+from ..batch import Batch
+from ..errors import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE
 from ..model import FailedItem, ItemResult, Status
-from ..text import printable
-
-
-def when(timestamp: float | None) -> str:
-    """A local time, or '-'."""
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp)) if timestamp else "-"
+from ..text import printable, when
+from .context import CliError, Settings, emit_json, note, user_errors
 
 
 def duration(status: Status) -> str:
@@ -135,3 +135,40 @@ def print_failed(failed: Iterable[FailedItem]) -> None:
         last = f.stderr.strip().splitlines()[-1:] if f.stderr else []
         if last and last[0] != f.reason:
             click.echo(f"       stderr: {printable(last[0][:200])}", err=True)
+
+
+#: Dead-lettered items listed on stderr after the results (all of them are on stdout, marked).
+_FAILED_SHOWN = 20
+
+
+def conclude(settings_: Settings, batch: Batch, *, reduce: bool | None, quiet: bool = False) -> int:
+    """Print a finished batch's answer, or every item's outcome in order (failed ones marked).
+
+    Returns the exit code: 0, or 1 when items failed (those are also listed on stderr).
+    """
+    with user_errors():
+        status = batch.status()
+        failed = batch.store.failed_count(batch.id)
+        reducible = isinstance(workloads.get(status.workload), workloads.Reducible)
+        if not quiet:
+            note(f"batch {batch.id} {status.state}: {progress_text(status)} in {duration(status)}")
+        if reduce and not reducible:
+            raise CliError(f"workload {status.workload!r} has no reduce step", EXIT_USAGE)
+        if reduce or (reduce is None and reducible and not failed):
+            answer = batch.reduce()  # BatchFailedError (exit 1) if items failed
+            if settings_.json:
+                emit_json({"batch": batch.id, "answer": answer})
+            else:
+                click.echo(answer)
+            return EXIT_OK
+        for outcome in batch.iter_outcomes():
+            if settings_.json:
+                emit_json(outcome_dict(outcome))
+            else:
+                click.echo(outcome_line(outcome))
+        if failed:
+            print_failed(itertools.islice(batch.store.iter_outcomes(batch.id, results=False), _FAILED_SHOWN))
+            if failed > _FAILED_SHOWN:
+                note(f"... and {failed - _FAILED_SHOWN} more failed item(s): kiabatch -o json results {batch.id}")
+            return EXIT_ITEMS_FAILED
+    return EXIT_OK
