@@ -56,22 +56,30 @@ def redact(url: str) -> str:
 
 
 def validate_url(url: str) -> str:
-    """Return ``url`` if it is a Redis URL kiabatch can use; else raise UsageError."""
+    """Return ``url`` if it is a Redis URL kiabatch can use; else raise UsageError.
+
+    Messages name what is wrong without quoting the URL's parts (a password with a
+    ``/`` or ``?`` lands in the port or the path).
+    """
+
+    def bad(why: str) -> UsageError:
+        return UsageError(f"bad Redis URL {redact(url)!r}: {why}; {_URL_HELP}")
+
     try:
         parts = urlsplit(url)
-        port = parts.port  # raises ValueError for a non-numeric or out-of-range port
-    except ValueError as exc:
-        raise UsageError(f"bad Redis URL {redact(url)!r}: {exc}; {_URL_HELP}") from None
+        parts.port  # noqa: B018 - raises ValueError for a non-numeric or out-of-range port
+    except ValueError:
+        raise bad("it does not parse (a port that is not a number from 0 to 65535, or an unclosed '[')") from None
     if parts.scheme not in _SCHEMES:
-        raise UsageError(f"bad Redis URL {redact(url)!r}: scheme must be one of {', '.join(_SCHEMES)}; {_URL_HELP}")
+        raise bad(f"scheme must be one of {', '.join(_SCHEMES)}")
     if parts.scheme == "unix" and not parts.path:
-        raise UsageError(f"bad Redis URL {redact(url)!r}: a unix URL needs a socket path; {_URL_HELP}")
+        raise bad("a unix URL needs a socket path")
     if parts.scheme != "unix" and not parts.hostname:
-        raise UsageError(f"bad Redis URL {redact(url)!r}: no host; {_URL_HELP}")
-    del port
+        raise bad("no host")
     path = parts.path.lstrip("/")
     if parts.scheme != "unix" and path and not path.isdigit():
-        raise UsageError(f"bad Redis URL {redact(url)!r}: database must be a number, not {path!r}; {_URL_HELP}")
+        raise bad("database must be a number (the path after the host); a password with '/', '?' or '#' "
+                  "must be percent-encoded")  # fmt: skip
     return url
 
 
@@ -109,8 +117,8 @@ def connect(
         validate_url(url)
         try:
             client = redis.Redis.from_url(url, **options)
-        except ValueError as exc:
-            raise UsageError(f"bad Redis URL {redact(url)!r}: {exc}; {_URL_HELP}") from None
+        except ValueError:
+            raise UsageError(f"bad Redis URL {redact(url)!r}: redis-py cannot use it; {_URL_HELP}") from None
         where = f"Redis at {redact(url)}"
         client.kiabatch_url = url  # type: ignore[attr-defined]
     try:

@@ -459,7 +459,9 @@ class Store:
         """Delete a batch at once (``keep_results``: keep what ``results`` and ``status`` read)."""
         validate_batch_id(batch_id)
         k = keys.batch_keys(batch_id)
-        keep = {k.meta, k.progress, k.results, k.outcomes, k.failed, k.claims, k.sizes, k.logs} if keep_results else set()
+        keep = (
+            {k.meta, k.progress, k.results, k.outcomes, k.failed, k.claims, k.sizes, k.logs} if keep_results else set()
+        )
         doomed = [key for key in k.all() if key not in keep]
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.exists(k.meta)

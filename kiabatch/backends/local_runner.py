@@ -47,7 +47,7 @@ import redis
 from .. import items as items_mod
 from .. import settings, templates
 from ..errors import InterruptedBatchError, UnreachableError, UsageError
-from ..files import private_dir
+from ..files import private_dir, write_private
 from ..model import FAILED, INTERRUPTED, BatchSpec, Status
 from ..store import LOG_TAIL, Claim, ItemOutcome, Store
 from ..task import item_argv, item_dir, item_outcome, report_outcomes, task_env
@@ -233,6 +233,7 @@ class LocalRunner:
             if not slots and (feed.dry or self._stop_reason is not None):
                 break
             slots[0].join(_TICK) if slots else time.sleep(_TICK)
+            self._notify()  # keeps a progress display fresh between claims and reports
             if self._stop_signal is not None:
                 self._stop("interrupted")
             elif self._stop_reason is None and self._deadline_passed():
@@ -293,11 +294,12 @@ class LocalRunner:
             return item_outcome(exit_code=None, duration=0.0, stdout=b"", stderr=b"", invalid=str(exc))
         stdin_path = where / "stdin"
         if directory is not None:
-            os.makedirs(where, mode=0o700)
+            for level in (directory, directory / "items", where):  # each one 0700, whatever the umask
+                level.mkdir(mode=0o700, exist_ok=True)
             if self._writes_input:
-                (where / "item.json").write_text(items_mod.encode(value))
+                write_private(where / "item.json", items_mod.encode(value))
             if self.spec.worker.stdin:
-                stdin_path.write_text(items_mod.text(value))
+                write_private(stdin_path, items_mod.text(value))
         clock = time.monotonic()
         with open(stdin_path if self.spec.worker.stdin else os.devnull, "rb") as stdin:
             try:
