@@ -22,7 +22,6 @@ from click.testing import CliRunner
 from kiabatch import Batch, submit
 from kiabatch.cli import cli
 from kiabatch.connection import redact
-from kiabatch.store import Store
 from tests.conftest import RedisProcess, kiabatch_cmd, run_cli
 
 
@@ -32,8 +31,8 @@ def invoke(*args: str, input: str | bytes | None = None, env: dict | None = None
 
 def one_line_error(result, code: int, *fragments: str) -> str:
     """The single ``kiabatch: error:`` line of a refused command (and no traceback)."""
-    stderr = result.stderr if hasattr(result, "exit_code") else result.stderr
-    returncode = result.exit_code if hasattr(result, "exit_code") else result.returncode
+    stderr = result.stderr
+    returncode = result.exit_code
     assert returncode == code, (returncode, stderr)
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
@@ -153,11 +152,8 @@ def test_a_submit_that_loses_redis_for_good_exits_three_and_resume_finishes(tmp_
     monkeypatch.setenv("KIABATCH_REDIS_URL", server.url)
     monkeypatch.setenv("KIABATCH_REDIS_RETRY_SECONDS", "2")
     items = [str(i) for i in range(8)]
-    process = subprocess.Popen(
-        kiabatch_cmd("submit", "--batch-id", "lost-redis", "-p", "2", *[f"--item={i}" for i in items], "--",
-                     *sleeper(0.5)),  # fmt: skip
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    argv = kiabatch_cmd("submit", "--batch-id", "lost-redis", "-p", "2", *[f"--item={i}" for i in items], "--")
+    process = subprocess.Popen([*argv, *sleeper(0.5)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     client = server.client()
     deadline = time.monotonic() + 30
     while not client.exists("kiabatch:{lost-redis}:meta") and time.monotonic() < deadline:
@@ -358,8 +354,10 @@ def test_redact_never_shows_a_password_whatever_its_characters():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    shapes = ["redis://:{p}@h:6379/0", "redis://u:{p}@h/1", "rediss://{p}@h", "unix://:{p}@/s.sock",
-              "redis://h:6379/0?password={p}", "unix:///s.sock?password={p}", "redis:{p}@h", "redis://:{p}@h:x"]  # fmt: skip
+    shapes = [
+        "redis://:{p}@h:6379/0", "redis://u:{p}@h/1", "rediss://{p}@h", "unix://:{p}@/s.sock",
+        "redis://h:6379/0?password={p}", "unix:///s.sock?password={p}", "redis:{p}@h", "redis://:{p}@h:x",
+    ]  # fmt: skip
     password = st.text(st.characters(min_codepoint=33, max_codepoint=0x10FFFF, exclude_categories=("Cs",)),
                        min_size=6, max_size=30).filter(lambda p: p.strip() == p)  # fmt: skip
 
