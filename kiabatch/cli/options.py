@@ -14,7 +14,8 @@ _DURATION = re.compile(r"^\s*(\d{1,20}(?:\.\d{1,9})?)\s*([smhd]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def _human(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
+    """``120`` -> ``2m``: a duration as the largest whole unit (what :class:`Duration` reads back)."""
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size and seconds % size == 0:
             return f"{seconds / size:g}{unit}"
@@ -40,15 +41,18 @@ class Duration(click.ParamType):
             match = _DURATION.match(str(value))
             if not match:
                 self.fail(
-                    f"{str(value)!r:.60} is not a positive duration; use seconds or a number with s, m, h or d (e.g. 30m)",
+                    f"{str(value)!r:.60} is not a positive duration; "
+                    "use seconds or a number with s, m, h or d (e.g. 30m)",
                     param,
                     ctx,
                 )
             seconds = float(match.group(1)) * _UNITS[match.group(2)]
         low_ok = seconds > 0 if self.minimum is None else seconds >= self.minimum
         if not math.isfinite(seconds) or not low_ok or seconds > self.maximum:
-            low = "above 0" if self.minimum is None else f"from {_human(self.minimum)}"
-            self.fail(f"{str(value)!r:.60} is out of range: allowed {low} up to {_human(self.maximum)}", param, ctx)
+            low = "above 0" if self.minimum is None else f"from {duration_text(self.minimum)}"
+            self.fail(
+                f"{str(value)!r:.60} is out of range: allowed {low} up to {duration_text(self.maximum)}", param, ctx
+            )
         return seconds
 
 

@@ -23,7 +23,8 @@ from ..connection import connect, redact
 from ..errors import EXIT_UNREACHABLE, ClusterError, KiabatchError
 from ..kube.api import Cluster
 from ..kube.batch_job import REDIS_SECRET, REDIS_SECRET_KEY, redis_secret
-from ..kube.objects import JOB_NAME_LABEL, to_yaml
+from ..kube.jobs import last_error, run_job
+from ..kube.objects import to_yaml
 from ..kube.redis_backup import (
     BACKUP_CLAIM,
     BACKUP_CRONJOB,
@@ -57,11 +58,8 @@ from .render import table
 
 STATEFULSET_KIND = ("apps/v1", "StatefulSet")
 CRONJOB_KIND = ("batch/v1", "CronJob")
-JOB_KIND = ("batch/v1", "Job")
 SECRET_KIND = ("v1", "Secret")
 CLAIM_KIND = ("v1", "PersistentVolumeClaim")
-#: Seconds a Job's pod may be stuck on an image pull or a missing Secret before we give up.
-PULL_GRACE = 60.0
 
 
 def _selector() -> str:
@@ -235,63 +233,6 @@ def _wait_ready(cluster: Cluster, replicas: int, timeout: float) -> None:
             time.sleep(2)
 
 
-# -- running a Job and reading its log ----------------------------------------------------------
-
-
-def run_job(cluster: Cluster, job: dict[str, Any], timeout: float, *, keep: bool = False) -> tuple[bool, str]:
-    """Create ``job``, wait until it succeeds or fails, return (succeeded, its pod's log).
-
-    The Job is deleted afterwards unless ``keep`` (or it failed: it stays for
-    inspection until its ttlSecondsAfterFinished).
-    """
-    from ..backends.kubernetes import job_outcome, pod_problems
-
-    name = job["metadata"]["name"]
-    created = cluster.create(job)
-    deadline = time.monotonic() + timeout
-    stuck_since: float | None = None
-    version = created["metadata"].get("resourceVersion")
-    outcome = None
-    while outcome is None:
-        current = cluster.get(JOB_KIND, name)
-        if current is None:
-            raise ClusterError(f"Job {name!r} disappeared before it finished")
-        outcome = job_outcome(current)
-        if outcome:
-            break
-        problems = pod_problems(cluster.pods(f"{JOB_NAME_LABEL}={name}"))
-        stuck_since = (stuck_since or time.monotonic()) if problems else None
-        if stuck_since is not None and time.monotonic() - stuck_since > PULL_GRACE:
-            raise ClusterError(f"Job {name!r} cannot start: {problems[0]}")
-        if time.monotonic() > deadline:
-            raise ClusterError(f"Job {name!r} did not finish within {timeout:g}s (kubectl describe job {name})")
-        for changed in cluster.watch_job(name, version, 5):
-            version = changed["metadata"].get("resourceVersion", version)
-            if job_outcome(changed):
-                break
-    log = job_log(cluster, job)
-    if outcome == "succeeded" and not keep:
-        cluster.delete(JOB_KIND, name)
-    return outcome == "succeeded", log
-
-
-def job_log(cluster: Cluster, job: dict[str, Any]) -> str:
-    """The log of the Job's newest pod (its only container)."""
-    name = job["metadata"]["name"]
-    container = job["spec"]["template"]["spec"]["containers"][0]["name"]
-    pods = sorted(cluster.pods(f"{JOB_NAME_LABEL}={name}"), key=lambda p: p["metadata"].get("creationTimestamp", ""))
-    if not pods:
-        return ""
-    chunks = cluster.pod_log(pods[-1]["metadata"]["name"], container)
-    return b"".join(chunks).decode("utf-8", "replace")
-
-
-def _last_error(log: str) -> str:
-    lines = [line for line in log.splitlines() if line.strip()]
-    errors = [line for line in lines if ": error: " in line]
-    return (errors or lines or ["(no output)"])[-1]
-
-
 def _live_options(cluster: Cluster, source: dict[str, Any] | None, values: dict[str, Any]) -> RedisOptions:
     """Options for a Job: the image (and memory) of a live object when there is one."""
     if source is not None:
@@ -367,9 +308,9 @@ def status_command(settings_: Settings, namespace: str | None, kube_context: str
             found = parse_probe_log(log)
         except ValueError as exc:
             found = {}
-            problem = f"the status probe failed: {exc}: {_last_error(log)}"
+            problem = f"the status probe failed: {exc}: {last_error(log)}"
         if not ok and problem is None:
-            problem = f"the status probe failed: {_last_error(log)}"
+            problem = f"the status probe failed: {last_error(log)}"
         infos.update(found)
     elif settings_.redis_url:
         source = "redis-url"
@@ -442,7 +383,7 @@ def backup_command(settings_: Settings, namespace: str | None, kube_context: str
         ok, log = run_job(cluster, job, timeout, keep=True)
     click.echo(log, nl=False)
     if not ok:
-        raise CliError(f"backup Job {name!r} failed: {_last_error(log)}", EXIT_UNREACHABLE)
+        raise CliError(f"backup Job {name!r} failed: {last_error(log)}", EXIT_UNREACHABLE)
 
 
 def parse_listing(log: str) -> list[dict[str, Any]]:
@@ -467,7 +408,7 @@ def list_snapshots(cluster: Cluster, timeout: float) -> list[dict[str, Any]]:
         options = _live_options(cluster, cluster.get(CRONJOB_KIND, BACKUP_CRONJOB), {})
         ok, log = run_job(cluster, list_job(options, job_name("backups")), timeout)
     if not ok:
-        raise CliError(f"listing the backups failed: {_last_error(log)}", EXIT_UNREACHABLE)
+        raise CliError(f"listing the backups failed: {last_error(log)}", EXIT_UNREACHABLE)
     return parse_listing(log)
 
 
@@ -582,7 +523,7 @@ def restore_command(settings_: Settings, snapshot: str, namespace: str | None, k
         note(f"created StatefulSet {STATEFULSET!r} again; see: kiabatch redis status")
     if not ok:
         raise CliError(
-            f"restore Job {job['metadata']['name']!r} failed: {_last_error(log)}; "
+            f"restore Job {job['metadata']['name']!r} failed: {last_error(log)}; "
             "the StatefulSet is back with its previous data",
             EXIT_UNREACHABLE,
         )

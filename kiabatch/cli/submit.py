@@ -18,11 +18,12 @@ from ..backends import KUBERNETES
 from ..batch import Batch
 from ..errors import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE
 from ..kube.batch_job import REDIS_SECRET, KubeOptions, batch_objects
+from ..kube.jobs import DEFAULT_PULL_GRACE
 from ..kube.objects import to_yaml
 from ..progress import ProgressBar
 from ..submission import plan_batch, submit
 from .context import CliError, Settings, emit_json, note, pass_settings, user_errors
-from .options import Duration, count
+from .options import Duration, count, duration_text
 from .render import duration, outcome_dict, outcome_line, print_failed, progress_text
 
 
@@ -110,7 +111,8 @@ def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Failed tasks after which the Job stops (default: 10% of tasks, at least 10)."),
         click.option("--job-ttl", "kube_ttl_after_finished", type=Duration(minimum=1), default="1d", show_default=True,
                      help="Delete the finished Job (not the results) after this long (ttlSecondsAfterFinished)."),
-        click.option("--image-pull-grace", "kube_pull_grace", type=Duration(), default="2m", show_default=True,
+        click.option("--image-pull-grace", "kube_pull_grace", type=Duration(),
+                     default=duration_text(DEFAULT_PULL_GRACE), show_default=True,
                      help="With --wait, fail once pods could not start (image pull, missing Secret) this long."),
         click.option("--report-timeout", "kube_report_timeout", type=Duration(minimum=1), default="10m",
                      show_default=True,

@@ -29,6 +29,7 @@ from typing import Any
 
 from ..model import BatchSpec
 from ..workloads.base import Runtime
+from .jobs import DEFAULT_PULL_GRACE
 from .objects import (
     BATCH_LABEL,
     REDIS_CLIENT_LABEL,
@@ -91,7 +92,7 @@ class KubeOptions:
     #: Seconds a finished worker waits for the reporter to confirm the upload before failing the pod.
     report_timeout: int = 600
     #: Seconds pods may fail to start (image pull, missing Secret) before ``--wait`` gives up. Not rendered.
-    pull_grace: float = 120.0
+    pull_grace: float = DEFAULT_PULL_GRACE
 
 
 def default_max_failed_indexes(tasks: int) -> int:
