@@ -35,7 +35,7 @@ from ..kube.redis_backup import (
     status_job,
     validate_snapshot,
 )
-from ..kube.redis_manifests import redis_objects
+from ..kube.redis_manifests import redis_deployment_objects
 from ..kube.redis_objects import (
     AUTH_SECRET,
     AUTH_SECRET_KEY,
@@ -154,7 +154,7 @@ def render_command(namespace: str, **values: Any) -> None:
     The password Secret is not printed: `redis deploy` generates it, or create it
     yourself (key 'password') before applying this output with kubectl.
     """
-    click.echo(to_yaml(redis_objects(_options(namespace, values))), nl=False)
+    click.echo(to_yaml(redis_deployment_objects(_options(namespace, values))), nl=False)
     note(f"# not rendered: Secret {AUTH_SECRET!r} (key {AUTH_SECRET_KEY!r}); `kiabatch redis deploy` creates it")
 
 
@@ -207,7 +207,7 @@ def deploy_command(
     with user_errors():
         for line in ensure_secrets(cluster):
             note(line)
-        for obj in redis_objects(options):
+        for obj in redis_deployment_objects(options):
             cluster.apply(obj)
             applied.append({"kind": obj["kind"], "name": obj["metadata"]["name"]})
             note(f"applied {obj['kind']} {obj['metadata']['name']!r}")
