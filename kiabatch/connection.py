@@ -138,14 +138,18 @@ def connect(
     return client
 
 
+_UNKNOWN = object()
+
+
 def url_of(client: redis.Redis) -> str | None:
     """The URL a client was opened with (None: the embedded server).
 
     For clients made elsewhere, the URL is rebuilt from the connection settings
     (TLS certificate options are not carried over).
     """
-    if hasattr(client, "kiabatch_url"):
-        return client.kiabatch_url
+    known = getattr(client, "kiabatch_url", _UNKNOWN)
+    if known is not _UNKNOWN:
+        return known
     kwargs = client.connection_pool.connection_kwargs
     password = kwargs.get("password")
     user = kwargs.get("username") or ""

@@ -18,10 +18,8 @@ import difflib
 import hashlib
 import json
 import re
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
@@ -32,7 +30,6 @@ from .model import MAX_BATCH_ID, validate_batch_id
 
 if TYPE_CHECKING:
     from .kube.options import KubeOptions
-    from .store import Store
 
 CONCURRENCY = ("forbid", "allow", "replace")
 DEFAULT_STARTING_DEADLINE = 300
@@ -230,23 +227,3 @@ class Schedules(Protocol):
     def history(self, name: str, limit: int) -> list[dict[str, Any]]:
         """Recent runs, newest first: run, started, finished, state, batches, done, failed."""
         ...
-
-
-def open_schedules(
-    backend: str,
-    *,
-    store: Callable[[], Store],
-    redis_url: str | None = None,
-    home: Path | None = None,
-    namespace: str | None = None,
-    context: str | None = None,
-) -> Schedules:
-    """The schedules of ``backend``; ``store`` opens the Redis store when it is needed."""
-    if backend == "kubernetes":
-        from .kube.api import Cluster
-        from .kube.schedule_ops import KubeSchedules
-
-        return KubeSchedules(Cluster.connect(context, namespace), store)
-    from .scheduler import LocalSchedules
-
-    return LocalSchedules(store(), redis_url=redis_url, home=home)

@@ -72,10 +72,16 @@ class TaskInfo:
 
     @classmethod
     def load(cls, directory: Path) -> TaskInfo:
-        """Read task.json from a task directory."""
-        data = json.loads((directory / TASK_FILE).read_text())
-        data["non_retriable_exit_codes"] = tuple(data["non_retriable_exit_codes"])
-        return cls(**data)
+        """Read task.json from a task directory (UsageError if there is none, or it is not kiabatch's)."""
+        try:
+            data = json.loads((directory / TASK_FILE).read_text())
+            data["non_retriable_exit_codes"] = tuple(data["non_retriable_exit_codes"])
+            return cls(**data)
+        except FileNotFoundError:
+            missing = f"no task in {directory} ({TASK_FILE} is missing)"
+            raise UsageError(f"{missing}: `kiabatch task claim` lays one out") from None
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise UsageError(f"{directory / TASK_FILE} is not a task kiabatch wrote: {exc}") from None
 
 
 def _write(path: Path, data: bytes | str) -> None:
@@ -318,6 +324,7 @@ def report_from(store: Store, directory: Path, *, killed_reason: str = "") -> Re
 
 def await_and_report(store: Store, directory: Path, *, poll: float = 0.2) -> ReportResult | None:
     """Sidecar mode: wait for run.sh to finish, then report (used on Kubernetes)."""
+    TaskInfo.load(directory)  # a directory with no task would be waited on forever
     while done_status(directory) is None:
         time.sleep(poll)
     if (directory / REPORTED_FILE).exists():

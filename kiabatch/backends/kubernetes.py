@@ -19,89 +19,21 @@ from ..errors import ClusterError, KiabatchError, UsageError
 from ..kube import batch_job
 from ..kube.api import Cluster
 from ..kube.batch_job import KubeOptions
+from ..kube.jobs import (
+    JOB,
+    StuckPods,
+    conditions,
+    job_outcome,
+    job_states,
+    job_summary,
+    parse_indexes,
+    pod_problems,
+)
 from ..kube.objects import BATCH_LABEL, COMPLETION_INDEX_LABEL
 from ..model import FAILED, BatchSpec, Status
 from ..store import Store
 from ..workloads.base import Runtime
 from .base import LogChunk, RunHooks
-
-JOB = ("batch/v1", "Job")
-#: Container waiting reasons that will not fix themselves.
-PULL_PROBLEMS = frozenset(
-    {
-        "ErrImagePull",
-        "ImagePullBackOff",
-        "InvalidImageName",
-        "CreateContainerConfigError",
-        "CreateContainerError",
-    }
-)
-#: Seconds a pull problem may last before ``--wait`` gives up (a registry may be slow).
-DEFAULT_PULL_GRACE = 120.0
-_WATCH_SECONDS = 5
-
-
-def parse_indexes(text: str | None) -> list[int]:
-    """Indexes from the Job status format: ``"1,3-5,7"`` -> [1, 3, 4, 5, 7]."""
-    result: list[int] = []
-    for part in (text or "").split(","):
-        if not part:
-            continue
-        low, _, high = part.partition("-")
-        result.extend(range(int(low), int(high or low) + 1))
-    return result
-
-
-def conditions(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The Job's true conditions by type."""
-    found = job.get("status", {}).get("conditions") or []
-    return {c["type"]: c for c in found if c.get("status") == "True"}
-
-
-def job_outcome(job: dict[str, Any]) -> str | None:
-    """ "succeeded" or "failed" once the Job reached (or is about to reach) a terminal state."""
-    true = conditions(job)
-    if "Complete" in true or "SuccessCriteriaMet" in true:
-        return "succeeded"
-    if "Failed" in true or "FailureTarget" in true:
-        return "failed"
-    return None
-
-
-def pod_problems(pods: list[dict[str, Any]]) -> list[str]:
-    """One line per container stuck on an image or configuration problem."""
-    problems = []
-    for pod in pods:
-        statuses = (pod.get("status", {}).get("initContainerStatuses") or []) + (
-            pod.get("status", {}).get("containerStatuses") or []
-        )
-        for status in statuses:
-            waiting = (status.get("state") or {}).get("waiting") or {}
-            if waiting.get("reason") in PULL_PROBLEMS:
-                message = (waiting.get("message") or "").splitlines()[0][:200] if waiting.get("message") else ""
-                problems.append(
-                    f"pod {pod['metadata']['name']} container {status['name']} ({status.get('image', '?')}): "
-                    f"{waiting['reason']}" + (f": {message}" if message else "")
-                )
-    return problems
-
-
-def job_summary(job: dict[str, Any] | None) -> dict[str, Any]:
-    """The Job fields ``status`` shows."""
-    if job is None:
-        return {"job": "gone (removed after ttlSecondsAfterFinished, or deleted)"}
-    status = job.get("status", {})
-    true = conditions(job)
-    return {
-        "job": f"{job['metadata']['namespace']}/{job['metadata']['name']}",
-        "job_pods": f"active {status.get('active', 0)}, ready {status.get('ready', 0)}, "
-        f"succeeded {status.get('succeeded', 0)}, failed {status.get('failed', 0)}",
-        "job_failed_indexes": status.get("failedIndexes") or "-",
-        "job_conditions": ", ".join(
-            f"{t}" + (f" ({c.get('reason')})" if c.get("reason") else "") for t, c in true.items()
-        )
-        or "-",
-    }
 
 
 class KubernetesBackend:
@@ -273,8 +205,8 @@ class KubernetesBackend:
         """
         job_name = store.meta(batch_id)["job"]
         started = time.monotonic()
-        stuck_since: float | None = None
-        for job in self._job_states(cluster, job_name):
+        stuck = StuckPods(pull_grace)
+        for job in job_states(cluster, job_name):
             self.reconcile(store, batch_id, job)
             hooks.update(store.progress(batch_id))
             outcome = job_outcome(job)
@@ -286,33 +218,14 @@ class KubernetesBackend:
                     f"Job {job_name} completed but Redis has no outcome for {missing} task(s) (did Redis lose "
                     f"writes?); run them again with: kiabatch resume {batch_id}"
                 )
-            problems = pod_problems(cluster.pods(f"{BATCH_LABEL}={batch_id}"))
-            if problems:
-                stuck_since = stuck_since or time.monotonic()
-                if time.monotonic() - stuck_since > pull_grace:
-                    raise ClusterError(f"batch {batch_id} cannot start its pods: {problems[0]}")
-            else:
-                stuck_since = None
+            problem = stuck.overdue(cluster.pods(f"{BATCH_LABEL}={batch_id}"))
+            if problem:
+                raise ClusterError(f"batch {batch_id} cannot start its pods: {problem}")
             if timeout is not None and time.monotonic() - started > timeout:
                 raise TimeoutError(f"batch {batch_id} did not finish within {timeout:g}s")
         if store.status(batch_id).finished:
             return store.status(batch_id)
         raise ClusterError(f"Job {job_name} disappeared while we waited for it")
-
-    def _job_states(self, cluster: Cluster, name: str) -> Iterator[dict[str, Any]]:
-        """The Job now, and again after each change (or every few seconds) it shows.
-
-        Each watch is closed at its first event, before the caller makes other
-        requests, so no stream is left half-read.
-        """
-        while True:
-            job = cluster.get(JOB, name)
-            if job is None:
-                return
-            yield job
-            version = job["metadata"].get("resourceVersion")
-            for _changed in cluster.watch_job(name, version, _WATCH_SECONDS):
-                break
 
     # -- reading -------------------------------------------------------------------------
 

@@ -13,7 +13,8 @@ from typing import Any
 import click
 
 from .. import settings
-from ..schedules import CONCURRENCY, DEFAULT_STARTING_DEADLINE, Schedule, ScheduleRow, Schedules, open_schedules
+from ..backends.schedules import open_schedules
+from ..schedules import CONCURRENCY, DEFAULT_STARTING_DEADLINE, Schedule, ScheduleRow, Schedules
 from .context import Settings, emit_json, note, pass_settings, user_errors
 from .options import (
     LIMIT,

@@ -8,6 +8,10 @@ DEFAULT_IMAGE = "ghcr.io/kiabatch/kiabatch"
 WORKER_SERVICE_ACCOUNT = "kiabatch-worker"
 REDIS_SECRET = "kiabatch-redis"  # noqa: S105 - the Secret's name, not a secret
 REDIS_SECRET_KEY = "url"  # noqa: S105 - a key name
+#: Seconds a Job's pods may be unable to start (an image pull, a missing Secret) before a
+#: wait gives up (a registry may be slow): ``submit --image-pull-grace``'s default, and the
+#: grace of the Jobs ``kiabatch redis`` runs.
+DEFAULT_PULL_GRACE = 120.0
 #: A finished Job (and its pods) is removed after a day; results stay in Redis.
 DEFAULT_TTL_AFTER_FINISHED = 86400
 
@@ -45,4 +49,4 @@ class KubeOptions:
     #: Seconds a finished worker waits for the reporter to confirm the upload before failing the pod.
     report_timeout: int = 600
     #: Seconds pods may fail to start (image pull, missing Secret) before ``--wait`` gives up. Not rendered.
-    pull_grace: float = 120.0
+    pull_grace: float = DEFAULT_PULL_GRACE

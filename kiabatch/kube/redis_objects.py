@@ -2,7 +2,7 @@
 
 Pure functions from :class:`RedisOptions` to dicts. ``kiabatch redis render``
 prints them, ``kiabatch redis deploy`` applies them (server-side apply) and
-``manifests/redis/`` is generated from them (``python -m kiabatch.kube.redis_manifests``).
+``manifests/redis/`` is generated from them (``python -m kiabatch.kube.manifests --write``).
 
 The design:
 
@@ -27,7 +27,8 @@ The design:
   batch pod), the backup Job's pods and the Redis pods themselves (replication).
 
 Backups and restores are in :mod:`kiabatch.kube.redis_backup`; the full list of
-objects and the kustomize base in :mod:`kiabatch.kube.redis_manifests`.
+objects in :mod:`kiabatch.kube.redis_manifests`; the workflows that apply and
+inspect them on a cluster in :mod:`kiabatch.kube.redis_ops`.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@
   given with ``--redis-url`` (usually a port-forward to the primary), whose
   replica list still gives every replica's offset and lag.
 
-Pure functions: the CLI gathers the inputs and prints :func:`rows`.
+Pure functions: :meth:`kiabatch.kube.redis_ops.RedisOps.status` gathers the inputs into
+:func:`pod_rows`, which ``kiabatch redis status`` prints.
 """
 
 from __future__ import annotations

@@ -12,21 +12,16 @@ from ..schedules import Schedule, ScheduleRow, StartedRun
 from ..store import Store
 from .api import Cluster
 from .batch_job import KubeOptions
+from .jobs import JOB, job_outcome
 from .objects import BATCH_LABEL, COMPONENT_LABEL, MANAGED_BY_LABEL, RUN_LABEL
 from .schedule_objects import SPEC_ANNOTATION, job_from_cron_job, schedule_objects
 
 CRONJOB = ("batch/v1", "CronJob")
-JOB = ("batch/v1", "Job")
 
 
 def job_state(job: dict[str, Any]) -> str:
     """Complete, Failed or Running, from a Job's conditions."""
-    true = {c["type"] for c in job.get("status", {}).get("conditions") or [] if c.get("status") == "True"}
-    if "Complete" in true or "SuccessCriteriaMet" in true:
-        return "Complete"
-    if "Failed" in true or "FailureTarget" in true:
-        return "Failed"
-    return "Running"
+    return {"succeeded": "Complete", "failed": "Failed"}.get(job_outcome(job) or "", "Running")
 
 
 class KubeSchedules:

@@ -135,7 +135,11 @@ def decimal_text(n: int) -> str:
     the cap); rather than lift it for the whole process, split the number.
     """
     if not isinstance(n, int):  # gmpy2.mpz: GMP's subquadratic conversion, no cap
-        if n.bit_length() > _FORK_CONVERSION_BITS and hasattr(os, "fork") and threading.active_count() == 1:
+        if (
+            n.bit_length() > _FORK_CONVERSION_BITS
+            and getattr(os, "fork", None) is not None
+            and threading.active_count() == 1
+        ):
             return _decimal_text_in_two_processes(n)
         return str(n)
     if n < 10**4000:

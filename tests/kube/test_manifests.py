@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from kiabatch.kube import manifests
 from kiabatch.kube.objects import from_yaml
+from kiabatch.submission import plan_batch
 from tests.kube.checks import pod_specs, restricted_violations, validate_all_versions
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -17,6 +19,11 @@ REPO = Path(__file__).resolve().parent.parent.parent
 def test_the_manifests_directory_matches_the_builders():
     stale = manifests.drifted(REPO / "manifests")
     assert stale == [], f"regenerate with: python -m kiabatch.kube.manifests --write ({stale})"
+
+
+def test_the_example_batch_is_the_one_submit_plans():
+    planned = plan_batch("pi", digits=5000, parallel=3, backend="kubernetes", batch_id="pi-example").counted()
+    assert manifests.example_spec() == replace(planned, created_at=0.0, cwd="")
 
 
 def test_a_drifted_file_is_detected(tmp_path):

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from kiabatch.cli import cli
 from kiabatch.kube.objects import from_yaml
-from kiabatch.kube.redis_manifests import redis_objects
+from kiabatch.kube.redis_manifests import redis_deployment_objects
 from kiabatch.kube.redis_objects import RedisOptions, statefulset
 from tests.redis_pods import PATH, Pod, free_port, needs_redis_tools, wait_for
 
@@ -65,7 +65,7 @@ def test_render_prints_the_builders_objects_and_no_secret():
     done = kb("redis", "render", "-n", NS, "--replicas", "5", "--storage-class", "fast", "--backup-keep", "3")
     assert done.exit_code == 0, done.stderr
     options = RedisOptions(namespace=NS, replicas=5, storage_class="fast", backup_keep=3)
-    assert from_yaml(done.stdout) == redis_objects(options)
+    assert from_yaml(done.stdout) == redis_deployment_objects(options)
     assert "kind: Secret" not in done.stdout
     assert "not rendered: Secret 'kiabatch-redis-auth'" in done.stderr
 
@@ -90,7 +90,7 @@ def test_deploy_generates_the_password_applies_every_object_and_prints_no_secret
     url = stored(api, "secrets", "kiabatch-redis")["stringData"]["url"]
     assert url == f"redis://:{password}@kiabatch-redis-primary:6379/0"  # what batch pods use
     assert "redis://:***@kiabatch-redis-primary:6379/0" in done.stderr
-    for obj in redis_objects(RedisOptions(namespace=NS)):
+    for obj in redis_deployment_objects(RedisOptions(namespace=NS)):
         live = stored(api, PLURALS[obj["kind"]], obj["metadata"]["name"])
         assert {k: v for k, v in live.items() if k not in ("metadata", "status")} == {
             k: v for k, v in obj.items() if k != "metadata"

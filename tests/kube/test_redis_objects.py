@@ -24,7 +24,7 @@ from kiabatch.kube.redis_backup import (
     status_job,
     validate_snapshot,
 )
-from kiabatch.kube.redis_manifests import redis_objects
+from kiabatch.kube.redis_manifests import redis_deployment_objects
 from kiabatch.kube.redis_objects import (
     AUTH_SECRET,
     SCRIPTS,
@@ -59,7 +59,7 @@ def every_object(options: RedisOptions) -> list[dict]:
     cronjob = backup_cronjob(options)
     cronjob["metadata"]["uid"] = "0b7e-cron"
     return [
-        *redis_objects(options),
+        *redis_deployment_objects(options),
         data_claim(options),
         job_from_cronjob(cronjob, job_name("backup-manual")),
         list_job(options, job_name("backups")),
@@ -197,7 +197,7 @@ def test_the_config_map_carries_the_package_scripts_and_a_durable_redis_conf():
 
 
 def test_no_rendered_object_holds_a_password():
-    rendered = to_yaml(redis_objects(CUSTOM))
+    rendered = to_yaml(redis_deployment_objects(CUSTOM))
     assert "kind: Secret" not in rendered and "stringData" not in rendered
     password_variables = 0
     for obj in every_object(CUSTOM):
@@ -396,5 +396,5 @@ def test_the_kustomize_base_is_the_rendered_objects_one_file_each():
     [kustomization] = from_yaml((directory / "kustomization.yaml").read_text())
     files = kustomization["resources"]
     objects = [obj for name in files for obj in from_yaml((directory / name).read_text())]
-    assert objects == redis_objects(RedisOptions(namespace="kiabatch"))
+    assert objects == redis_deployment_objects(RedisOptions(namespace="kiabatch"))
     assert kustomization["namespace"] == "kiabatch"
