@@ -72,6 +72,7 @@ class Supervisor:
         )
         self.lock_id: list[int] = []
         self.dir_id: list[int] = []
+        self.parent_pid: int = args.parent_pid
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -84,24 +85,32 @@ class Supervisor:
         except OSError as exc:
             log(f"error: the lock of {self.directory} is not ours ({exc}); not starting")
             return 1
-        if not self._still_ours():
-            log(f"error: {self.lockfile} is not the lock we were given; not starting")
-            return 1
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        others = self._wait_for_others()
+        if others is None:
+            log(f"{self.lockfile} was deleted or replaced before we started; not starting")
+            return 0
+        if others:
+            pids = ", ".join(map(str, others))
+            log(f"error: other processes still serve {self.directory} (pid {pids}); not starting")
+            return 1
         try:
             self._remove_stale_sockets()
             self.server = self._start_server()
             self._write_pidfile()
-            if not self._wait_ready():
+            ready = self._wait_ready()
+            killed = self.server.poll() is not None and self.server.returncode < 0
+            if not ready and not killed and not self.stopping:  # a signal is a crash: the loop restarts it
                 log("error: redis-server did not become ready (its messages are above)")
                 return 1
             log(f"serving {self.directory} on {self.socket} (redis-server pid {self.server.pid})")
             return self._loop()
         finally:
             self._stop_server()
-            self._remove_own_pidfile()
+            if self._still_ours():  # else the record stays until we exit: a new server waits for us
+                self._remove_own_pidfile()
             with contextlib.suppress(OSError):
                 Path(self.socket).unlink(missing_ok=True)  # ours alone: its name is unique to us
             log("stopped")
@@ -187,6 +196,25 @@ class Supervisor:
             )
         except OSError:
             return False
+
+    def _wait_for_others(self, timeout: float = 30.0) -> list[int] | None:
+        """Wait until no other supervisor or redis-server serves our directory; returns those left.
+
+        Holding the lock, no other should, unless the lock file was deleted or
+        replaced under an earlier server (which then stops within a moment) or one
+        was started by something else. None: the lock file is no longer ours.
+        """
+        from .embedded import serving
+
+        ancestors = {os.getpid(), os.getppid(), self.parent_pid}
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self._still_ours():
+                return None
+            others = serving(self.directory, exclude=ancestors)
+            if not others or time.monotonic() >= deadline:
+                return others
+            time.sleep(0.05)
 
     def _connected_clients(self) -> int | None:
         try:
@@ -326,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-server", required=True)
     parser.add_argument("--idle-timeout", type=float, required=True)
     args = parser.parse_args(argv)
+    args.parent_pid = os.getpid()
     # Detach from whoever started us (a CLI run, or a long-lived program using the
     # API): it must not have to reap us, and our exit must not depend on it.
     if os.fork() > 0:

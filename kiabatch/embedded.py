@@ -243,15 +243,33 @@ def _serves(pid: Any, directory: Path) -> bool:
     import psutil
 
     try:
-        process = psutil.Process(pid)
-        if process.status() == psutil.STATUS_ZOMBIE:
-            return False
-        cmdline = process.cmdline()
-        if "kiabatch._supervisor" in cmdline and str(directory) in cmdline:
-            return True
-        return process.name() == "redis-server" and process.cwd().removesuffix(" (deleted)") == str(directory)
+        return _is_server_of(psutil.Process(pid), str(directory))
     except psutil.Error:
         return False
+
+
+def serving(directory: Path, exclude: set[int] | frozenset[int] = frozenset()) -> list[int]:
+    """Pids of every live supervisor and redis-server of ``directory`` (found by command line and cwd)."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter():
+        if process.pid not in exclude:
+            with contextlib.suppress(psutil.Error):
+                if _is_server_of(process, str(directory)):
+                    found.append(process.pid)
+    return found
+
+
+def _is_server_of(process: Any, directory: str) -> bool:
+    import psutil
+
+    cmdline = process.cmdline()
+    if not ("kiabatch._supervisor" in cmdline and directory in cmdline) and not (
+        process.name() == "redis-server" and process.cwd().removesuffix(" (deleted)") == directory
+    ):
+        return False
+    return process.status() != psutil.STATUS_ZOMBIE
 
 
 def _probe(path: str, timeout: float) -> tuple[str, socket.socket | None]:

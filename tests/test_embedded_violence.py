@@ -60,7 +60,12 @@ def embedded_processes(home: Path) -> tuple[list[psutil.Process], list[psutil.Pr
                 servers.append(process)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-    return supervisors, servers
+    # A supervisor forks the real one and exits at once: count the pair as one.
+    parents = set()
+    for process in supervisors:
+        with contextlib.suppress(psutil.Error):
+            parents.add(process.ppid())
+    return [p for p in supervisors if p.pid not in parents], servers
 
 
 def server_pids(home: Path) -> list[int]:
