@@ -371,6 +371,15 @@ class EmbeddedServer:
             raise UsageError(f"cannot create the state directory {home}: {exc.strerror}") from None
         _private_directory(self.paths.directory, "data directory", follow_symlinks=True)
 
+    def _make_private(self) -> None:
+        """Mode 0700 for the data directory, 0600 for its files (older versions left some readable)."""
+        _private_directory(self.paths.directory, "data directory", follow_symlinks=True)
+        for path in self.paths.directory.iterdir():
+            with contextlib.suppress(OSError):
+                info = path.lstat()
+                if stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) & 0o077:
+                    path.chmod(0o600)
+
     def _join(self, socket_path: str, deadline: float) -> tuple[str, socket.socket | None]:
         """PING the recorded server while holding ``join.lock`` shared (idle shutdown waits for us)."""
         fd = os.open(self.paths.joinlock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -409,6 +418,7 @@ class EmbeddedServer:
     def _spawn(self, lock_fd: int) -> int:
         """Start a supervisor that inherits ``lock_fd``; returns the log offset it starts at."""
         socket_path = self.paths.socket_for(secrets.token_hex(8))
+        self._make_private()
         binary = redis_server_binary()
         idle_timeout = settings.float_env(settings.ENV_IDLE_TIMEOUT, settings.DEFAULT_IDLE_TIMEOUT)
         env = {k: v for k, v in os.environ.items() if k != _WORKER_MARKER}

@@ -386,3 +386,43 @@ def test_server_stop_never_signals_a_process_that_does_not_hold_the_lock(embedde
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def fake_redis_server(tmp_path: Path, script: str) -> Path:
+    """A ``redis-server`` wrapper around the real binary (named so, to be found like it)."""
+    path = tmp_path / "bin" / "redis-server"
+    path.parent.mkdir()
+    path.write_text(f'#!/bin/sh\n{script}\nexec {embedded.redis_server_binary()} "$@"\n')
+    path.chmod(0o755)
+    return path
+
+
+def test_a_server_killed_while_it_starts_is_restarted_not_given_up(embedded_home, tmp_path, monkeypatch):
+    # The first redis-server dies by SIGKILL before answering; its supervisor must restart it.
+    flag = tmp_path / "killed-once"
+    binary = fake_redis_server(tmp_path, f"[ -e {flag} ] || {{ touch {flag}; kill -9 $$; }}")
+    monkeypatch.setenv("KIABATCH_REDIS_SERVER", str(binary))
+    client = connect()
+    assert client.ping()
+    client.close()
+    assert flag.exists()
+    assert "restarting" in (embedded_home / "redis" / "server.log").read_text()
+    assert_one_server(embedded_home)
+
+
+def test_a_server_that_cannot_start_is_a_one_line_error_with_its_log(embedded_home, tmp_path, monkeypatch):
+    binary = fake_redis_server(tmp_path, "echo 'cannot load the append only file' >&2; exit 1")
+    monkeypatch.setenv("KIABATCH_REDIS_SERVER", str(binary))
+    result = run_cli("queue", "list")
+    assert_one_line_error(result, 3, "did not start", "cannot load the append only file")
+    assert embedded_processes(embedded_home) == ([], [])
+
+
+def test_a_server_started_from_a_local_worker_does_not_carry_the_worker_mark(embedded_home):
+    # The local runner kills processes carrying its worker mark; the server must not be one.
+    result = run_cli("queue", "enqueue", "marked", "1", env={"KIABATCH_LOCAL_WORKER_OF": "some-batch"})
+    assert result.returncode == 0, result.stderr
+    info = record(embedded_home)
+    for pid in (info["supervisor_pid"], info["server_pid"]):
+        environ = psutil.Process(pid).environ()
+        assert "KIABATCH_LOCAL_WORKER_OF" not in environ
