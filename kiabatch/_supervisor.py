@@ -68,11 +68,12 @@ class Supervisor:
         self.started_at = time.time()
         self.server: subprocess.Popen[bytes] | None = None
         self.client = redis.Redis(
-            unix_socket_path=self.socket, socket_timeout=5, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0)
+            unix_socket_path=self.socket, socket_timeout=2, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0)
         )
         self.lock_id: list[int] = []
         self.dir_id: list[int] = []
         self.parent_pid: int = args.parent_pid
+        self.socket_id: list[int] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -99,10 +100,10 @@ class Supervisor:
         try:
             self._remove_stale_sockets()
             self.server = self._start_server()
-            self._write_pidfile()
             ready = self._wait_ready()
             killed = self.server.poll() is not None and self.server.returncode < 0
-            if not ready and not killed and not self.stopping:  # a signal is a crash: the loop restarts it
+            if not ready and not killed and not self.stopping and self._socket_in_place():
+                # (a signal is a crash: the loop restarts it; a deleted socket: the loop stops)
                 log("error: redis-server did not become ready (its messages are above)")
                 return 1
             log(f"serving {self.directory} on {self.socket} (redis-server pid {self.server.pid})")
@@ -129,6 +130,9 @@ class Supervisor:
                 log("the data directory or its lock file was deleted or replaced; stopping")
                 return 0
             assert self.server is not None
+            if self.server.poll() is None and not self._socket_in_place():
+                log(f"the socket {self.socket} was deleted or replaced; stopping (clients cannot reach us)")
+                return 0
             if self.server.poll() is not None:
                 now = time.monotonic()
                 restarts = [t for t in restarts if now - t < _RESTART_WINDOW] + [now]
@@ -144,10 +148,12 @@ class Supervisor:
                 if self.stopping:
                     break
                 self.server = self._start_server()
-                self._write_pidfile()
                 if not self._wait_ready():
                     log("redis-server did not become ready")
                     self._stop_server()
+                    if not self._socket_in_place():
+                        log(f"the socket {self.socket} was deleted; stopping (clients cannot reach us)")
+                        return 0
                 idle_since = None
                 continue
             if not self.pidfile.exists():
@@ -197,6 +203,15 @@ class Supervisor:
         except OSError:
             return False
 
+    def _socket_in_place(self) -> bool:
+        """False once the socket of the running, ready server is gone (a cleaned runtime directory)."""
+        if self.socket_id is None:
+            return True
+        try:
+            return _identity(os.lstat(self.socket)) == self.socket_id
+        except OSError:
+            return False
+
     def _wait_for_others(self, timeout: float = 30.0) -> list[int] | None:
         """Wait until no other supervisor or redis-server serves our directory; returns those left.
 
@@ -238,6 +253,10 @@ class Supervisor:
             "--logfile", "",
         ]  # fmt: skip
         parent = os.getpid()
+        # Our socket path is ours alone: remove what a killed server left, so that the
+        # file there once the new server is ready is the new server's.
+        Path(self.socket).unlink(missing_ok=True)
+        self.socket_id = None
 
         def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
             """Ask Linux to SIGTERM the server if the supervisor dies, even by SIGKILL."""
@@ -258,6 +277,13 @@ class Supervisor:
         assert self.server is not None
         deadline = time.monotonic() + _READY_TIMEOUT
         while self.server.poll() is None and not self.stopping and time.monotonic() < deadline:
+            if self.socket_id is None:  # not bound yet (we removed any old file before starting it)
+                with contextlib.suppress(OSError):
+                    self.socket_id = _identity(os.lstat(self.socket))
+                    # Only now tell clients where it is: we know its socket before any client does.
+                    self._write_pidfile()
+            elif not self._socket_in_place():
+                return False  # deleted under it: clients cannot reach it
             try:
                 if self.client.ping():
                     return True
@@ -269,24 +295,20 @@ class Supervisor:
         return False
 
     def _stop_server(self) -> None:
-        """Stop redis-server, flushing its append-only file (SHUTDOWN; else SIGTERM, waking it if stopped)."""
+        """Stop redis-server: SIGTERM makes it flush its append-only file and remove its socket.
+
+        SIGCONT too, so that a stopped (frozen) server wakes up to do it.
+        """
         server = self.server
         if server is None or server.poll() is not None:
             return
-        try:
-            self.client.shutdown()
-        except (redis.RedisError, OSError):
-            pass  # frozen, or not listening yet: signal it below
-        else:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                server.wait(timeout=10)
-                return
         with contextlib.suppress(OSError):
             server.send_signal(signal.SIGTERM)
             server.send_signal(signal.SIGCONT)
         try:
-            server.wait(timeout=20)
+            server.wait(timeout=30)
         except subprocess.TimeoutExpired:
+            log(f"redis-server (pid {server.pid}) did not stop within 30s; killing it")
             server.kill()
             server.wait()
 

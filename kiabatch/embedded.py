@@ -343,6 +343,12 @@ class EmbeddedServer:
                         return sock
                     if state == "loading":  # progress: the wait bound counts from now
                         deadline = max(deadline, time.monotonic() + self.wait)
+            except UnreachableError:
+                raise
+            except FileNotFoundError:
+                pass  # the directory was deleted under us: try again (creating it)
+            except OSError as exc:
+                raise UnreachableError(f"cannot use the embedded Redis of {self.paths.directory}: {exc}") from None
             finally:
                 os.close(fd)
             if time.monotonic() >= deadline:
@@ -353,15 +359,17 @@ class EmbeddedServer:
     # -- steps -----------------------------------------------------------------------
 
     def _open_lock(self) -> int:
-        try:
-            fd = _open_lock(self.paths.lockfile, create=True)
-        except FileNotFoundError:
-            self._make_directories()
-            fd = _open_lock(self.paths.lockfile, create=True)
-        except OSError as exc:
-            raise UsageError(f"cannot open {self.paths.lockfile}: {exc.strerror}") from None
-        assert fd is not None
-        return fd
+        for _ in range(5):
+            try:
+                fd = _open_lock(self.paths.lockfile, create=True)
+            except FileNotFoundError:
+                self._make_directories()
+                continue
+            except OSError as exc:
+                raise UsageError(f"cannot open {self.paths.lockfile}: {exc.strerror}") from None
+            assert fd is not None
+            return fd
+        raise UnreachableError(f"cannot create {self.paths.lockfile}: its directory keeps disappearing")
 
     def _make_directories(self) -> None:
         home = self.paths.directory.parent
@@ -382,7 +390,10 @@ class EmbeddedServer:
 
     def _join(self, socket_path: str, deadline: float) -> tuple[str, socket.socket | None]:
         """PING the recorded server while holding ``join.lock`` shared (idle shutdown waits for us)."""
-        fd = os.open(self.paths.joinlock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(self.paths.joinlock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return "down", None  # the directory was deleted under us
         try:
             if not _flock(fd, fcntl.LOCK_SH):
                 return "closing", None  # the supervisor is shutting an idle server down
@@ -547,10 +558,13 @@ def connect(home: Path | None = None, *, wait: float | None = None, **client_opt
     return redis.Redis.from_pool(pool)
 
 
-def quick_client(socket_path: Path | str) -> redis.Redis:
+def quick_client(socket_path: Path | str, timeout: float = 5.0) -> redis.Redis:
     """A client that fails at once instead of retrying (redis-py retries by default)."""
     return redis.Redis(
-        unix_socket_path=str(socket_path), socket_timeout=5, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0)
+        unix_socket_path=str(socket_path),
+        socket_timeout=timeout,
+        socket_connect_timeout=min(timeout, 2.0),
+        retry=Retry(NoBackoff(), 0),
     )
 
 
@@ -574,7 +588,7 @@ def status(home: Path | None = None) -> dict[str, Any]:
         return {**result, "state": "starting"}
     for key in ("supervisor_pid", "server_pid", "socket", "started_at", "idle_timeout"):
         result[key] = record.get(key)
-    client = quick_client(record["socket"])
+    client = quick_client(record["socket"], timeout=_PROBE_TIMEOUT)
     try:
         info = client.info()
     except (redis.RedisError, OSError):
