@@ -49,14 +49,14 @@ def embedded_processes(home: Path) -> tuple[list[psutil.Process], list[psutil.Pr
     """(supervisors, redis-servers) of ``home``'s data directory, live or deleted."""
     directory = str(home / "redis")
     supervisors, servers = [], []
-    for process in psutil.process_iter(["name", "cmdline"]):
+    for process in psutil.process_iter():  # no attrs: ``info`` is shared between threads
         try:
-            cmdline = process.info["cmdline"] or []
             if process.status() == psutil.STATUS_ZOMBIE:
                 continue
+            cmdline = process.cmdline()
             if "kiabatch._supervisor" in cmdline and directory in cmdline:
                 supervisors.append(process)
-            elif process.info["name"] == "redis-server" and process.cwd().removesuffix(" (deleted)") == directory:
+            elif process.name() == "redis-server" and process.cwd().removesuffix(" (deleted)") == directory:
                 servers.append(process)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
