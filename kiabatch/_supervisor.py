@@ -90,6 +90,9 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._request_stop)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         others = self._wait_for_others()
+        if self.stopping:
+            log("told to stop before we started")
+            return 0
         if others is None:
             log(f"{self.lockfile} was deleted or replaced before we started; not starting")
             return 0
@@ -227,7 +230,7 @@ class Supervisor:
             if not self._still_ours():
                 return None
             others = serving(self.directory, exclude=ancestors)
-            if not others or time.monotonic() >= deadline:
+            if not others or self.stopping or time.monotonic() >= deadline:
                 return others
             time.sleep(0.05)
 
