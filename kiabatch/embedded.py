@@ -266,7 +266,8 @@ def _is_server_of(process: Any, directory: str) -> bool:
 
     cmdline = process.cmdline()
     if not ("kiabatch._supervisor" in cmdline and directory in cmdline) and not (
-        process.name() == "redis-server" and process.cwd().removesuffix(" (deleted)") == directory
+        process.name() == "redis-server"
+        and process.cwd().removesuffix(" (deleted)") in (directory, os.path.realpath(directory))
     ):
         return False
     return process.status() != psutil.STATUS_ZOMBIE
@@ -483,11 +484,32 @@ class EmbeddedServer:
                 f"the embedded Redis of {directory} is being started by another process but is not answering "
                 f"after {self.wait:g}s (log {self.paths.log})"
             )
+        server, supervisor = record.get("server_pid"), record.get("supervisor_pid")
+        if state == "down" and isinstance(server, int) and not _alive(server):
+            return (
+                f"the embedded Redis of {directory} is down and its supervisor (pid {supervisor}) has not "
+                f"restarted it within {self.wait:g}s; 'kiabatch server stop' stops it, the next command starts afresh"
+            )
         what = "is loading its data and" if state == "loading" else "is"
         return (
             f"the embedded Redis (pid {record.get('server_pid')}) {what} not answering after {self.wait:g}s; "
             f"it may be stopped or overloaded ('kiabatch server stop' stops it; data in {directory})"
         )
+
+
+def _alive(pid: int) -> bool:
+    """True if a process with this pid exists (zombies count as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _log_since(path: Path, offset: int) -> str:
@@ -631,6 +653,7 @@ def stop(home: Path | None = None, timeout: float = 15.0) -> bool:
             lock_fd = record.get("lock_fd")
             if supervisor not in signalled and _holds_lock(supervisor, lock_fd, identity):
                 os.kill(supervisor, signal.SIGTERM)
+                os.kill(supervisor, signal.SIGCONT)  # if it was stopped, so that it acts on SIGTERM
                 signalled.add(supervisor)
             if time.monotonic() >= deadline:
                 if forced:
