@@ -25,7 +25,7 @@ from .errors import (
     UnreachableError,
     UsageError,
 )
-from .model import FailedItem, ItemResult, Progress, Status
+from .model import FailedItem, ItemResult, Progress, State, Status
 from .queue import Queue
 from .submission import submit
 
@@ -40,6 +40,7 @@ __all__ = [
     "NotFoundError",
     "Progress",
     "Queue",
+    "State",
     "Status",
     "UnreachableError",
     "UsageError",

@@ -47,7 +47,7 @@ class ClusterError(UnreachableError):
 
 
 class BatchFailedError(KiabatchError):
-    """A batch ended with failed items (raised by ``Batch.reduce`` and ``wait(raise_on_failure=True)``)."""
+    """A batch ended with failed items (raised by ``Batch.reduce``, which needs every item)."""
 
     exit_code = EXIT_ITEMS_FAILED
 

@@ -7,6 +7,14 @@ so they also run on Redis Cluster. ``kiabatch.store`` is their only caller.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
+from .keys import BATCH_INDEX, BatchKeys, queue_key
+
+#: What a wrapper returns: the script's KEYS and ARGV, in its documented order.
+Call = tuple[list[str], list[Any]]
+
 # Shared by REPORT: once every index is settled, mark the batch finished and let
 # all of its keys expire together after the batch's TTL.
 _FINISH_IF_COMPLETE = """
@@ -69,6 +77,12 @@ if state == 'queued' or state == 'interrupted' then
 end
 return {'ok', attempt, claim}
 """
+
+
+def claim_call(k: BatchKeys, index: int, now: float) -> Call:
+    """KEYS and ARGV of :data:`CLAIM`."""
+    return [k.meta, k.queue, k.claims, k.sizes, k.attempts, k.final, k.running, k.progress], [index, now]
+
 
 #: REPORT — record the outcome of one attempt of task INDEX. Idempotent: an
 #: attempt is counted once, a settled index never changes again, and a report
@@ -136,6 +150,27 @@ return {status, finish_if_complete(KEYS[1], KEYS[6], KEYS[8], ARGV[4], 13)}
 """
 )
 
+
+def report_call(
+    k: BatchKeys,
+    index: int,
+    attempt: int,
+    claim_sha1: str,
+    now: float,
+    *,
+    all_ok: bool,
+    non_retriable: bool,
+    stderr_tail: bytes,
+    per_item: Sequence[Any],
+) -> Call:
+    """KEYS and ARGV of :data:`REPORT`; ``per_item`` holds 4 values per item (ok, result, outcome, dead letter)."""
+    keys = [k.meta, k.claims, k.sizes, k.failures, k.reported, k.final, k.running, k.progress, k.results,
+            k.outcomes, k.failed, k.logs, *k.all()]  # fmt: skip
+    args = [index, attempt, claim_sha1, now, "1" if all_ok else "0", "1" if non_retriable else "0", stderr_tail,
+            len(per_item) // 4, *per_item]  # fmt: skip
+    return keys, args
+
+
 #: RELEASE — forget that INDEX is running because its worker was stopped
 #: (Ctrl-C, a crashed runner). Its claim stays, so the next run gets the same items.
 #:
@@ -149,6 +184,12 @@ redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('HINCRBY', KEYS[2], 'running', -tonumber(n))
 return 1
 """
+
+
+def release_call(k: BatchKeys, index: int) -> Call:
+    """KEYS and ARGV of :data:`RELEASE`."""
+    return [k.running, k.progress], [index]
+
 
 #: SNAPSHOT — start a batch with everything queued in a named queue at this
 #: instant. RENAME moves the whole list in O(1): items enqueued a moment later
@@ -182,6 +223,14 @@ redis.call('ZADD', KEYS[5], ARGV[2], ARGV[1])
 return n
 """
 
+
+def snapshot_call(
+    queue: str, k: BatchKeys, batch_id: str, created_at: float, chunk: int, tasks: int, fields: Sequence[str]
+) -> Call:
+    """KEYS and ARGV of :data:`SNAPSHOT` (``fields``: flat meta field/value pairs; 0 means "derive")."""
+    return [queue_key(queue), k.queue, k.meta, k.progress, BATCH_INDEX], [batch_id, created_at, chunk, tasks, *fields]
+
+
 #: UNSNAPSHOT — undo SNAPSHOT for a batch that never started (its Job could not be
 #: created): its items go back to the head of the named queue, in their order, and
 #: the batch is deleted. Refused (-1) once any task has claimed items.
@@ -198,3 +247,8 @@ for i = 5, #KEYS do redis.call('DEL', KEYS[i]) end
 redis.call('ZREM', KEYS[4], ARGV[1])
 return #items
 """
+
+
+def unsnapshot_call(k: BatchKeys, queue: str, batch_id: str) -> Call:
+    """KEYS and ARGV of :data:`UNSNAPSHOT`."""
+    return [k.queue, queue_key(queue), k.claims, BATCH_INDEX, *k.all()], [batch_id]

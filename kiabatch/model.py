@@ -7,6 +7,7 @@ import re
 import secrets
 import string
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from .errors import UsageError
@@ -16,8 +17,24 @@ MAX_BATCH_ID = 52
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _ALPHABET = string.ascii_lowercase + string.digits
 
-QUEUED, RUNNING, INTERRUPTED, SUCCEEDED, FAILED = "queued", "running", "interrupted", "succeeded", "failed"
-TERMINAL_STATES = frozenset({SUCCEEDED, FAILED})
+
+class State(StrEnum):
+    """Where a batch is in its life (stored as its plain text value)."""
+
+    #: Written; no task has claimed items yet.
+    QUEUED = "queued"
+    #: Tasks have claimed items (or are claiming them).
+    RUNNING = "running"
+    #: Stopped before its end (Ctrl-C, SIGTERM, a runner that died): ``kiabatch resume`` finishes it.
+    INTERRUPTED = "interrupted"
+    #: Every item succeeded.
+    SUCCEEDED = "succeeded"
+    #: Finished with failed items (or a deadline, or a Job that failed).
+    FAILED = "failed"
+
+
+QUEUED, RUNNING, INTERRUPTED, SUCCEEDED, FAILED = State
+TERMINAL_STATES = frozenset({State.SUCCEEDED, State.FAILED})
 
 
 def validate_batch_id(batch_id: str) -> str:
@@ -172,7 +189,7 @@ class Status:
     """A batch's state and progress at one moment."""
 
     id: str
-    state: str
+    state: State
     progress: Progress
     workload: str
     backend: str

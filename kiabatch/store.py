@@ -25,6 +25,7 @@ from .model import (
     FailedItem,
     ItemResult,
     Progress,
+    State,
     Status,
     validate_batch_id,
 )
@@ -160,10 +161,7 @@ class Store:
             fields.pop(derived, None)
         flat: list[str] = [part for pair in fields.items() for part in pair]
         return int(
-            self._snapshot(
-                keys=[keys.queue_key(queue_name), k.queue, k.meta, k.progress, keys.BATCH_INDEX],
-                args=[spec.id, spec.created_at, chunk or 0, tasks or 0, *flat],
-            )
+            self._snapshot(*lua.snapshot_call(queue_name, k, spec.id, spec.created_at, chunk or 0, tasks or 0, flat))
         )
 
     def undo_create(self, batch_id: str) -> None:
@@ -177,17 +175,14 @@ class Store:
             return
         k = keys.batch_keys(batch_id)
         queue = spec.source.removeprefix("queue:")
-        self._unsnapshot(keys=[k.queue, keys.queue_key(queue), k.claims, keys.BATCH_INDEX, *k.all()], args=[batch_id])
+        self._unsnapshot(*lua.unsnapshot_call(k, queue, batch_id))
 
     # -- the task protocol ------------------------------------------------------------
 
     def claim(self, batch_id: str, index: int) -> Claim:
         """Claim task ``index``'s items (the same items on every call)."""
         k = keys.batch_keys(batch_id)
-        status, attempt, raw = self._claim(
-            keys=[k.meta, k.queue, k.claims, k.sizes, k.attempts, k.final, k.running, k.progress],
-            args=[index, time.time()],
-        )
+        status, attempt, raw = self._claim(*lua.claim_call(k, index, time.time()))
         status = status.decode()
         if status == "missing":
             raise NotFoundError(f"no batch {batch_id!r} (it may have expired or been deleted)")
@@ -229,22 +224,9 @@ class Store:
                     ensure_ascii=False,
                 )
             per_item += ["1" if outcome.ok else "0", outcome.result, outcome_json, dead_letter]
-        report_keys = [k.meta, k.claims, k.sizes, k.failures, k.reported, k.final, k.running, k.progress]
-        report_keys += [k.results, k.outcomes, k.failed, k.logs, *k.all()]
-        status, finished = self._report(
-            keys=report_keys,
-            args=[
-                index,
-                attempt,
-                claim_sha1,
-                time.time(),
-                "1" if all_ok else "0",
-                "1" if non_retriable else "0",
-                stderr_tail[-LOG_TAIL:],
-                len(outcomes),
-                *per_item,
-            ],
-        )
+        call = lua.report_call(k, index, attempt, claim_sha1, time.time(), all_ok=all_ok, non_retriable=non_retriable,
+                               stderr_tail=stderr_tail[-LOG_TAIL:], per_item=per_item)  # fmt: skip
+        status, finished = self._report(*call)
         status = status.decode()
         if status == "missing":
             raise NotFoundError(f"no batch {batch_id!r} (it may have expired or been deleted)")
@@ -270,7 +252,7 @@ class Store:
     def release(self, batch_id: str, index: int, pipeline: redis.client.Pipeline | None = None) -> None:
         """Mark task ``index`` as no longer running (its worker was stopped)."""
         k = keys.batch_keys(batch_id)
-        self._release(keys=[k.running, k.progress], args=[index], client=pipeline or self.redis)
+        self._release(*lua.release_call(k, index), client=pipeline or self.redis)
 
     def release_all(self, batch_id: str) -> int:
         """Release every index marked running (after a runner crash). Returns how many."""
@@ -280,7 +262,9 @@ class Store:
             self.release(batch_id, index)
         return len(indexes)
 
-    def set_state(self, batch_id: str, state: str, pipeline: redis.client.Pipeline | None = None, **extra: Any) -> None:
+    def set_state(
+        self, batch_id: str, state: State, pipeline: redis.client.Pipeline | None = None, **extra: Any
+    ) -> None:
         """Set the batch state (and any extra meta fields)."""
         fields = {"state": state, **{name: str(value) for name, value in extra.items()}}
         (pipeline or self.redis).hset(keys.batch_keys(batch_id).meta, mapping=fields)
@@ -328,7 +312,7 @@ class Store:
 
         return Status(
             id=batch_id,
-            state=meta.get("state", QUEUED),
+            state=State(meta.get("state", QUEUED)),
             progress=self.progress(batch_id),
             workload=meta.get("workload", ""),
             backend=meta.get("backend", "local"),

@@ -48,8 +48,6 @@ INVALID_FILE = "invalid"
 TASK_FILE = "task.json"
 DONE_FILE = "done"
 REPORTED_FILE = "reported"
-#: Exit status run.sh uses when the reporter never confirmed (Kubernetes only).
-EXIT_REPORT_TIMEOUT = 75
 
 
 def runner_script() -> str:

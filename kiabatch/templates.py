@@ -87,15 +87,12 @@ def check_item(command: Sequence[str], item: Any, where: str = "item") -> None:
 
 def check_items(command: Sequence[str], values: Iterable[Any]) -> None:
     """``check_item`` for every item, numbering them from 1 in messages."""
-    names = placeholders(command)
-    if not any(name == "item" or name not in RESERVED for name in names):
-        return
-    for number, value in enumerate(values, start=1):
-        _substituted(names, value, f"item {number}")
+    for _ in checked_items(command, values):
+        pass
 
 
 def checked_items(command: Sequence[str], values: Iterable[Any]) -> Iterator[Any]:
-    """``values`` as they are consumed, each checked like :func:`check_items` checks it."""
+    """``values`` as they are consumed, each checked like :func:`check_item` checks it (numbered from 1)."""
     names = placeholders(command)
     if not any(name == "item" or name not in RESERVED for name in names):
         yield from values

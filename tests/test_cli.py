@@ -10,8 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from kiabatch.cli import cli
-from tests.conftest import run_cli
-from tests.test_pi import truth
+from tests.helpers import kb, one_line_error, run_cli, truth
 
 
 @pytest.fixture
@@ -19,22 +18,8 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
-def invoke(runner: CliRunner, *args: str, input: str | None = None):
-    return runner.invoke(cli, list(args), input=input, catch_exceptions=False)
-
-
-def assert_one_line_error(result, code: int, *fragments: str) -> None:
-    assert result.exit_code == code, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("kiabatch: error: ")
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
 def test_submit_pi_prints_exactly_the_digits(runner, redis_url):
-    result = invoke(runner, "submit", "pi", "--digits", "100", "--parallel", "3")
+    result = kb("submit", "pi", "--digits", "100", "--parallel", "3")
     assert result.exit_code == 0, result.stderr
     assert result.stdout == truth(100) + "\n"
     assert "succeeded" in result.stderr
@@ -43,7 +28,7 @@ def test_submit_pi_prints_exactly_the_digits(runner, redis_url):
 def test_submit_exec_prints_item_and_result_per_line(runner, redis_url, tmp_path):
     lines = tmp_path / "names.txt"
     lines.write_text("alpha\n\nbeta\n")
-    result = invoke(runner, "submit", "--command", "echo got {item}", "--lines", str(lines), "-p", "2")
+    result = kb("submit", "--command", "echo got {item}", "--lines", str(lines), "-p", "2")
     assert result.exit_code == 0, result.stderr
     assert result.stdout.splitlines() == ["alpha\tgot alpha", "beta\tgot beta"]
 
@@ -51,15 +36,14 @@ def test_submit_exec_prints_item_and_result_per_line(runner, redis_url, tmp_path
 def test_submit_exec_with_the_command_after_a_double_dash_and_jsonl_items(runner, redis_url, tmp_path):
     items = tmp_path / "items.jsonl"
     items.write_text('{"url": "a"}\n{"url": "b"}\n')
-    result = invoke(runner, "-o", "json", "submit", "--items", str(items), "--", "echo", "{url}")
+    result = kb("-o", "json", "submit", "--items", str(items), "--", "echo", "{url}")
     assert result.exit_code == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [(r["item"], r["result"]) for r in rows] == [({"url": "a"}, "a\n"), ({"url": "b"}, "b\n")]
 
 
 def test_failed_items_are_listed_and_the_exit_code_is_one(runner, redis_url):
-    result = invoke(
-        runner,
+    result = kb(
         "submit",
         "--retries",
         "0",
@@ -80,8 +64,7 @@ def test_failed_items_are_listed_and_the_exit_code_is_one(runner, redis_url):
 
 
 def test_no_wait_prints_the_batch_id_and_status_results_logs_follow_it(runner, redis_url):
-    submitted = invoke(
-        runner,
+    submitted = kb(
         "submit",
         "--no-wait",
         "--batch-id",
@@ -94,51 +77,51 @@ def test_no_wait_prints_the_batch_id_and_status_results_logs_follow_it(runner, r
         "sh -c 'echo out $0; echo err $0 >&2' {item}",
     )
     assert submitted.exit_code == 0 and submitted.stdout == "bg-batch\n"
-    watched = invoke(runner, "status", "--watch", "--interval", "0.1", "bg-batch")
+    watched = kb("status", "--watch", "--interval", "0.1", "bg-batch")
     assert watched.exit_code == 0 and "succeeded" in watched.stdout
-    status = json.loads(invoke(runner, "-o", "json", "status", "bg-batch").stdout)
+    status = json.loads(kb("-o", "json", "status", "bg-batch").stdout)
     assert status["state"] == "succeeded" and status["progress"]["done"] == 2
-    results = invoke(runner, "results", "bg-batch")
+    results = kb("results", "bg-batch")
     assert results.stdout.splitlines() == ["1\tout 1", "2\tout 2"]
-    logs = invoke(runner, "logs", "bg-batch", "--index", "0")
+    logs = kb("logs", "bg-batch", "--index", "0")
     assert logs.stdout.splitlines()[0] == "==> index 0, attempt 1 <=="
     assert logs.stdout.splitlines()[1].startswith("err ")
-    listed = json.loads(invoke(runner, "-o", "json", "list").stdout)
+    listed = json.loads(kb("-o", "json", "list").stdout)
     assert [b["id"] for b in listed] == ["bg-batch"]
-    assert invoke(runner, "status").stdout.strip() == "no unfinished batches"
+    assert kb("status").stdout.strip() == "no unfinished batches"
 
 
 def test_results_reduce_by_default_for_pi_and_per_item_on_request(runner, redis_url):
-    invoke(runner, "submit", "pi", "--digits", "30", "-p", "2", "--batch-id", "pi-thirty")
-    assert invoke(runner, "results", "pi-thirty").stdout == truth(30) + "\n"
-    per_item = invoke(runner, "-o", "json", "results", "pi-thirty", "--no-reduce").stdout.splitlines()
+    kb("submit", "pi", "--digits", "30", "-p", "2", "--batch-id", "pi-thirty")
+    assert kb("results", "pi-thirty").stdout == truth(30) + "\n"
+    per_item = kb("-o", "json", "results", "pi-thirty", "--no-reduce").stdout.splitlines()
     ranges = [(json.loads(line)["item"]["a"], json.loads(line)["item"]["b"]) for line in per_item]
     assert len(ranges) == 2 and ranges[0][0] == 0 and ranges[0][1] == ranges[1][0]
-    raw = invoke(runner, "results", "pi-thirty", "--raw")
+    raw = kb("results", "pi-thirty", "--raw")
     assert raw.stdout_bytes.startswith(b"KBPI1\n")
 
 
 def test_delete_removes_a_batch_and_unknown_ids_exit_two(runner, redis_url, client):
-    invoke(runner, "submit", "--batch-id", "doomed", "--item", "1", "--command", "true")
-    deleted = invoke(runner, "delete", "doomed")
+    kb("submit", "--batch-id", "doomed", "--item", "1", "--command", "true")
+    deleted = kb("delete", "doomed")
     assert deleted.exit_code == 0 and "deleted batch doomed" in deleted.stderr
     assert client.keys("kiabatch:{doomed}*") == []
-    assert_one_line_error(invoke(runner, "delete", "doomed"), 2, "no batch 'doomed'")
-    assert_one_line_error(invoke(runner, "status", "doomed"), 2, "no batch 'doomed'")
-    assert_one_line_error(invoke(runner, "results", "Not_A_Label"), 2, "bad batch id")
+    one_line_error(kb("delete", "doomed"), 2, "no batch 'doomed'")
+    one_line_error(kb("status", "doomed"), 2, "no batch 'doomed'")
+    one_line_error(kb("results", "Not_A_Label"), 2, "bad batch id")
 
 
 def test_queue_commands_enqueue_list_purge_and_submit_from_queue(runner, redis_url):
-    assert invoke(runner, "queue", "enqueue", "jobs", '"a"', '{"n": 2}').exit_code == 0
-    listing = invoke(runner, "queue", "list")
+    assert kb("queue", "enqueue", "jobs", '"a"', '{"n": 2}').exit_code == 0
+    listing = kb("queue", "list")
     assert listing.stdout.splitlines()[1].split() == ["jobs", "2"]
-    assert invoke(runner, "queue", "list", "jobs").stdout.splitlines() == ["a", '{"n":2}']
-    submitted = invoke(runner, "submit", "--from-queue", "jobs", "--command", "echo {item}")
+    assert kb("queue", "list", "jobs").stdout.splitlines() == ["a", '{"n":2}']
+    submitted = kb("submit", "--from-queue", "jobs", "--command", "echo {item}")
     assert submitted.exit_code == 0 and len(submitted.stdout.splitlines()) == 2
-    empty = invoke(runner, "submit", "--from-queue", "jobs", "--command", "echo {item}")
+    empty = kb("submit", "--from-queue", "jobs", "--command", "echo {item}")
     assert empty.exit_code == 0 and "is empty: nothing to run" in empty.stderr
-    invoke(runner, "queue", "enqueue", "jobs", "1")
-    assert invoke(runner, "queue", "purge", "jobs", "--yes").stderr.strip() == "removed 1 item(s) from 'jobs'"
+    kb("queue", "enqueue", "jobs", "1")
+    assert kb("queue", "purge", "jobs", "--yes").stderr.strip() == "removed 1 item(s) from 'jobs'"
 
 
 BAD_INPUTS = [
@@ -171,7 +154,7 @@ BAD_INPUTS = [
     ("args", "code", "fragments"), BAD_INPUTS, ids=lambda v: " ".join(v) if isinstance(v, list) else None
 )
 def test_bad_input_gets_one_line_a_documented_code_and_writes_nothing(runner, redis_url, client, args, code, fragments):
-    assert_one_line_error(invoke(runner, *args), code, *fragments)
+    one_line_error(kb(*args), code, *fragments)
     assert client.dbsize() == 0
 
 
@@ -185,16 +168,16 @@ def test_bad_input_gets_one_line_a_documented_code_and_writes_nothing(runner, re
     ],
 )
 def test_a_bad_redis_url_exits_two_and_never_prints_the_password(runner, home, url, fragment):
-    result = invoke(runner, "--redis-url", url, "list")
-    assert_one_line_error(result, 2, fragment)
+    result = kb("--redis-url", url, "list")
+    one_line_error(result, 2, fragment)
     assert "pw" not in result.stderr.replace("pw@", "") or ":***@" in result.stderr
 
 
 def test_an_unreachable_redis_exits_three(runner, home, tmp_path):
     for url in (f"unix://{tmp_path}/nothing.sock", "redis://127.0.0.1:1/0"):
-        assert_one_line_error(invoke(runner, "--redis-url", url, "list"), 3, "cannot reach")
+        one_line_error(kb("--redis-url", url, "list"), 3, "cannot reach")
     env_result = runner.invoke(cli, ["list"], env={"KIABATCH_REDIS_URL": "redis://:secret@127.0.0.1:1"})
-    assert_one_line_error(env_result, 3, "redis://:***@127.0.0.1:1")
+    one_line_error(env_result, 3, "redis://:***@127.0.0.1:1")
     assert "secret" not in env_result.stderr
 
 
@@ -216,7 +199,7 @@ def test_pi_through_the_cli_with_the_python_integer_backend(redis_url):
 
 
 def test_help_lists_every_command_and_exit_codes_are_documented(runner):
-    text = invoke(runner, "--help").stdout
+    text = kb("--help").stdout
     for command in (
         "submit",
         "status",
@@ -240,7 +223,7 @@ def test_a_terminal_gets_a_live_progress_bar_and_a_pipe_gets_none(redis_url):
     import pty
     import subprocess
 
-    from tests.conftest import kiabatch_cmd
+    from tests.helpers import kiabatch_cmd
 
     args = kiabatch_cmd("submit", "--item", "1", "--item", "2", "--item", "3", "-p", "2", "--", "sh", "-c", "sleep 0.3")
     primary, replica = pty.openpty()

@@ -16,7 +16,7 @@ import pytest
 
 from kiabatch import embedded
 from kiabatch.connection import connect
-from tests.conftest import run_cli
+from tests.helpers import run_cli, wait_for
 
 
 @pytest.fixture
@@ -25,15 +25,6 @@ def embedded_home(home: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("KIABATCH_EMBEDDED_IDLE_TIMEOUT", "1")
     yield home
     embedded.stop(home)
-
-
-def wait_until(predicate, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def record(home: Path) -> dict:
@@ -98,8 +89,8 @@ def test_the_server_stops_itself_once_the_last_client_is_gone(embedded_home):
     time.sleep(2.0)  # longer than the idle timeout, but a client is connected
     assert psutil.pid_exists(info["server_pid"])
     client.close()
-    assert wait_until(lambda: not psutil.pid_exists(info["server_pid"]))
-    assert wait_until(lambda: not psutil.pid_exists(info["supervisor_pid"]))
+    assert wait_for(lambda: not psutil.pid_exists(info["server_pid"]))
+    assert wait_for(lambda: not psutil.pid_exists(info["supervisor_pid"]))
     assert not (embedded_home / "redis" / "server.json").exists()
 
 
@@ -118,14 +109,14 @@ def test_a_client_killed_with_sigkill_does_not_keep_the_server_alive(embedded_ho
     info = record(embedded_home)
     holder.kill()
     holder.wait()
-    assert wait_until(lambda: not psutil.pid_exists(info["server_pid"]))
+    assert wait_for(lambda: not psutil.pid_exists(info["server_pid"]))
 
 
 def test_killing_the_supervisor_with_sigkill_takes_the_server_down_too(embedded_home):
     client = connect()
     info = record(embedded_home)
     os.kill(info["supervisor_pid"], signal.SIGKILL)
-    assert wait_until(lambda: not psutil.pid_exists(info["server_pid"]))
+    assert wait_for(lambda: not psutil.pid_exists(info["server_pid"]))
     client.close()
     # The next invocation starts a fresh server on the same data.
     again = connect()
@@ -140,7 +131,7 @@ def test_a_crashed_server_is_restarted_with_its_data(embedded_home):
     time.sleep(1.5)  # appendfsync everysec
     info = record(embedded_home)
     os.kill(info["server_pid"], signal.SIGKILL)
-    assert wait_until(lambda: record(embedded_home)["server_pid"] != info["server_pid"])
+    assert wait_for(lambda: record(embedded_home)["server_pid"] != info["server_pid"])
     fresh = connect()
     assert fresh.get("survivor") == b"yes"
     fresh.close()

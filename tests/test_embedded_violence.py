@@ -29,16 +29,7 @@ from kiabatch.batch import Batch
 from kiabatch.connection import connect
 from kiabatch.errors import UnreachableError
 from kiabatch.queue import Queue
-from tests.conftest import kiabatch_cmd, run_cli
-
-
-def wait_until(predicate, timeout: float = 20.0, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
+from tests.helpers import kiabatch_cmd, one_line_error, run_cli, wait_for
 
 
 def record(home: Path) -> dict:
@@ -104,18 +95,7 @@ class Census:
 
 def assert_one_server(home: Path) -> None:
     """Exactly one supervisor and one redis-server serve ``home`` (after transients settle)."""
-    assert wait_until(lambda: [len(x) for x in embedded_processes(home)] == [1, 1], timeout=10), embedded_processes(
-        home
-    )
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, *fragments: str) -> None:
-    assert result.returncode == code, (result.returncode, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("kiabatch: error: "), result.stderr
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+    assert wait_for(lambda: [len(x) for x in embedded_processes(home)] == [1, 1], timeout=10), embedded_processes(home)
 
 
 @pytest.fixture
@@ -157,7 +137,7 @@ def test_a_frozen_server_makes_clients_wait_then_fail_with_one_line_never_start_
             started = time.monotonic()
             result = run_cli("queue", "list", env={"KIABATCH_EMBEDDED_WAIT": "2"})
             elapsed = time.monotonic() - started
-            assert_one_line_error(result, 3, f"pid {info['server_pid']}", "not answering after 2s")
+            one_line_error(result, 3, f"pid {info['server_pid']}", "not answering after 2s")
             assert elapsed < 15
             # The API raises UnreachableError (exit code 3), never a redis-py exception.
             os.environ["KIABATCH_EMBEDDED_WAIT"] = "1"
@@ -221,8 +201,8 @@ def test_a_deleted_home_gets_a_fresh_server_and_the_orphan_stops(embedded_home):
         for path in files:
             path.unlink()
     assert queue_length("fresh") == 1000
-    assert wait_until(lambda: not psutil.pid_exists(info["server_pid"]), timeout=5)
-    assert wait_until(lambda: not psutil.pid_exists(info["supervisor_pid"]), timeout=5)
+    assert wait_for(lambda: not psutil.pid_exists(info["server_pid"]), timeout=5)
+    assert wait_for(lambda: not psutil.pid_exists(info["supervisor_pid"]), timeout=5)
     assert record(embedded_home)["server_pid"] != info["server_pid"]
     assert_one_server(embedded_home)
 
@@ -238,7 +218,7 @@ def test_a_replaced_lock_file_never_lets_two_servers_share_the_data(embedded_hom
         assert again.get("kept") == b"yes"  # the old server flushed before the new one loaded
         again.close()
     census.assert_never_two()
-    assert wait_until(lambda: not psutil.pid_exists(info["supervisor_pid"]), timeout=5)
+    assert wait_for(lambda: not psutil.pid_exists(info["supervisor_pid"]), timeout=5)
     assert_one_server(embedded_home)
 
 
@@ -277,7 +257,7 @@ def test_a_batch_survives_its_supervisor_being_killed(embedded_home):
         submit = subprocess.Popen(
             submit_cmd("sup-killed", 30), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-        assert wait_until(lambda: progress_done(embedded_home, "sup-killed") >= 6, timeout=60)
+        assert wait_for(lambda: progress_done(embedded_home, "sup-killed") >= 6, timeout=60)
         os.kill(record(embedded_home)["supervisor_pid"], signal.SIGKILL)
         _out, err = submit.communicate(timeout=120)
     assert submit.returncode == 0, err
@@ -292,7 +272,7 @@ def test_a_flapping_server_never_produces_a_traceback_and_loses_no_item(embedded
     killed = []
     with Census(embedded_home) as census:
         submit = subprocess.Popen(submit_cmd("flap", 50), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert wait_until(lambda: progress_done(embedded_home, "flap") >= 2, timeout=60)
+        assert wait_for(lambda: progress_done(embedded_home, "flap") >= 2, timeout=60)
         while len(killed) < 6:
             pids = [p for p in server_pids(embedded_home) if p not in killed]
             if pids:
@@ -305,7 +285,7 @@ def test_a_flapping_server_never_produces_a_traceback_and_loses_no_item(embedded
         out, err = submit.communicate(timeout=120)
     assert "Traceback" not in err
     if submit.returncode != 0:
-        assert_one_line_error(subprocess.CompletedProcess([], submit.returncode, out, err), 3, "resume")
+        one_line_error(subprocess.CompletedProcess([], submit.returncode, out, err), 3, "resume")
         resumed = run_cli("resume", "flap")
         assert resumed.returncode == 0, resumed.stderr
     census.assert_never_two()
@@ -360,7 +340,7 @@ def test_a_server_whose_socket_was_deleted_stops_and_the_next_client_starts_a_fr
     holder.set("kept", "yes")
     info = record(deep)
     shutil.rmtree(runtime / "kiabatch")  # e.g. the runtime directory cleaned at logout
-    assert wait_until(lambda: not psutil.pid_exists(info["server_pid"]), timeout=10), (
+    assert wait_for(lambda: not psutil.pid_exists(info["server_pid"]), timeout=10), (
         deep / "redis" / "server.log"
     ).read_text()[-2000:]
     assert holder.get("kept") == b"yes"  # the connected client reconnects to the fresh server
@@ -376,12 +356,12 @@ def test_a_runtime_directory_owned_by_another_user_is_a_one_line_error(deep_home
     taken.mkdir(mode=0o700)
     os.chown(taken, 65534, 65534)
     result = run_cli("queue", "list")
-    assert_one_line_error(result, 2, str(taken), "uid 65534")
+    one_line_error(result, 2, str(taken), "uid 65534")
     assert embedded_processes(deep) == ([], [])
     taken.rmdir()
     taken.symlink_to(tempfile.mkdtemp(prefix="kbs"))
     result = run_cli("queue", "list")
-    assert_one_line_error(result, 2, str(taken), "symlink")
+    one_line_error(result, 2, str(taken), "symlink")
 
 
 def test_server_stop_never_signals_a_process_that_does_not_hold_the_lock(embedded_home):
@@ -427,7 +407,7 @@ def test_a_server_that_cannot_start_is_a_one_line_error_with_its_log(embedded_ho
     binary = fake_redis_server(tmp_path, "echo 'cannot load the append only file' >&2; exit 1")
     monkeypatch.setenv("KIABATCH_REDIS_SERVER", str(binary))
     result = run_cli("queue", "list")
-    assert_one_line_error(result, 3, "did not start", "cannot load the append only file")
+    one_line_error(result, 3, "did not start", "cannot load the append only file")
     assert embedded_processes(embedded_home) == ([], [])
 
 

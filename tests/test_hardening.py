@@ -17,29 +17,10 @@ from pathlib import Path
 
 import pytest
 import redis
-from click.testing import CliRunner
 
 from kiabatch import Batch, submit
-from kiabatch.cli import cli
 from kiabatch.connection import redact
-from tests.conftest import RedisProcess, kiabatch_cmd, run_cli
-
-
-def invoke(*args: str, input: str | bytes | None = None, env: dict | None = None):
-    return CliRunner().invoke(cli, list(args), input=input, env=env, catch_exceptions=False)
-
-
-def one_line_error(result, code: int, *fragments: str) -> str:
-    """The single ``kiabatch: error:`` line of a refused command (and no traceback)."""
-    stderr = result.stderr
-    returncode = result.exit_code
-    assert returncode == code, (returncode, stderr)
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("kiabatch: error: ") and "Traceback" not in stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
+from tests.helpers import RedisProcess, kb, kiabatch_cmd, one_line_error, run_cli
 
 
 def keyspace(client: redis.Redis) -> list[bytes]:
@@ -67,13 +48,13 @@ def test_a_batch_whose_runner_was_killed_is_interrupted_everywhere(redis_url, ho
     status = batch.status()
     assert status.state == "interrupted" and status.progress.running == 0
     assert status.detail["next_step"] == f"kiabatch resume {batch.id}"
-    shown = invoke("status", batch.id)
+    shown = kb("status", batch.id)
     assert shown.exit_code == 130 and "interrupted" in shown.stdout and f"kiabatch resume {batch.id}" in shown.stdout
-    listed = json.loads(invoke("-o", "json", "list").stdout)
+    listed = json.loads(kb("-o", "json", "list").stdout)
     assert [(b["id"], b["state"], b["progress"]["running"]) for b in listed] == [(batch.id, "interrupted", 0)]
-    unfinished = invoke("status")
+    unfinished = kb("status")
     assert "interrupted" in unfinished.stdout and "running" not in unfinished.stdout.split("\n", 1)[1]
-    watched = invoke("status", "--watch", "--interval", "0.1", batch.id)
+    watched = kb("status", "--watch", "--interval", "0.1", batch.id)
     assert watched.exit_code == 130  # documented: interrupted, resume finishes it
     for process in _workers_of(batch.id):  # the SIGKILLed runner's sleepers; resume would kill them too
         process.kill()
@@ -131,16 +112,16 @@ def test_every_result_is_shown_with_the_failed_ones_marked(redis_url):
         "sh",
         "{item}",
     ]
-    submitted = invoke("submit", "--retries", "0", "--batch-id", "mixed-bag", *[f"--item={i}" for i in range(4)],
+    submitted = kb("submit", "--retries", "0", "--batch-id", "mixed-bag", *[f"--item={i}" for i in range(4)],
                        "--", *fail_odd)  # fmt: skip
     assert submitted.exit_code == 1
     expected = ["0\teven 0", "1\tFAILED (exit 3, attempts 1): exited with status 3", "2\teven 2",
                 "3\tFAILED (exit 3, attempts 1): exited with status 3"]  # fmt: skip
     assert submitted.stdout.splitlines() == expected
     assert "FAILED 1: exited with status 3" in submitted.stderr  # and listed on stderr
-    results = invoke("results", "mixed-bag")
+    results = kb("results", "mixed-bag")
     assert results.exit_code == 1 and results.stdout.splitlines() == expected
-    rows = [json.loads(line) for line in invoke("-o", "json", "results", "mixed-bag").stdout.splitlines()]
+    rows = [json.loads(line) for line in kb("-o", "json", "results", "mixed-bag").stdout.splitlines()]
     assert [(r["item"], r["failed"], r.get("result"), r.get("reason")) for r in rows] == [
         (0, False, "even 0\n", None), (1, True, None, "exited with status 3"),
         (2, False, "even 2\n", None), (3, True, None, "exited with status 3"),
@@ -202,7 +183,7 @@ HUGE = "999999999999999999999999999999"
 )
 def test_numbers_out_of_range_are_refused_before_anything_is_written(redis_url, client, args, fragment):
     before = keyspace(client)
-    result = invoke(*args)
+    result = kb(*args)
     if fragment is None:  # a tiny but positive deadline is allowed: the batch may just fail
         assert result.exit_code in (0, 1), result.stderr
         return
@@ -213,33 +194,33 @@ def test_numbers_out_of_range_are_refused_before_anything_is_written(redis_url, 
 def test_text_that_is_not_valid_unicode_is_refused(redis_url, client, tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b'"fine"\n\xff\xfeoops\n')
-    one_line_error(invoke("submit", "--item", '"\\ud800"', "--", "echo", "{item}"), 2, "not valid Unicode")
-    one_line_error(invoke("submit", "--lines", str(bad), "--", "echo", "{item}"), 2, "line 2 is not valid UTF-8")
-    one_line_error(invoke("submit", "--items", str(bad), "--", "echo", "{item}"), 2, "line 2 is not valid UTF-8")
-    one_line_error(invoke("submit", "--lines", "-", "--", "echo", "{item}", input=b"ok\n\xc3(\n"), 2, "UTF-8")
-    one_line_error(invoke("queue", "enqueue", "q", '"\\udcff"'), 2, "not valid Unicode")
-    one_line_error(invoke("queue", "enqueue", "q", "--lines", str(bad)), 2, "UTF-8")
+    one_line_error(kb("submit", "--item", '"\\ud800"', "--", "echo", "{item}"), 2, "not valid Unicode")
+    one_line_error(kb("submit", "--lines", str(bad), "--", "echo", "{item}"), 2, "line 2 is not valid UTF-8")
+    one_line_error(kb("submit", "--items", str(bad), "--", "echo", "{item}"), 2, "line 2 is not valid UTF-8")
+    one_line_error(kb("submit", "--lines", "-", "--", "echo", "{item}", input=b"ok\n\xc3(\n"), 2, "UTF-8")
+    one_line_error(kb("queue", "enqueue", "q", '"\\udcff"'), 2, "not valid Unicode")
+    one_line_error(kb("queue", "enqueue", "q", "--lines", str(bad)), 2, "UTF-8")
     # A command-line argument that Linux handed over as undecodable bytes (surrogate escapes).
-    one_line_error(invoke("queue", "enqueue", "q", '"\udcff"'), 2, "not valid Unicode")
+    one_line_error(kb("queue", "enqueue", "q", '"\udcff"'), 2, "not valid Unicode")
     assert keyspace(client) == []
 
 
 def test_a_nul_byte_is_refused_at_the_door_where_argv_would_carry_it(redis_url, client, tmp_path):
-    one_line_error(invoke("submit", "--item", '"a\\u0000b"', "--", "echo", "{item}"), 2, "NUL byte", "{input}")
+    one_line_error(kb("submit", "--item", '"a\\u0000b"', "--", "echo", "{item}"), 2, "NUL byte", "{input}")
     lines = tmp_path / "nul.txt"
     lines.write_bytes(b"ok\na\x00b\n")
-    one_line_error(invoke("submit", "--lines", str(lines), "--", "echo", "{item}"), 2, "item 2", "NUL byte")
+    one_line_error(kb("submit", "--lines", str(lines), "--", "echo", "{item}"), 2, "item 2", "NUL byte")
     assert keyspace(client) == []
     # Carried safely as data through {input} and stdin.
-    via_input = invoke("-o", "json", "submit", "--item", '"a\\u0000b"', "--", "cat", "{input}")
+    via_input = kb("-o", "json", "submit", "--item", '"a\\u0000b"', "--", "cat", "{input}")
     assert via_input.exit_code == 0 and json.loads(json.loads(via_input.stdout)["result"]) == "a\x00b"
-    via_stdin = invoke("-o", "json", "submit", "--stdin", "--item", '"a\\u0000b"', "--", "cat")
+    via_stdin = kb("-o", "json", "submit", "--stdin", "--item", '"a\\u0000b"', "--", "cat")
     assert via_stdin.exit_code == 0 and json.loads(via_stdin.stdout)["result"] == "a\x00b"
 
 
 def test_an_item_from_a_queue_that_cannot_be_run_is_dead_lettered_and_never_wedges_the_batch(redis_url, client):
-    assert invoke("queue", "enqueue", "q", '"ok1"', '"a\\u0000b"', '"ok2"').exit_code == 0
-    done = invoke("submit", "--from-queue", "q", "--retries", "3", "--batch-id", "nul-q", "--", "echo", "{item}")
+    assert kb("queue", "enqueue", "q", '"ok1"', '"a\\u0000b"', '"ok2"').exit_code == 0
+    done = kb("submit", "--from-queue", "q", "--retries", "3", "--batch-id", "nul-q", "--", "echo", "{item}")
     assert done.exit_code == 1
     batch = Batch("nul-q")
     assert batch.status().state == "failed"
@@ -249,15 +230,15 @@ def test_an_item_from_a_queue_that_cannot_be_run_is_dead_lettered_and_never_wedg
 
 
 def test_deeply_nested_items_are_refused(redis_url, client):
-    one_line_error(invoke("submit", "--item", "[" * 5000, "--", "echo", "{item}"), 2, "levels deep")
-    one_line_error(invoke("submit", "--item", "[" * 70 + "]" * 70, "--", "echo", "{item}"), 2, "levels deep")
+    one_line_error(kb("submit", "--item", "[" * 5000, "--", "echo", "{item}"), 2, "levels deep")
+    one_line_error(kb("submit", "--item", "[" * 70 + "]" * 70, "--", "echo", "{item}"), 2, "levels deep")
     assert keyspace(client) == []
 
 
 @pytest.mark.parametrize("scratch", ["/proc/nope", "/dev/null/x"])
 def test_an_unusable_scratch_directory_is_one_line_and_writes_nothing(redis_url, client, monkeypatch, scratch):
     monkeypatch.setenv("KIABATCH_SCRATCH", scratch)
-    one_line_error(invoke("submit", "--item", "1", "--", "echo", "{item}"), 2, "KIABATCH_SCRATCH", scratch)
+    one_line_error(kb("submit", "--item", "1", "--", "echo", "{item}"), 2, "KIABATCH_SCRATCH", scratch)
     assert keyspace(client) == []
 
 
@@ -266,7 +247,7 @@ def test_an_unusable_state_directory_is_one_line_and_writes_nothing(redis_url, c
     regular.write_text("x")
     for home in (str(regular), "/proc/x"):
         monkeypatch.setenv("KIABATCH_HOME", home)
-        one_line_error(invoke("submit", "--item", "1", "--", "echo", "{item}"), 2, home)
+        one_line_error(kb("submit", "--item", "1", "--", "echo", "{item}"), 2, home)
     assert keyspace(client) == []
 
 
@@ -275,7 +256,7 @@ def test_urls_that_do_not_parse_or_do_not_speak_redis(home, monkeypatch):
     import threading
 
     monkeypatch.delenv("KIABATCH_REDIS_URL", raising=False)
-    one_line_error(invoke("--redis-url", "redis://[::1", "list"), 2, "bad Redis URL")
+    one_line_error(kb("--redis-url", "redis://[::1", "list"), 2, "bad Redis URL")
 
     class Quiet(http.server.BaseHTTPRequestHandler):
         def log_message(self, *args) -> None:
@@ -284,38 +265,36 @@ def test_urls_that_do_not_parse_or_do_not_speak_redis(home, monkeypatch):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        one_line_error(invoke("--redis-url", f"redis://127.0.0.1:{server.server_port}/0", "list"), 3,
+        one_line_error(kb("--redis-url", f"redis://127.0.0.1:{server.server_port}/0", "list"), 3,
                        "does not speak the Redis protocol")  # fmt: skip
     finally:
         server.shutdown()
 
 
 def test_a_cron_expression_that_never_fires_is_refused(redis_url, client):
-    one_line_error(invoke("schedule", "create", "never", "--cron", "0 0 31 2 *", "pi"), 2, "never fires")
+    one_line_error(kb("schedule", "create", "never", "--cron", "0 0 31 2 *", "pi"), 2, "never fires")
     assert keyspace(client) == []
 
 
 def test_a_stored_schedule_that_cannot_be_evaluated_does_not_break_the_others(redis_url, client, home):
-    assert invoke("schedule", "create", "good", "--cron", "@hourly", "pi", "--digits", "10").exit_code == 0
+    assert kb("schedule", "create", "good", "--cron", "@hourly", "pi", "--digits", "10").exit_code == 0
     bad = json.loads(client.hget("kiabatch:schedules", "good"))
     client.hset("kiabatch:schedules", "broken", json.dumps({**bad, "name": "broken", "cron": "0 0 31 2 *"}))
-    listed = invoke("schedule", "list")
+    listed = kb("schedule", "list")
     assert listed.exit_code == 0 and "good" in listed.stdout and "INVALID" in listed.stdout
-    once = invoke("scheduler", "--once")
+    once = kb("scheduler", "--once")
     assert once.exit_code == 0 and "broken: invalid" in once.stderr
-    assert invoke("schedule", "delete", "broken").exit_code == 0
-    assert "broken" not in invoke("schedule", "list").stdout
+    assert kb("schedule", "delete", "broken").exit_code == 0
+    assert "broken" not in kb("schedule", "list").stdout
 
 
 def test_a_schedule_is_checked_exactly_as_submit_would_check_it(redis_url, client):
-    one_line_error(invoke("schedule", "create", "s1", "--cron", "@daily", "--", "--item", "{", "--command", "echo"),
+    one_line_error(kb("schedule", "create", "s1", "--cron", "@daily", "--", "--item", "{", "--command", "echo"),
                    2, "malformed item JSON")  # fmt: skip
+    one_line_error(kb("schedule", "create", "s2", "--cron", "@daily", "--", "--chunk", "0", "-c", "x"), 2, "--chunk")
+    one_line_error(kb("schedule", "create", "s3", "--cron", "@daily", "pi", "--digits", "-5"), 2, "--digits")
     one_line_error(
-        invoke("schedule", "create", "s2", "--cron", "@daily", "--", "--chunk", "0", "-c", "x"), 2, "--chunk"
-    )
-    one_line_error(invoke("schedule", "create", "s3", "--cron", "@daily", "pi", "--digits", "-5"), 2, "--digits")
-    one_line_error(
-        invoke("schedule", "create", "s4", "--cron", "@daily", "--", "--lines", "-", "-c", "x"), 2, "standard input"
+        kb("schedule", "create", "s4", "--cron", "@daily", "--", "--lines", "-", "-c", "x"), 2, "standard input"
     )
     assert keyspace(client) == []
 
@@ -344,7 +323,7 @@ SECRET = "Sup3r-s3cret"
 def test_no_part_of_a_credential_is_ever_printed(home, monkeypatch, url):
     monkeypatch.delenv("KIABATCH_REDIS_URL", raising=False)
     for args in (["--redis-url", url, "list"], ["status", "--read-only", "--replica-url", url, "x-abcde"]):
-        result = invoke(*args)
+        result = kb(*args)
         assert result.exit_code in (2, 3)
         for part in (SECRET, SECRET[:4], SECRET[4:]):
             assert part not in result.stderr + result.stdout, (url, result.stderr)
@@ -441,10 +420,10 @@ def test_an_output_that_is_a_symlink_or_a_fifo_is_not_followed(redis_url, home, 
 
 def test_tables_escape_control_characters_from_items(redis_url):
     hostile = ["x\ny", "a\tb", "\x1b[31mred\x1b[0m"]
-    done = invoke("submit", *[f"--item={json.dumps(h)}" for h in hostile], "--batch-id", "ctl-chars", "--", "echo",
+    done = kb("submit", *[f"--item={json.dumps(h)}" for h in hostile], "--batch-id", "ctl-chars", "--", "echo",
                   "{item}")  # fmt: skip
     assert done.exit_code == 0
     lines = done.stdout.splitlines()
     assert len(lines) == 3 and all(line.count("\t") == 1 for line in lines)
     assert "\x1b" not in done.stdout and "\\x1b[31mred" in done.stdout and "x\\ny" in done.stdout
-    assert "\x1b" not in invoke("results", "ctl-chars").stdout
+    assert "\x1b" not in kb("results", "ctl-chars").stdout

@@ -15,7 +15,7 @@ import pytest
 
 from kiabatch import Batch, InterruptedBatchError, submit
 from kiabatch.store import Store
-from tests.conftest import kiabatch_cmd, run_cli
+from tests.helpers import kiabatch_cmd, run_cli
 
 WORKER = str(Path(__file__).parent / "programs" / "worker.py")
 

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mpmath
 import pytest
 
 from kiabatch import submit
@@ -24,6 +23,7 @@ from kiabatch.workloads.pi import (
     evaluate,
     terms_for,
 )
+from tests.helpers import truth
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "workers" / "pi"
@@ -36,15 +36,6 @@ def load_worker():
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
     return module
-
-
-def truth(digits: int) -> str:
-    """mpmath's π at higher precision, truncated to ``digits`` decimals."""
-    if hasattr(sys, "set_int_max_str_digits"):
-        sys.set_int_max_str_digits(0)  # mpmath's own conversion needs it without gmpy2
-    with mpmath.workdps(digits + 40):
-        text = mpmath.nstr(mpmath.pi, digits + 30, strip_zeros=False)
-    return text[: digits + 2]
 
 
 def pi_via_split(digits: int, tasks: int) -> str:
@@ -77,8 +68,9 @@ def test_the_plain_python_integer_backend_gives_the_same_digits():
     script = f"""
 import sys, mpmath.libmp
 assert mpmath.libmp.BACKEND == "python", mpmath.libmp.BACKEND
-sys.path.insert(0, {str(REPO / "tests")!r})
-from test_pi import pi_via_split, truth, DIGITS
+sys.path.insert(0, {str(REPO)!r})
+from tests.test_pi import pi_via_split, DIGITS
+from tests.helpers import truth
 for digits in DIGITS:
     for tasks in (1, 3):
         assert pi_via_split(digits, tasks) == truth(digits), (digits, tasks)

@@ -10,15 +10,10 @@ import json
 
 import pytest
 import redis
-from click.testing import CliRunner
 
-from kiabatch.cli import cli
 from kiabatch.readonly import WriteRefusedError, read_only_client, replica_url
-from tests.redis_pods import Pod, extract_config, needs_redis_tools, wait_for
-
-
-def kb(*args: str):
-    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+from tests.helpers import kb, wait_for
+from tests.redis_pods import Pod, extract_config, needs_redis_tools
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kiabatch import submit
-from tests.conftest import RedisProcess
+from tests.helpers import RedisProcess
 
 WORKER = str(Path(__file__).parent / "programs" / "worker.py")
 

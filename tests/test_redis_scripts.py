@@ -18,7 +18,8 @@ import redis
 
 from kiabatch.kube.redis_objects import RedisOptions, config_map
 from kiabatch.kube.redis_status import parse_probe_log
-from tests.redis_pods import PASSWORD, Pod, cmdline, extract_config, free_port, needs_redis_tools, run_script, wait_for
+from tests.helpers import free_port, wait_for
+from tests.redis_pods import PASSWORD, Pod, cmdline, extract_config, needs_redis_tools, run_script
 
 pytestmark = needs_redis_tools
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -13,16 +12,10 @@ import redis
 from kiabatch import Batch, submit
 from kiabatch.connection import connect
 from kiabatch.errors import UnreachableError
-from tests.conftest import run_cli
+from tests.helpers import free_port, run_cli
 
 DEBIAN_REDIS = "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
 needs_debian_redis = pytest.mark.skipif(DEBIAN_REDIS is None, reason="Debian's redis-server (7.x) is not installed")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start(binary: str, directory: Path, *args: str) -> subprocess.Popen[bytes]:

@@ -17,7 +17,7 @@ from kiabatch.cli import cli
 from kiabatch.errors import UsageError
 from kiabatch.scheduler import LocalScheduler, ScheduleStore, launch_run, run_name
 from kiabatch.schedules import Schedule, run_batch_id, validate_cron, validate_time_zone
-from tests.conftest import kiabatch_cmd
+from tests.helpers import kiabatch_cmd
 
 T0 = datetime(2026, 11, 26, 10, 3, tzinfo=UTC)
 WORKER = [sys.executable, "tests/programs/worker.py"]

@@ -8,18 +8,7 @@ from pathlib import Path
 import pytest
 
 from kiabatch import submit
-from tests.conftest import run_cli
-
-HOSTILE = [
-    "$(touch pwned); rm -rf ~",
-    "' \" ; |",
-    "`touch pwned2`",
-    "a\nb; touch pwned3",
-    "-rf",
-    "{item} {{ }}",
-    "${HOME:?} $((1+1)) *",
-    "ünïcødé ✓",
-]
+from tests.helpers import HOSTILE, run_cli
 
 
 @pytest.fixture

@@ -13,8 +13,7 @@ import pytest
 from kiabatch import Batch, submit
 from kiabatch.store import Store
 from kiabatch.task import TaskInfo, claim_into, done_status, report_from
-from tests.conftest import kiabatch_cmd, run_cli
-from tests.test_security import HOSTILE
+from tests.helpers import HOSTILE, kiabatch_cmd, run_cli
 
 
 def create(home: Path, **options) -> Batch:

@@ -19,7 +19,7 @@ from .._version import __version__
 from ..connection import validate_url
 from ..errors import EXIT_INTERRUPTED, EXIT_UNREACHABLE, EXIT_USAGE, KiabatchError
 from ..text import printable
-from .context import CliError, Settings, user_errors
+from .context import CliError, Session, user_errors
 
 
 class KiabatchGroup(click.Group):
@@ -100,7 +100,7 @@ def cli(ctx: click.Context, redis_url: str | None, output: str) -> None:
     if redis_url:
         with user_errors():
             validate_url(redis_url)
-    ctx.obj = Settings(redis_url=redis_url or None, output=output)
+    ctx.obj = Session(redis_url=redis_url or None, output=output)
 
 
 def _register() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -36,8 +35,8 @@ def user_errors() -> Iterator[None]:
 
 
 @dataclass
-class Settings:
-    """Values of the global options."""
+class Session:
+    """One invocation of the CLI: its global options (where Redis is, how to print) and the Store it opened."""
 
     redis_url: str | None = None
     output: str = "table"
@@ -58,11 +57,11 @@ class Settings:
         return self.output == "json"
 
 
-pass_settings = click.make_pass_decorator(Settings)
+pass_session = click.make_pass_decorator(Session)
 
 
 def open_batch(
-    settings_: Settings,
+    session: Session,
     batch_id: str,
     retry_seconds: float = 0.0,
     *,
@@ -79,9 +78,9 @@ def open_batch(
         if read_only:
             from ..readonly import ReadOnlyBatch, open_read_only
 
-            batch: Batch = ReadOnlyBatch(batch_id, open_read_only(settings_.redis_url, replica_url))
+            batch: Batch = ReadOnlyBatch(batch_id, open_read_only(session.redis_url, replica_url))
         else:
-            batch = Batch(batch_id, settings_.store(retry_seconds=retry_seconds).redis)
+            batch = Batch(batch_id, session.store(retry_seconds=retry_seconds).redis)
         batch.store.meta(batch_id)
     return batch
 
@@ -94,8 +93,3 @@ def emit_json(data: Any) -> None:
 def note(message: str) -> None:
     """A human message on stderr (stdout stays machine-readable)."""
     click.echo(message, err=True)
-
-
-def stdout_is_tty() -> bool:
-    """True when stdout is a terminal."""
-    return sys.stdout.isatty()

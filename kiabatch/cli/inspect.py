@@ -14,7 +14,7 @@ from ..progress import ProgressBar
 from ..readonly import ENV_REPLICA_URL, open_read_only
 from ..store import Store
 from ..text import printable
-from .context import CliError, Settings, emit_json, open_batch, pass_settings, user_errors
+from .context import CliError, Session, emit_json, open_batch, pass_session, user_errors
 from .options import LIMIT, Interval, count
 from .output import conclude, status_block, status_rows
 
@@ -35,8 +35,8 @@ def _read_only_options(func):  # noqa: ANN001 - a click decorator
     )(func)
 
 
-def _show(settings_: Settings, status: Status) -> None:
-    if settings_.json:
+def _show(session: Session, status: Status) -> None:
+    if session.json:
         emit_json(status.to_dict())
     else:
         click.echo(status_block(status))
@@ -53,9 +53,9 @@ def _show(settings_: Settings, status: Status) -> None:
     help="Seconds between updates with --watch.",
 )
 @_read_only_options
-@pass_settings
+@pass_session
 def status_command(
-    settings_: Settings,
+    session: Session,
     batch_id: str | None,
     watch: bool,
     interval: float,
@@ -65,30 +65,30 @@ def status_command(
     """Show a batch's state and progress (without BATCH_ID: every unfinished batch)."""
     if batch_id is None:
         with user_errors():
-            store = open_read_only(settings_.redis_url, replica_url) if read_only else settings_.store()
+            store = open_read_only(session.redis_url, replica_url) if read_only else session.store()
             statuses = [_augment(store, s) for s in store.list_batches(limit=1000) if s.state not in TERMINAL_STATES]
-        if settings_.json:
+        if session.json:
             emit_json([s.to_dict() for s in statuses])
         else:
             click.echo(status_rows(statuses) if statuses else "no unfinished batches")
         return
-    batch = open_batch(settings_, batch_id, read_only=read_only, replica_url=replica_url)
+    batch = open_batch(session, batch_id, read_only=read_only, replica_url=replica_url)
     with user_errors():
         status = batch.status(read_only=read_only)
     if not watch or status.finished:
-        _show(settings_, status)
+        _show(session, status)
         raise click.exceptions.Exit(_exit_code(status))
-    if not settings_.json:
+    if not session.json:
         click.echo(status_block(status))
     with ProgressBar(status.progress.total, batch_id) as bar, user_errors():
         last = None
         while True:
             status = batch.status(read_only=read_only)
             bar.update(status.progress)
-            if settings_.json and status.to_dict() != last:
+            if session.json and status.to_dict() != last:
                 last = status.to_dict()
                 emit_json(last)
-            elif not bar.enabled and not settings_.json:
+            elif not bar.enabled and not session.json:
                 line = (
                     f"{status.state}: {status.progress.done}/{status.progress.total} done, "
                     f"{status.progress.failed} failed"
@@ -99,7 +99,7 @@ def status_command(
             if status.finished or status.state == INTERRUPTED or status.detail.get("problem"):
                 break
             time.sleep(interval)
-    if not settings_.json:
+    if not session.json:
         click.echo(status_block(status))
     raise click.exceptions.Exit(_exit_code(status))
 
@@ -113,13 +113,13 @@ def _exit_code(status: Status) -> int:
 
 @click.command("list")
 @click.option("--limit", type=LIMIT, default=50, show_default=True, help="Newest batches to show.")
-@pass_settings
-def list_command(settings_: Settings, limit: int) -> None:
+@pass_session
+def list_command(session: Session, limit: int) -> None:
     """List recent batches, newest first."""
     with user_errors():
-        store = settings_.store()
+        store = session.store()
         statuses = [_augment(store, s) for s in store.list_batches(limit=limit)]
-    if settings_.json:
+    if session.json:
         emit_json([s.to_dict() for s in statuses])
     else:
         click.echo(status_rows(statuses) if statuses else "no batches")
@@ -139,9 +139,9 @@ def _augment(store: Store, status: Status) -> Status:
 @click.option("--json", "as_json", is_flag=True, help="Same as the global --output json.")
 @click.option("--raw", is_flag=True, help="Write the raw result bytes of every item, in order, to stdout.")
 @_read_only_options
-@pass_settings
+@pass_session
 def results_command(
-    settings_: Settings,
+    session: Session,
     batch_id: str,
     reduce: bool | None,
     as_json: bool,
@@ -154,8 +154,8 @@ def results_command(
     Exits 1 if any item failed.
     """
     if as_json:
-        settings_.output = "json"
-    batch = open_batch(settings_, batch_id, read_only=read_only, replica_url=replica_url)
+        session.output = "json"
+    batch = open_batch(session, batch_id, read_only=read_only, replica_url=replica_url)
     if raw:
         with user_errors():
             for result in batch.store.iter_outcomes(batch_id, failed=False):
@@ -168,24 +168,24 @@ def results_command(
         raise CliError(f"batch {batch_id} is {status.state}; --reduce needs a finished batch")
     if not status.finished and reduce is None:
         reduce = False
-    raise click.exceptions.Exit(conclude(settings_, batch, reduce=reduce, quiet=True))
+    raise click.exceptions.Exit(conclude(session, batch, reduce=reduce, quiet=True))
 
 
 @click.command("logs")
 @click.argument("batch_id")
 @click.option("--index", "-i", type=count(0, limits.MAX_INDEX), help="Only this task (completion index).")
 @click.option("--follow", "-f", is_flag=True, help="Kubernetes: keep streaming the workers' output.")
-@pass_settings
-def logs_command(settings_: Settings, batch_id: str, index: int | None, follow: bool) -> None:
+@pass_session
+def logs_command(session: Session, batch_id: str, index: int | None, follow: bool) -> None:
     """Print the workers' stderr per task and attempt (the last 64 KiB of each).
 
     For a Kubernetes batch: the logs of its pods' claim, reporter and worker
     containers, each line labelled with its index, pod and container.
     """
-    batch = open_batch(settings_, batch_id)
+    batch = open_batch(session, batch_id)
     with user_errors():
         chunks = batch.log_chunks(index, follow=follow)
-        if settings_.json:
+        if session.json:
             emit_json([{"index": c.index, "attempt": c.attempt, "label": c.label,
                         "stderr": c.data.decode("utf-8", "replace")} for c in chunks])  # fmt: skip
             return

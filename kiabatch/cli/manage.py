@@ -8,7 +8,7 @@ from .. import limits, settings
 from ..batch import Batch
 from ..errors import EXIT_USAGE
 from ..progress import ProgressBar
-from .context import CliError, Settings, note, open_batch, pass_settings, user_errors
+from .context import CliError, Session, note, open_batch, pass_session, user_errors
 from .options import count
 from .output import conclude
 
@@ -16,13 +16,13 @@ from .output import conclude
 @click.command("delete")
 @click.argument("batch_ids", nargs=-1, required=True)
 @click.option("--keep-results", is_flag=True, help="Stop the batch but keep its results and status.")
-@pass_settings
-def delete_command(settings_: Settings, batch_ids: tuple[str, ...], keep_results: bool) -> None:
+@pass_session
+def delete_command(session: Session, batch_ids: tuple[str, ...], keep_results: bool) -> None:
     """Delete batches now: stop their workers (or Job) and remove their Redis keys."""
     missing = []
     for batch_id in batch_ids:
         with user_errors():
-            if Batch(batch_id, settings_.store().redis).delete(keep_results=keep_results):
+            if Batch(batch_id, session.store().redis).delete(keep_results=keep_results):
                 note(f"deleted batch {batch_id}")
             else:
                 missing.append(batch_id)
@@ -34,35 +34,35 @@ def delete_command(settings_: Settings, batch_ids: tuple[str, ...], keep_results
 @click.argument("batch_id")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Run in the foreground and print results.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-@pass_settings
-def resume_command(settings_: Settings, batch_id: str, wait: bool, quiet: bool) -> None:
+@pass_session
+def resume_command(session: Session, batch_id: str, wait: bool, quiet: bool) -> None:
     """Finish an interrupted batch: run every task whose outcome is not settled yet.
 
     Claimed items keep their task, so nothing is lost and nothing runs for a result twice.
     """
-    batch = open_batch(settings_, batch_id, retry_seconds=settings.worker_retry_seconds())
+    batch = open_batch(session, batch_id, retry_seconds=settings.worker_retry_seconds())
     with user_errors():
         status = batch.status()
         if status.finished:
             note(f"batch {batch_id} already {status.state}; nothing to resume")
-            raise click.exceptions.Exit(conclude(settings_, batch, reduce=None, quiet=True))
+            raise click.exceptions.Exit(conclude(session, batch, reduce=None, quiet=True))
         if not wait:
             batch.resume(wait=False)
             note(f"resumed {batch_id} in the background; follow it with: kiabatch status --watch {batch_id}")
             return
         with ProgressBar(status.progress.total, batch_id, enabled=not quiet) as bar:
             batch.resume(wait=True, on_update=bar.update)
-    raise click.exceptions.Exit(conclude(settings_, batch, reduce=None, quiet=quiet))
+    raise click.exceptions.Exit(conclude(session, batch, reduce=None, quiet=quiet))
 
 
 @click.command("scale")
 @click.argument("batch_id")
 @click.option("--parallel", "-p", type=count(1, limits.MAX_PARALLEL), required=True,
               help="Tasks to run at once from now on.")  # fmt: skip
-@pass_settings
-def scale_command(settings_: Settings, batch_id: str, parallel: int) -> None:
+@pass_session
+def scale_command(session: Session, batch_id: str, parallel: int) -> None:
     """Change how many tasks of a running batch run at once (the Job's parallelism, or the local slots)."""
-    batch = open_batch(settings_, batch_id)
+    batch = open_batch(session, batch_id)
     with user_errors():
         batch.scale(parallel)
     note(f"batch {batch_id}: parallelism {parallel}")

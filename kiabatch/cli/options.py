@@ -154,7 +154,7 @@ redis_secret_option = click.option(
     help="Secret whose 'url' key holds the Redis URL pods use (kiabatch secret create).",
 )  # fmt: skip
 
-#: Settings of the Kubernetes objects a batch creates (ignored by the local backend); see :func:`kube_options_from`.
+#: Session of the Kubernetes objects a batch creates (ignored by the local backend); see :func:`kube_options_from`.
 kube_options = stack(
     image_option,
     click.option("--image-pull-policy", "kube_image_pull_policy",

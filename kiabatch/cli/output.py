@@ -16,7 +16,7 @@ from ..batch import Batch
 from ..errors import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE
 from ..model import FailedItem, ItemResult, Status
 from ..text import printable, when
-from .context import CliError, Settings, emit_json, note, user_errors
+from .context import CliError, Session, emit_json, note, user_errors
 
 
 def duration(status: Status) -> str:
@@ -141,7 +141,7 @@ def print_failed(failed: Iterable[FailedItem]) -> None:
 _FAILED_SHOWN = 20
 
 
-def conclude(settings_: Settings, batch: Batch, *, reduce: bool | None, quiet: bool = False) -> int:
+def conclude(session: Session, batch: Batch, *, reduce: bool | None, quiet: bool = False) -> int:
     """Print a finished batch's answer, or every item's outcome in order (failed ones marked).
 
     Returns the exit code: 0, or 1 when items failed (those are also listed on stderr).
@@ -156,13 +156,13 @@ def conclude(settings_: Settings, batch: Batch, *, reduce: bool | None, quiet: b
             raise CliError(f"workload {status.workload!r} has no reduce step", EXIT_USAGE)
         if reduce or (reduce is None and reducible and not failed):
             answer = batch.reduce()  # BatchFailedError (exit 1) if items failed
-            if settings_.json:
+            if session.json:
                 emit_json({"batch": batch.id, "answer": answer})
             else:
                 click.echo(answer)
             return EXIT_OK
         for outcome in batch.iter_outcomes():
-            if settings_.json:
+            if session.json:
                 emit_json(outcome_dict(outcome))
             else:
                 click.echo(outcome_line(outcome))

@@ -9,7 +9,7 @@ import click
 
 from .. import items as items_mod
 from ..queue import Queue, queue_names
-from .context import Settings, emit_json, note, pass_settings, user_errors
+from .context import Session, emit_json, note, pass_session, user_errors
 from .options import LIMIT
 from .output import table
 
@@ -19,9 +19,9 @@ def queue_group() -> None:
     """Named work queues: enqueue now, submit a batch from them later."""
 
 
-def _queue(settings_: Settings, name: str) -> Queue:
+def _queue(session: Session, name: str) -> Queue:
     with user_errors():
-        return Queue(name, settings_.store().redis)
+        return Queue(name, session.store().redis)
 
 
 @queue_group.command("enqueue")
@@ -39,9 +39,9 @@ def _queue(settings_: Settings, name: str) -> Queue:
     type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
     help="File whose non-blank lines are string items.",
 )
-@pass_settings
+@pass_session
 def enqueue_command(
-    settings_: Settings, name: str, values: tuple[str, ...], items_file: Path | None, lines_file: Path | None
+    session: Session, name: str, values: tuple[str, ...], items_file: Path | None, lines_file: Path | None
 ) -> None:
     """Add items (JSON values) to queue NAME.
 
@@ -57,7 +57,7 @@ def enqueue_command(
             parsed += items_mod.iter_lines(lines_file)
         if not parsed:
             raise click.UsageError("no items given; pass JSON values, --items FILE or --lines FILE")
-        queue = _queue(settings_, name)
+        queue = _queue(session, name)
         count = queue.enqueue_many(parsed)
         note(f"enqueued {count} item(s) into {name!r} (now {len(queue)})")
 
@@ -65,15 +65,15 @@ def enqueue_command(
 @queue_group.command("list")
 @click.argument("name", required=False)
 @click.option("--limit", type=LIMIT, default=20, show_default=True, help="Items to show for NAME.")
-@pass_settings
-def list_command(settings_: Settings, name: str | None, limit: int) -> None:
+@pass_session
+def list_command(session: Session, name: str | None, limit: int) -> None:
     """List queues and their lengths, or the first items of queue NAME."""
     if name is not None:
-        queue = _queue(settings_, name)
+        queue = _queue(session, name)
         with user_errors():
             head = queue.peek(limit)
             length = len(queue)
-        if settings_.json:
+        if session.json:
             emit_json({"queue": name, "length": length, "items": head})
             return
         for value in head:
@@ -81,9 +81,9 @@ def list_command(settings_: Settings, name: str | None, limit: int) -> None:
         note(f"{length} item(s) in {name!r}" + (f", first {len(head)} shown" if length > len(head) else ""))
         return
     with user_errors():
-        store = settings_.store()
+        store = session.store()
         rows = [(q, len(Queue(q, store.redis))) for q in queue_names(store.redis)]
-    if settings_.json:
+    if session.json:
         emit_json([{"queue": q, "length": n} for q, n in rows])
     else:
         click.echo(table(rows, ["QUEUE", "LENGTH"]) if rows else "no queues")
@@ -92,10 +92,10 @@ def list_command(settings_: Settings, name: str | None, limit: int) -> None:
 @queue_group.command("purge")
 @click.argument("name")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-@pass_settings
-def purge_command(settings_: Settings, name: str, yes: bool) -> None:
+@pass_session
+def purge_command(session: Session, name: str, yes: bool) -> None:
     """Remove every item queued in NAME."""
-    queue = _queue(settings_, name)
+    queue = _queue(session, name)
     if not yes:
         click.confirm(f"remove all {len(queue)} item(s) from {name!r}?", abort=True, err=True)
     with user_errors():

@@ -25,7 +25,7 @@ from ..kube.redis_manifests import redis_deployment_objects
 from ..kube.redis_objects import AUTH_SECRET, AUTH_SECRET_KEY, DEFAULT_IMAGE, RedisOptions, validate
 from ..kube.redis_ops import RedisOps
 from ..kube.redis_status import HEADERS, statefulset_line, table_cells
-from .context import CliError, Settings, emit_json, note, pass_settings, user_errors
+from .context import CliError, Session, emit_json, note, pass_session, user_errors
 from .options import Duration, cluster_options
 from .output import table
 
@@ -125,9 +125,9 @@ def render_command(namespace: str, **values: Any) -> None:
 @object_options
 @click.option("--wait/--no-wait", default=False, show_default=True, help="Wait until every pod is ready.")
 @click.option("--timeout", type=Duration(), default="10m", show_default=True, help="How long --wait waits.")
-@pass_settings
+@pass_session
 def deploy_command(
-    settings_: Settings, namespace: str | None, context: str | None, wait: bool, timeout: float,
+    session: Session, namespace: str | None, context: str | None, wait: bool, timeout: float,
     **values: Any,
 ) -> None:  # fmt: skip
     """Apply the objects (server-side apply), generating the password Secret if missing.
@@ -141,7 +141,7 @@ def deploy_command(
         applied = ops.deploy(options)
         if wait:
             ops.wait_ready(options.replicas, timeout)
-    if settings_.json:
+    if session.json:
         emit_json({"namespace": ops.cluster.namespace, "applied": applied})
     else:
         click.echo(f"kiabatch-redis deployed in namespace {ops.cluster.namespace!r}; see: kiabatch redis status")
@@ -160,8 +160,8 @@ def deploy_command(
     "plus INFO from --redis-url (e.g. a port-forward to kiabatch-redis-primary) if given.",
 )
 @click.option("--timeout", type=Duration(), default="2m", show_default=True, help="How long the probe may take.")
-@pass_settings
-def status_command(settings_: Settings, namespace: str | None, context: str | None, probe: bool,
+@pass_session
+def status_command(session: Session, namespace: str | None, context: str | None, probe: bool,
                    timeout: float) -> None:  # fmt: skip
     """Role, replication offset and lag, memory and persistence of every pod.
 
@@ -171,8 +171,8 @@ def status_command(settings_: Settings, namespace: str | None, context: str | No
     """
     ops = _connect(namespace, context)
     with user_errors():
-        status = ops.status(probe=probe, redis_url=settings_.redis_url, timeout=timeout)
-    if settings_.json:
+        status = ops.status(probe=probe, redis_url=session.redis_url, timeout=timeout)
+    if session.json:
         emit_json({"statefulset": statefulset_line(status.statefulset), "source": status.source, "pods": status.pods})
     else:
         click.echo(statefulset_line(status.statefulset))
@@ -189,8 +189,8 @@ def status_command(settings_: Settings, namespace: str | None, context: str | No
 @click.option("--now", is_flag=True, help="Take a snapshot now: a Job from the backup CronJob's template.")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait for the backup and print its log.")
 @click.option("--timeout", type=Duration(), default="1h", show_default=True, help="How long --wait waits.")
-@pass_settings
-def backup_command(settings_: Settings, namespace: str | None, context: str | None, now: bool, wait: bool,
+@pass_session
+def backup_command(session: Session, namespace: str | None, context: str | None, now: bool, wait: bool,
                    timeout: float) -> None:  # fmt: skip
     """Show the backup schedule, or with --now take a snapshot at once.
 
@@ -201,7 +201,7 @@ def backup_command(settings_: Settings, namespace: str | None, context: str | No
     if not now:
         with user_errors():
             summary = ops.backup_schedule()
-        if settings_.json:
+        if session.json:
             emit_json(summary)
         else:
             click.echo("\n".join(f"{key:14} {value}" for key, value in summary.items()))
@@ -217,13 +217,13 @@ def backup_command(settings_: Settings, namespace: str | None, context: str | No
 @redis_group.command("backups")
 @cluster_options
 @click.option("--timeout", type=Duration(), default="5m", show_default=True, help="How long the listing may take.")
-@pass_settings
-def backups_command(settings_: Settings, namespace: str | None, context: str | None, timeout: float) -> None:
+@pass_session
+def backups_command(session: Session, namespace: str | None, context: str | None, timeout: float) -> None:
     """List the snapshots in the backup volume, oldest first (read by a short Job)."""
     ops = _connect(namespace, context)
     with user_errors():
         snapshots = ops.list_snapshots(timeout)
-    if settings_.json:
+    if session.json:
         emit_json(snapshots)
     elif not snapshots:
         click.echo("no snapshots")
@@ -240,8 +240,8 @@ def backups_command(settings_: Settings, namespace: str | None, context: str | N
 @object_options
 @click.option("--yes", is_flag=True, help="Confirm: the StatefulSet is stopped and pod 0's data replaced.")
 @click.option("--timeout", type=Duration(), default="1h", show_default=True, help="How long each step may take.")
-@pass_settings
-def restore_command(settings_: Settings, snapshot: str, namespace: str | None, context: str | None, yes: bool,
+@pass_session
+def restore_command(session: Session, snapshot: str, namespace: str | None, context: str | None, yes: bool,
                     timeout: float, **values: Any) -> None:  # fmt: skip
     """Load SNAPSHOT (a name from `redis backups`, or 'latest') into a fresh StatefulSet.
 

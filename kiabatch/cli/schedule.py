@@ -15,7 +15,7 @@ import click
 from .. import settings
 from ..backends.schedules import open_schedules
 from ..schedules import CONCURRENCY, DEFAULT_STARTING_DEADLINE, Schedule, ScheduleRow, Schedules
-from .context import Settings, emit_json, note, pass_settings, user_errors
+from .context import Session, emit_json, note, pass_session, user_errors
 from .options import (
     LIMIT,
     Duration,
@@ -36,11 +36,11 @@ schedule_backend = stack(
 )
 
 
-def _schedules(settings_: Settings, params: dict[str, Any]) -> Schedules:
+def _schedules(session: Session, params: dict[str, Any]) -> Schedules:
     """The schedules of the backend named in ``params`` (popping the backend options)."""
     backend, namespace, context = params.pop("backend"), params.pop("namespace"), params.pop("context")
     with user_errors():
-        return open_schedules(backend, store=settings_.store, redis_url=settings_.redis_url, namespace=namespace,
+        return open_schedules(backend, store=session.store, redis_url=session.redis_url, namespace=namespace,
                               context=context)  # fmt: skip
 
 
@@ -79,8 +79,8 @@ def schedule_group() -> None:
 @image_option
 @redis_secret_option
 @click.argument("submit_args", nargs=-1, type=click.UNPROCESSED)
-@pass_settings
-def create_command(settings_: Settings, name: str, cron: str, time_zone: str | None, concurrency: str, suspend: bool,
+@pass_session
+def create_command(session: Session, name: str, cron: str, time_zone: str | None, concurrency: str, suspend: bool,
                    starting_deadline: float, submit_args: tuple[str, ...], **params: Any) -> None:  # fmt: skip
     """Create schedule NAME; the remaining arguments are what each run passes to `kiabatch submit`.
 
@@ -95,7 +95,7 @@ def create_command(settings_: Settings, name: str, cron: str, time_zone: str | N
         schedule = Schedule(name=name, cron=cron, submit_args=args, time_zone=time_zone, concurrency=concurrency,
                             suspend=suspend, starting_deadline=int(starting_deadline), backend=backend,
                             namespace=params["namespace"] or "", created_at=datetime.now(UTC).timestamp())  # fmt: skip
-        message = _schedules(settings_, params).create(schedule, kube)
+        message = _schedules(session, params).create(schedule, kube)
     note(message)
 
 
@@ -109,12 +109,12 @@ def _next_run(row: ScheduleRow) -> str:
 
 @schedule_group.command("list")
 @schedule_backend
-@pass_settings
-def list_command(settings_: Settings, **params: Any) -> None:
+@pass_session
+def list_command(session: Session, **params: Any) -> None:
     """List schedules with their last and next run."""
     with user_errors():
-        rows = _schedules(settings_, params).rows()
-    if settings_.json:
+        rows = _schedules(session, params).rows()
+    if session.json:
         emit_json([{**json.loads(r.schedule.to_json()), "last_run": r.last_run} if r.schedule is not None
                    else {"name": r.name, "invalid": r.invalid} for r in rows])  # fmt: skip
         return
@@ -131,13 +131,13 @@ def list_command(settings_: Settings, **params: Any) -> None:
 @schedule_group.command("show")
 @click.argument("name")
 @schedule_backend
-@pass_settings
-def show_command(settings_: Settings, name: str, **params: Any) -> None:
+@pass_session
+def show_command(session: Session, name: str, **params: Any) -> None:
     """Show a schedule's definition."""
     with user_errors():
-        schedule = _schedules(settings_, params).get(name)
+        schedule = _schedules(session, params).get(name)
     data = json.loads(schedule.to_json())
-    if settings_.json:
+    if session.json:
         emit_json(data)
         return
     data["submit_args"] = " ".join(schedule.submit_args)
@@ -150,22 +150,22 @@ def show_command(settings_: Settings, name: str, **params: Any) -> None:
 @schedule_group.command("suspend")
 @click.argument("name")
 @schedule_backend
-@pass_settings
-def suspend_command(settings_: Settings, name: str, **params: Any) -> None:
+@pass_session
+def suspend_command(session: Session, name: str, **params: Any) -> None:
     """Stop starting runs (runs already started continue)."""
     with user_errors():
-        _schedules(settings_, params).set_suspend(name, True)
+        _schedules(session, params).set_suspend(name, True)
     note(f"suspended schedule {name}")
 
 
 @schedule_group.command("resume")
 @click.argument("name")
 @schedule_backend
-@pass_settings
-def resume_command(settings_: Settings, name: str, **params: Any) -> None:
+@pass_session
+def resume_command(session: Session, name: str, **params: Any) -> None:
     """Start runs again from the next tick."""
     with user_errors():
-        _schedules(settings_, params).set_suspend(name, False)
+        _schedules(session, params).set_suspend(name, False)
     note(f"resumed schedule {name}")
 
 
@@ -173,25 +173,25 @@ def resume_command(settings_: Settings, name: str, **params: Any) -> None:
 @click.argument("name")
 @click.option("--cascade", is_flag=True, help="Also delete its runs' Jobs and batches (results included).")
 @schedule_backend
-@pass_settings
-def delete_command(settings_: Settings, name: str, cascade: bool, **params: Any) -> None:
+@pass_session
+def delete_command(session: Session, name: str, cascade: bool, **params: Any) -> None:
     """Delete a schedule (its past batches stay unless --cascade)."""
     with user_errors():
-        removed = _schedules(settings_, params).delete(name, cascade=cascade)
+        removed = _schedules(session, params).delete(name, cascade=cascade)
     note(f"deleted schedule {name}" + (f" and {len(removed)} batch(es)" if cascade else ""))
 
 
 @schedule_group.command("run-now")
 @click.argument("name")
 @schedule_backend
-@pass_settings
-def run_now_command(settings_: Settings, name: str, **params: Any) -> None:
+@pass_session
+def run_now_command(session: Session, name: str, **params: Any) -> None:
     """Start a run now, whatever the schedule says (like kubectl create job --from=cronjob/NAME).
 
     Prints what it started: the run's batch id (local) or launcher Job (kubernetes).
     """
     with user_errors():
-        started = _schedules(settings_, params).run_now(name)
+        started = _schedules(session, params).run_now(name)
     click.echo(started.ref)
     note(started.note)
 
@@ -200,12 +200,12 @@ def run_now_command(settings_: Settings, name: str, **params: Any) -> None:
 @click.argument("name")
 @click.option("--limit", type=LIMIT, default=20, show_default=True, help="Most recent runs to show.")
 @schedule_backend
-@pass_settings
-def history_command(settings_: Settings, name: str, limit: int, **params: Any) -> None:
+@pass_session
+def history_command(session: Session, name: str, limit: int, **params: Any) -> None:
     """Past runs: start, end, state, items done/failed, and the batches they launched."""
     with user_errors():
-        rows = _schedules(settings_, params).history(name, limit)
-    if settings_.json:
+        rows = _schedules(session, params).history(name, limit)
+    if session.json:
         emit_json(rows)
         return
     headers = ["RUN", "STARTED", "FINISHED", "STATE", "DONE", "FAILED", "BATCHES"]
@@ -218,14 +218,14 @@ def history_command(settings_: Settings, name: str, limit: int, **params: Any) -
 @click.command("scheduler")
 @click.option("--once", is_flag=True, help="Handle the ticks due now, then exit (e.g. from system cron).")
 @click.option("--poll", type=Interval(), default=1.0, show_default=True, help="Seconds between checks.")
-@pass_settings
-def scheduler_command(settings_: Settings, once: bool, poll: float) -> None:
+@pass_session
+def scheduler_command(session: Session, once: bool, poll: float) -> None:
     """Run the local schedules in the foreground (SIGTERM or Ctrl-C stops it cleanly)."""
     from ..scheduler import LocalScheduler, serve_until_signalled
 
     with user_errors():
-        scheduler = LocalScheduler(settings_.store(retry_seconds=settings.worker_retry_seconds()).redis,
-                                   redis_url=settings_.redis_url)  # fmt: skip
+        scheduler = LocalScheduler(session.store(retry_seconds=settings.worker_retry_seconds()).redis,
+                                   redis_url=session.redis_url)  # fmt: skip
         if once:
             for name, outcome in scheduler.tick():
                 note(f"{name}: {outcome}")

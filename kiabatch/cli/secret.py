@@ -9,7 +9,7 @@ import click
 from ..connection import redact, validate_url
 from ..kube.api import Cluster
 from ..kube.batch_job import REDIS_SECRET, REDIS_SECRET_KEY, redis_secret
-from .context import CliError, Settings, note, pass_settings, user_errors
+from .context import CliError, Session, note, pass_session, user_errors
 from .options import cluster_options
 
 
@@ -22,8 +22,8 @@ def secret_group() -> None:
 @click.option("--name", default=REDIS_SECRET, show_default=True, help="Secret name (submit --redis-secret).")
 @cluster_options
 @click.option("--url-stdin", is_flag=True, help="Read the URL from standard input (keeps it out of shell history).")
-@pass_settings
-def create_command(settings_: Settings, name: str, namespace: str | None, context: str | None, url_stdin: bool) -> None:
+@pass_session
+def create_command(session: Session, name: str, namespace: str | None, context: str | None, url_stdin: bool) -> None:
     """Create or update the Secret with the Redis URL *as pods see it*.
 
     The URL comes from --url-stdin, else the global --redis-url / KIABATCH_REDIS_URL.
@@ -32,7 +32,7 @@ def create_command(settings_: Settings, name: str, namespace: str | None, contex
     \b
       echo "redis://:$PASSWORD@kiabatch-redis-primary:6379/0" | kiabatch secret create -n batch --url-stdin
     """
-    url = sys.stdin.readline().strip() if url_stdin else settings_.redis_url
+    url = sys.stdin.readline().strip() if url_stdin else session.redis_url
     if not url:
         raise CliError("no Redis URL: pass --url-stdin, or the global --redis-url / KIABATCH_REDIS_URL")
     with user_errors():

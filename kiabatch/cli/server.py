@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .. import embedded
-from .context import CliError, Settings, emit_json, note, pass_settings, user_errors
+from .context import CliError, Session, emit_json, note, pass_session, user_errors
 
 
 @click.group("server")
@@ -21,12 +21,12 @@ def server_group() -> None:
 
 
 @server_group.command("status")
-@pass_settings
-def status_command(settings_: Settings) -> None:
+@pass_session
+def status_command(session: Session) -> None:
     """Show whether the embedded server runs, its pid, socket, clients and data directory."""
     with user_errors():
         info = embedded.status()
-    if settings_.json:
+    if session.json:
         emit_json(info)
         return
     if info["state"] == "not answering":

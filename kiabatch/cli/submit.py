@@ -21,7 +21,7 @@ from ..errors import EXIT_OK, UsageError
 from ..kube.options import KubeOptions
 from ..progress import ProgressBar
 from ..submission import BatchOptions, plan_batch, submit_options
-from .context import CliError, Settings, note, pass_settings, user_errors
+from .context import CliError, Session, note, pass_session, user_errors
 from .options import (
     Duration,
     backend_option,
@@ -200,7 +200,7 @@ def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
 _BUILDERS: dict[str, Callable[[dict[str, Any]], SubmitRequest]] = {"pi": pi_request, "exec": exec_request}
 
 
-def run_submit(settings_: Settings, request: SubmitRequest) -> None:
+def run_submit(session: Session, request: SubmitRequest) -> None:
     """Submit, show progress, then print the answer (or results) and exit with the batch's code."""
     if request.dry_run:
         render_batch(request)
@@ -221,7 +221,7 @@ def run_submit(settings_: Settings, request: SubmitRequest) -> None:
 
         with user_errors():
             batch = submit_options(
-                request.workload, request.options, redis=settings_.redis_url, wait=wait, on_created=created,
+                request.workload, request.options, redis=session.redis_url, wait=wait, on_created=created,
                 on_update=update, kube=request.kube,
             )  # fmt: skip
     if batch is None:
@@ -232,7 +232,7 @@ def run_submit(settings_: Settings, request: SubmitRequest) -> None:
         if not quiet:
             note(f"started in the background; follow it with: kiabatch status --watch {batch.id}")
         return
-    raise click.exceptions.Exit(conclude(settings_, batch, reduce=None, quiet=quiet))
+    raise click.exceptions.Exit(conclude(session, batch, reduce=None, quiet=quiet))
 
 
 def render_batch(request: SubmitRequest) -> None:
@@ -291,21 +291,21 @@ def _workload_group(name: str, help_text: str, *, dry_run: bool) -> click.Group:
     @group.command("pi")
     @pi_options
     @common_options
-    @pass_settings
-    def pi_command(settings_: Settings, **params: Any) -> None:
+    @pass_session
+    def pi_command(session: Session, **params: Any) -> None:
         """Digits of pi: the Chudnovsky series cut into --tasks ranges (default --parallel), reduced here."""
         request = pi_request(params)
-        run_submit(settings_, replace(request, dry_run=request.dry_run or dry_run))
+        run_submit(session, replace(request, dry_run=request.dry_run or dry_run))
 
     @group.command("exec", context_settings={"allow_interspersed_args": False})
     @exec_options
     @common_options
     @click.argument("argv", nargs=-1, type=click.UNPROCESSED)
-    @pass_settings
-    def exec_command(settings_: Settings, **params: Any) -> None:
+    @pass_session
+    def exec_command(session: Session, **params: Any) -> None:
         """Run your own program once per item (the command after -- or in --command)."""
         request = exec_request(params)
-        run_submit(settings_, replace(request, dry_run=request.dry_run or dry_run))
+        run_submit(session, replace(request, dry_run=request.dry_run or dry_run))
 
     return group
 

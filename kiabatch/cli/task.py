@@ -11,7 +11,7 @@ import click
 
 from .. import limits, settings, task
 from ..backends.local_runner import LocalRunner
-from .context import CliError, Settings, emit_json, note, pass_settings, user_errors
+from .context import CliError, Session, emit_json, note, pass_session, user_errors
 from .options import count
 
 
@@ -40,16 +40,16 @@ def _index(index: int | None) -> int:
     type=click.Path(file_okay=False, path_type=Path),
     help="Task directory (the emptyDir).",
 )
-@pass_settings
-def claim_command(settings_: Settings, batch_id: str, index: int | None, directory: Path) -> None:
+@pass_session
+def claim_command(session: Session, batch_id: str, index: int | None, directory: Path) -> None:
     """Claim a task's items (the same ones on every retry) and lay them out in DIR."""
     position = _index(index)
-    store = settings_.store(retry_seconds=settings.worker_retry_seconds())
+    store = session.store(retry_seconds=settings.worker_retry_seconds())
     with user_errors():
         info = task.claim_into(store, batch_id, position, directory)
     message = {"batch": batch_id, "index": position, "attempt": info.attempt, "items": info.items,
                "status": info.status}  # fmt: skip
-    if settings_.json:
+    if session.json:
         emit_json(message)
     else:
         note(
@@ -73,10 +73,10 @@ def claim_command(settings_: Settings, batch_id: str, index: int | None, directo
     is_flag=True,
     help="Sidecar mode: wait for run.sh to finish, report, then idle until terminated.",
 )
-@pass_settings
-def report_command(settings_: Settings, directory: Path, await_worker: bool) -> None:
+@pass_session
+def report_command(session: Session, directory: Path, await_worker: bool) -> None:
     """Report the outcome of the task in DIR to Redis (idempotent)."""
-    store = settings_.store(retry_seconds=settings.worker_retry_seconds())
+    store = session.store(retry_seconds=settings.worker_retry_seconds())
     with user_errors():
         result = task.await_and_report(store, directory) if await_worker else task.report_from(store, directory)
     summary = result.status if result is not None else "nothing to report"
@@ -90,10 +90,10 @@ def report_command(settings_: Settings, directory: Path, await_worker: bool) -> 
 
 @task_group.command("run-batch", hidden=True)
 @click.argument("batch_id")
-@pass_settings
-def run_batch_command(settings_: Settings, batch_id: str) -> None:
+@pass_session
+def run_batch_command(session: Session, batch_id: str) -> None:
     """Run a local batch in this process (what `submit --no-wait` starts in the background)."""
-    store = settings_.store(retry_seconds=settings.worker_retry_seconds())
+    store = session.store(retry_seconds=settings.worker_retry_seconds())
     with user_errors():
         status = LocalRunner(store, batch_id).run()  # in the background: nobody watches its progress
     note(f"batch {batch_id} {status.state}")

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from kiabatch.cli import cli
 from kiabatch.errors import KiabatchError
-from tests.test_pi import truth
+from tests.helpers import truth
 
 pytestmark = pytest.mark.cluster
 

@@ -8,27 +8,11 @@ import threading
 import time
 
 import pytest
-from click.testing import CliRunner
 
 from kiabatch import Batch
-from kiabatch.cli import cli
 from kiabatch.kube.objects import from_yaml
+from tests.helpers import HOSTILE, error_line, kb, truth
 from tests.kube.conftest import IMAGE
-from tests.test_pi import truth
-from tests.test_security import HOSTILE
-
-
-def kb(*args: str, input: str | None = None):
-    return CliRunner().invoke(cli, list(args), input=input, catch_exceptions=False)
-
-
-def one_line_error(result, code: int, *fragments: str) -> None:
-    assert result.exit_code == code, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("kiabatch: error: ")]
-    assert len(errors) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
 
 
 def assert_ran_twice_counted_once(cluster, batch_id: str, text: str) -> None:
@@ -340,7 +324,7 @@ def test_an_image_that_cannot_be_pulled_is_reported_and_fails_wait(secret, clust
         "--",
         "true",
     )
-    one_line_error(done, 3, "cannot start its pods", "ImagePullBackOff", "doesnotexist")
+    error_line(done, 3, "cannot start its pods", "ImagePullBackOff", "doesnotexist")
     assert time.monotonic() - started < 30
     status = json.loads(kb("-o", "json", "status", "ex-pull").stdout)
     assert "ImagePullBackOff" in status["detail"]["problem"]
@@ -348,20 +332,20 @@ def test_an_image_that_cannot_be_pulled_is_reported_and_fails_wait(secret, clust
 
 def test_a_missing_secret_is_refused_before_anything_is_written(cluster, redis_url, client):
     done = kb("submit", "--backend", "kubernetes", "-n", "batch", "--item", "1", "--", "true")
-    one_line_error(done, 3, "Secret 'kiabatch-redis'", "kiabatch secret create -n batch")
+    error_line(done, 3, "Secret 'kiabatch-redis'", "kiabatch secret create -n batch")
     assert client.dbsize() == 0 and jobs(cluster) == []
 
 
 def test_an_old_cluster_is_refused(cluster, secret, client):
     cluster.version = "v1.32.4"
     done = kb("submit", "--backend", "kubernetes", "-n", "batch", "--item", "1", "--", "true")
-    one_line_error(done, 3, "runs Kubernetes 1.32", "needs 1.33 or newer")
+    error_line(done, 3, "runs Kubernetes 1.32", "needs 1.33 or newer")
     assert client.keys("kiabatch:{*") == []
 
 
 def test_a_missing_namespace_is_reported(cluster, secret):
     done = kb("submit", "--backend", "kubernetes", "-n", "nowhere", "--item", "1", "--", "true")
-    one_line_error(done, 3, "namespace 'nowhere' does not exist")
+    error_line(done, 3, "namespace 'nowhere' does not exist")
 
 
 @pytest.mark.parametrize(
@@ -389,23 +373,21 @@ def test_a_missing_namespace_is_reported(cluster, secret):
 def test_rbac_and_quota_refusals_exit_three_and_leave_no_batch_behind(cluster, secret, client, denial, fragment):
     cluster.deny[("POST", "jobs")] = denial
     done = kb("submit", "--backend", "kubernetes", "-n", "batch", "--item", "1", "--", "true")
-    one_line_error(done, 3, fragment)
+    error_line(done, 3, fragment)
     assert client.keys("kiabatch:{*") == []
 
 
 def test_no_kubeconfig_and_an_unreachable_server_exit_three(redis_url, tmp_path, monkeypatch):
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "")
-    one_line_error(
-        kb("submit", "--backend", "kubernetes", "--item", "1", "--", "true"), 3, "no Kubernetes configuration"
-    )
+    error_line(kb("submit", "--backend", "kubernetes", "--item", "1", "--", "true"), 3, "no Kubernetes configuration")
     from tests.kube.fake_cluster import FakeApiServer
 
     dead = FakeApiServer()
     config = dead.kubeconfig(tmp_path / "dead")
     dead.http.server_close()
     monkeypatch.setenv("KUBECONFIG", str(config))
-    one_line_error(
+    error_line(
         kb("submit", "--backend", "kubernetes", "--item", "1", "--", "true"),
         3,
         "cannot reach the Kubernetes API server",
@@ -421,7 +403,7 @@ def test_the_default_backend_stays_local_even_with_a_kubeconfig(cluster, redis_u
 
 def test_the_kubernetes_backend_needs_a_redis_the_cluster_can_reach(cluster, home, monkeypatch):
     monkeypatch.delenv("KIABATCH_REDIS_URL", raising=False)
-    one_line_error(
+    error_line(
         kb("submit", "--backend", "kubernetes", "--item", "1", "--", "true"),
         2,
         "needs a Redis the cluster can reach",

@@ -15,32 +15,17 @@ import re
 import subprocess
 
 import pytest
-from click.testing import CliRunner
 
-from kiabatch.cli import cli
 from kiabatch.kube.objects import from_yaml
 from kiabatch.kube.redis_manifests import redis_deployment_objects
 from kiabatch.kube.redis_objects import RedisOptions, statefulset
-from tests.redis_pods import PATH, Pod, free_port, needs_redis_tools, wait_for
+from tests.helpers import error_line, free_port, kb, wait_for
+from tests.redis_pods import PATH, Pod, needs_redis_tools
 
 NS = "batch"
 PLURALS = {"ConfigMap": "configmaps", "Service": "services", "StatefulSet": "statefulsets",
            "PodDisruptionBudget": "poddisruptionbudgets", "NetworkPolicy": "networkpolicies",
            "PersistentVolumeClaim": "persistentvolumeclaims", "CronJob": "cronjobs"}  # fmt: skip
-
-
-def kb(*args: str):
-    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
-
-
-def one_line_error(result, code: int, *fragments: str) -> str:
-    assert result.exit_code == code, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("kiabatch: error: ")]
-    assert len(errors) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
 
 
 def stored(api, plural: str, name: str) -> dict:
@@ -78,7 +63,7 @@ def test_render_prints_the_builders_objects_and_no_secret():
     (["--backup-schedule", "hourly"], "--backup-schedule"),
 ])  # fmt: skip
 def test_render_refuses_bad_input_in_one_line(args, fragment):
-    one_line_error(kb("redis", "render", *args), 2, fragment)
+    error_line(kb("redis", "render", *args), 2, fragment)
 
 
 def test_deploy_generates_the_password_applies_every_object_and_prints_no_secret(api):
@@ -115,9 +100,9 @@ def test_deploy_keeps_a_url_secret_the_user_made(api, monkeypatch):
 
 
 def test_deploy_failures_are_one_line_with_exit_code_3(api):
-    one_line_error(kb("redis", "deploy", "-n", "nowhere"), 3, "namespace 'nowhere' does not exist")
+    error_line(kb("redis", "deploy", "-n", "nowhere"), 3, "namespace 'nowhere' does not exist")
     api.deny[("PATCH", "statefulsets")] = (403, "Forbidden", 'statefulsets.apps "kiabatch-redis" is forbidden')
-    one_line_error(kb("redis", "deploy", "-n", NS), 3, "StatefulSet 'kiabatch-redis'", "forbidden by RBAC")
+    error_line(kb("redis", "deploy", "-n", NS), 3, "StatefulSet 'kiabatch-redis'", "forbidden by RBAC")
 
 
 # -- the Redis "pods": real servers started by the ConfigMap's scripts ---------------------------------
@@ -220,13 +205,13 @@ def test_a_failed_backup_is_one_line_with_exit_code_3(redis_pods, cluster):
     redis_pods(0, run=False)
     cluster.emulator.dns["kiabatch-redis-primary:6379"] = f"127.0.0.1:{free_port()}"
     done = kb("redis", "backup", "--now", "-n", NS)
-    one_line_error(done, 3, "backup Job 'kiabatch-redis-backup-manual-", "cannot take a snapshot")
+    error_line(done, 3, "backup Job 'kiabatch-redis-backup-manual-", "cannot take a snapshot")
     assert list(cluster.emulator.claim_dir(NS, "kiabatch-redis-backups").iterdir()) == []
 
 
 def test_backup_and_status_need_a_deployment(api):
-    one_line_error(kb("redis", "backup", "--now", "-n", NS), 3, "no CronJob 'kiabatch-redis-backup'")
-    one_line_error(kb("redis", "status", "-n", NS), 3, "no StatefulSet 'kiabatch-redis'", "kiabatch redis deploy")
+    error_line(kb("redis", "backup", "--now", "-n", NS), 3, "no CronJob 'kiabatch-redis-backup'")
+    error_line(kb("redis", "status", "-n", NS), 3, "no StatefulSet 'kiabatch-redis'", "kiabatch redis deploy")
 
 
 # -- status -----------------------------------------------------------------------------------
@@ -240,7 +225,7 @@ def test_status_shows_role_offset_lag_memory_and_persistence_of_every_pod(redis_
     primary.client().set("k", "v" * 1000)
     wait_for(lambda: replica.client().get("k"))
     done = kb("-o", "json", "redis", "status", "-n", NS)
-    one_line_error(done, 3, "could not read INFO of kiabatch-redis-2")
+    error_line(done, 3, "could not read INFO of kiabatch-redis-2")
     report = json.loads(done.stdout)
     assert report["source"] == "probe"
     first, second, third = report["pods"]
@@ -300,8 +285,8 @@ def test_status_without_the_probe_reads_the_primary_through_redis_url(redis_pods
 
 
 def test_restore_needs_a_snapshot_name_and_confirmation(api):
-    one_line_error(kb("redis", "restore", "../../etc/passwd", "-n", NS, "--yes"), 2, "bad snapshot name")
-    one_line_error(kb("redis", "restore", "kiabatch-redis-20260314T031700Z.rdb", "-n", NS), 2, "--yes")
+    error_line(kb("redis", "restore", "../../etc/passwd", "-n", NS, "--yes"), 2, "bad snapshot name")
+    error_line(kb("redis", "restore", "kiabatch-redis-20260314T031700Z.rdb", "-n", NS), 2, "--yes")
     assert api.requests == []  # refused before the cluster was asked anything
 
 
@@ -356,7 +341,7 @@ def test_restoring_a_corrupted_snapshot_changes_nothing_and_exits_3(redis_pods, 
     path = cluster.emulator.claim_dir(NS, "kiabatch-redis-backups") / snapshot
     path.write_bytes(path.read_bytes()[:-10])
     done = kb("redis", "restore", snapshot, "-n", NS, "--yes")
-    one_line_error(done, 3, "restore Job", "failed verification", "back with its previous data")
+    error_line(done, 3, "restore Job", "failed verification", "back with its previous data")
     assert stored(cluster, "statefulsets", "kiabatch-redis")["spec"]["replicas"] == 3  # recreated
     again = Pod(primary.run.parent.parent / "again", primary.config, 0, password=primary.password, data=data0)
     assert again.init().returncode == 0
@@ -374,7 +359,7 @@ def test_a_restore_that_cannot_proceed_puts_the_statefulset_back(deployed):
                                        "metadata": {"name": "kiabatch-redis-0", "labels": labels},
                                        "spec": owner["spec"]["template"]["spec"]})  # fmt: skip
     done = kb("redis", "restore", "kiabatch-redis-20260314T031700Z.rdb", "-n", NS, "--yes", "--timeout", "2s")
-    one_line_error(done, 3, "timed out after 2s waiting for the Redis pods to end", "created again")
+    error_line(done, 3, "timed out after 2s waiting for the Redis pods to end", "created again")
     again = stored(deployed, "statefulsets", "kiabatch-redis")
     assert again["spec"] == owner["spec"] and again["metadata"]["uid"] != owner["metadata"]["uid"]
     assert jobs(deployed) == []  # no restore Job was started
@@ -386,7 +371,7 @@ def test_deploy_wait_ends_when_every_pod_is_ready_or_fails_after_the_timeout(dep
 
     ready(1)
     slow = kb("redis", "deploy", "-n", NS, "--wait", "--timeout", "1s")
-    one_line_error(slow, 3, "only 1/3 pods of kiabatch-redis ready after 1s")
+    error_line(slow, 3, "only 1/3 pods of kiabatch-redis ready after 1s")
     ready(3)
     done = kb("redis", "deploy", "-n", NS, "--wait")
     assert done.exit_code == 0, done.stderr

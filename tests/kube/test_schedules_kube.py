@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
-from click.testing import CliRunner
 
 from kiabatch import Batch, Queue
-from kiabatch.cli import cli
 from kiabatch.kube.batch_job import KubeOptions
 from kiabatch.kube.schedule_objects import LAUNCHER_RULES, cron_job, job_from_cron_job, schedule_objects
 from kiabatch.schedules import Schedule, run_batch_id
+from tests.helpers import kb, wait_for
 from tests.kube.checks import pod_specs, restricted_violations, validate_all_versions
 from tests.kube.conftest import IMAGE
-
-
-def kb(*args: str, input: str | None = None):
-    return CliRunner().invoke(cli, list(args), input=input, catch_exceptions=False)
 
 
 def sample(**changes) -> Schedule:
@@ -138,15 +132,6 @@ def scheduled(cluster, redis_url):
 
 def launcher_jobs(cluster):
     return [j for j in cluster.store.list("jobs", "batch", None, None) if j["metadata"]["name"].startswith("thumbs-")]
-
-
-def wait_for(predicate, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    raise AssertionError("timed out")
 
 
 def test_create_list_show_suspend_resume(scheduled):

@@ -1,0 +1,172 @@
+"""Helpers every test module shares: running the CLI, one error line, waiting, servers, reference data."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import mpmath
+import redis
+from click.testing import CliRunner, Result
+
+from kiabatch.cli import cli
+from kiabatch.embedded import redis_server_binary
+
+REPO = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+#: Items that would do harm if any of them were ever read as shell text.
+HOSTILE = [
+    "$(touch pwned); rm -rf ~",
+    "' \" ; |",
+    "`touch pwned2`",
+    "a\nb; touch pwned3",
+    "-rf",
+    "{item} {{ }}",
+    "${HOME:?} $((1+1)) *",
+    "ünïcødé ✓",
+]
+
+
+def truth(digits: int) -> str:
+    """mpmath's π at higher precision, truncated to ``digits`` decimals."""
+    if hasattr(sys, "set_int_max_str_digits"):
+        sys.set_int_max_str_digits(0)  # mpmath's own conversion needs it without gmpy2
+    with mpmath.workdps(digits + 40):
+        text = mpmath.nstr(mpmath.pi, digits + 30, strip_zeros=False)
+    return text[: digits + 2]
+
+
+def kb(*args: str, input: str | bytes | None = None, env: dict[str, str] | None = None) -> Result:
+    """``kiabatch ARGS`` in this process (click's CliRunner), as a user's shell would see it."""
+    return CliRunner().invoke(cli, list(args), input=input, env=env, catch_exceptions=False)
+
+
+def kiabatch_cmd(*args: str) -> list[str]:
+    """argv running the installed CLI with this interpreter."""
+    return [sys.executable, "-m", "kiabatch", *args]
+
+
+def run_cli(
+    *args: str,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 120,
+    input_text: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``kiabatch ARGS`` as a real subprocess."""
+    return subprocess.run(
+        kiabatch_cmd(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        input=input_text,
+    )
+
+
+def one_line_error(result: Result | subprocess.CompletedProcess[str], code: int, *fragments: str,
+                   alone: bool = True) -> str:  # fmt: skip
+    """The ``kiabatch: error:`` line of a refused command: exit ``code``, no traceback, ``fragments`` in it.
+
+    ``alone``: it is the only line on stderr (else other lines, such as progress notes, may precede it).
+    """
+    returncode = result.exit_code if isinstance(result, Result) else result.returncode
+    assert returncode == code, (returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("kiabatch: error: ")]
+    assert len(errors) == 1, result.stderr
+    if alone:
+        assert lines == errors, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def error_line(result: Result | subprocess.CompletedProcess[str], code: int, *fragments: str) -> str:
+    """Like :func:`one_line_error`, but other lines (progress notes) may come before the error."""
+    return one_line_error(result, code, *fragments, alone=False)
+
+
+def wait_for(check: Callable[[], T], timeout: float = 60, interval: float = 0.05) -> T:
+    """Poll ``check`` until it returns something truthy (and return it); fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {getattr(check, '__name__', check)}")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class RedisProcess:
+    """A redis-server on a unix socket (no TCP), started and stopped by tests."""
+
+    def __init__(self, directory: Path, binary: str | None = None, port: int = 0) -> None:
+        self.directory = directory
+        self.binary = binary or str(redis_server_binary())
+        self.socket = str(directory / "redis.sock")
+        self.port = port
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    def start(self, *extra: str) -> RedisProcess:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        command = [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--unixsocket",
+            self.socket,
+            "--dir",
+            str(self.directory),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.directory / "redis.log"),
+            *extra,
+        ]
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        client = redis.Redis(unix_socket_path=self.socket)
+        while time.monotonic() < deadline:
+            try:
+                if client.ping():
+                    return self
+            except (redis.ConnectionError, redis.BusyLoadingError):
+                time.sleep(0.02)
+        raise RuntimeError(f"redis-server did not start: {(self.directory / 'redis.log').read_text()}")
+
+    def stop(self, sig: int = 15) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=30)
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(unix_socket_path=self.socket)
