@@ -27,6 +27,9 @@ MAX_LIMIT = 100_000
 MIN_INTERVAL, MAX_INTERVAL = 0.1, 3600.0
 #: Nesting depth of one item (JSON arrays and objects).
 MAX_ITEM_DEPTH = 64
+#: Digits of π without ``--force``, and with it (the reduce step alone would need tens of GiB beyond).
+MAX_DIGITS = 10**8
+MAX_DIGITS_FORCED = 10**9
 #: Completion indexes (``task claim --index``).
 MAX_INDEX = MAX_TASKS - 1
 

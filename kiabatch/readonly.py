@@ -29,7 +29,7 @@ from . import keys
 from .batch import Batch
 from .connection import connect
 from .errors import NotFoundError, UsageError
-from .kube.redis_objects import PRIMARY_SERVICE, REPLICAS_SERVICE
+from .kube.options import PRIMARY_SERVICE, REPLICAS_SERVICE
 from .model import Status
 from .store import Store
 

@@ -9,25 +9,55 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from importlib import import_module
 from typing import Any
 
 import click
-import redis as redis_py  # not "redis": that name is the package's own redis command module
 
 from .. import settings
 from .._version import __version__
-from ..connection import validate_url
 from ..errors import EXIT_INTERRUPTED, EXIT_UNREACHABLE, EXIT_USAGE, KiabatchError
 from ..text import printable
 from .context import CliError, Session, user_errors
 
+#: Every command: name -> "module:attribute" under kiabatch.cli. A command's module is
+#: imported only when that command runs (or its help is shown), so ``kiabatch status``
+#: never loads the Kubernetes client and ``--version`` loads nothing at all.
+COMMANDS = {
+    "delete": "manage:delete_command",
+    "list": "inspect:list_command",
+    "logs": "inspect:logs_command",
+    "queue": "queue:queue_group",
+    "redis": "redis:redis_group",
+    "render": "submit:render_group",
+    "results": "inspect:results_command",
+    "resume": "manage:resume_command",
+    "scale": "manage:scale_command",
+    "schedule": "schedule:schedule_group",
+    "scheduler": "schedule:scheduler_command",
+    "secret": "secret:secret_group",
+    "server": "server:server_group",
+    "status": "inspect:status_command",
+    "submit": "submit:submit_group",
+    "task": "task:task_group",
+}
+
 
 class KiabatchGroup(click.Group):
-    """The root group: prints every error as one line and exits with kiabatch's codes.
+    """The root group: loads commands lazily, prints every error as one line, exits with kiabatch's codes.
 
     Doing this in ``main`` (not only in the console-script wrapper) gives
     ``CliRunner`` tests exactly what a user's shell sees.
     """
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module, attribute = COMMANDS[cmd_name].split(":")
+        return getattr(import_module(f".{module}", __name__), attribute)
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         if not standalone_mode:
@@ -62,13 +92,17 @@ def _run(invoke: Callable[[], Any]) -> int:
     except KeyboardInterrupt:
         click.echo("kiabatch: interrupted", err=True)
         return EXIT_INTERRUPTED
-    except (redis_py.ConnectionError, redis_py.TimeoutError) as exc:
-        # Redis went away in the middle of a command (connecting is checked, and explained, earlier).
-        return _error(f"lost the connection to Redis: {exc}", EXIT_UNREACHABLE)
-    except redis_py.RedisError as exc:
-        return _error(f"Redis refused a command: {exc}", EXIT_UNREACHABLE)
     except BrokenPipeError:
         return 0
+    except Exception as exc:  # a Redis error (imported only now: --version must not load redis)
+        import redis
+
+        if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+            # Redis went away in the middle of a command (connecting is checked, and explained, earlier).
+            return _error(f"lost the connection to Redis: {exc}", EXIT_UNREACHABLE)
+        if isinstance(exc, redis.RedisError):
+            return _error(f"Redis refused a command: {exc}", EXIT_UNREACHABLE)
+        raise
     return outcome if isinstance(outcome, int) else 0
 
 
@@ -98,20 +132,11 @@ def cli(ctx: click.Context, redis_url: str | None, output: str) -> None:
       kiabatch submit --command 'wc -c {item}' --lines files.txt -p 4
     """
     if redis_url:
+        from ..connection import validate_url
+
         with user_errors():
             validate_url(redis_url)
     ctx.obj = Session(redis_url=redis_url or None, output=output)
-
-
-def _register() -> None:
-    from . import inspect, manage, queue, schedule, secret, server, submit, task
-    from . import redis as redis_commands
-
-    for module in (submit, inspect, manage, queue, server, task, secret, redis_commands, schedule):
-        module.register(cli)
-
-
-_register()
 
 
 def main(argv: list[str] | None = None) -> None:

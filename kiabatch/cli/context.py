@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..errors import EXIT_USAGE, KiabatchError
-from ..store import Store
 
 if TYPE_CHECKING:
     from ..batch import Batch
+    from ..store import Store
 
 
 class CliError(click.ClickException):

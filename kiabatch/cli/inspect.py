@@ -202,9 +202,3 @@ def logs_command(session: Session, batch_id: str, index: int | None, follow: boo
 def _terminal_safe(text: str) -> str:
     """Log text with its lines kept but escape sequences and other control characters escaped."""
     return "\n".join(printable(line) for line in text.split("\n"))
-
-
-def register(cli: click.Group) -> None:
-    """Attach the read-only commands."""
-    for command in (status_command, list_command, results_command, logs_command):
-        cli.add_command(command)

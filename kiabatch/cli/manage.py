@@ -66,9 +66,3 @@ def scale_command(session: Session, batch_id: str, parallel: int) -> None:
     with user_errors():
         batch.scale(parallel)
     note(f"batch {batch_id}: parallelism {parallel}")
-
-
-def register(cli: click.Group) -> None:
-    """Attach the managing commands."""
-    for command in (delete_command, resume_command, scale_command):
-        cli.add_command(command)

@@ -100,8 +100,3 @@ def purge_command(session: Session, name: str, yes: bool) -> None:
         click.confirm(f"remove all {len(queue)} item(s) from {name!r}?", abort=True, err=True)
     with user_errors():
         note(f"removed {queue.purge()} item(s) from {name!r}")
-
-
-def register(cli: click.Group) -> None:
-    """Attach ``queue``."""
-    cli.add_command(queue_group)

@@ -263,8 +263,3 @@ def restore_command(session: Session, snapshot: str, namespace: str | None, cont
     with _job_errors():
         log = ops.restore(snapshot, timeout, RedisOptions(**values))
     click.echo(log, nl=False)
-
-
-def register(cli: click.Group) -> None:
-    """Attach ``redis``."""
-    cli.add_command(redis_group)

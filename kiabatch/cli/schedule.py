@@ -231,9 +231,3 @@ def scheduler_command(session: Session, once: bool, poll: float) -> None:
                 note(f"{name}: {outcome}")
             return
         serve_until_signalled(scheduler, poll)
-
-
-def register(cli: click.Group) -> None:
-    """Attach ``schedule`` and ``scheduler``."""
-    cli.add_command(schedule_group)
-    cli.add_command(scheduler_command)

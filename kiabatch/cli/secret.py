@@ -41,8 +41,3 @@ def create_command(session: Session, name: str, namespace: str | None, context: 
         cluster.check_namespace()
         cluster.replace_secret(redis_secret(url, cluster.namespace, name, REDIS_SECRET_KEY))
     note(f"Secret {name!r} in namespace {cluster.namespace!r} now holds the Redis URL {redact(url)} (key 'url')")
-
-
-def register(cli: click.Group) -> None:
-    """Attach ``secret``."""
-    cli.add_command(secret_group)

@@ -59,8 +59,3 @@ def stop_command(force: bool) -> None:
             raise CliError(f"{info['clients']} other client(s) are connected (a batch may be running); use --force")
         stopped = embedded.stop()
     note("stopped the embedded Redis" if stopped else "the embedded Redis was not running")
-
-
-def register(cli: click.Group) -> None:
-    """Attach ``server``."""
-    cli.add_command(server_group)

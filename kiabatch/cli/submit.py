@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from .. import limits, settings, workloads
+from .. import limits, settings
 from ..batch import Batch
 from ..errors import EXIT_OK, UsageError
 from ..kube.options import KubeOptions
@@ -133,10 +133,10 @@ exec_options = stack(
 
 #: The π workload's own options.
 pi_options = stack(
-    click.option("--digits", "-d", type=count(1, workloads.pi.MAX_DIGITS_FORCED), default=1000, show_default=True,
-                 help=f"Decimals of pi to compute (up to {workloads.pi.MAX_DIGITS:,} without --force)."),
+    click.option("--digits", "-d", type=count(1, limits.MAX_DIGITS_FORCED), default=1000, show_default=True,
+                 help=f"Decimals of pi to compute (up to {limits.MAX_DIGITS:,} without --force)."),
     click.option("--force", is_flag=True,
-                 help=f"Allow more than 10^8 digits (up to {workloads.pi.MAX_DIGITS_FORCED:,})."),
+                 help=f"Allow more than 10^8 digits (up to {limits.MAX_DIGITS_FORCED:,})."),
 )  # fmt: skip
 
 
@@ -338,10 +338,4 @@ render_group = _workload_group(
 )
 
 
-def register(cli: click.Group) -> None:
-    """Attach ``submit`` and ``render`` to the root command."""
-    cli.add_command(submit_group)
-    cli.add_command(render_group)
-
-
-__all__ = ["SubmitRequest", "common_options", "conclude", "parse_submit_args", "register", "run_submit"]
+__all__ = ["SubmitRequest", "common_options", "conclude", "parse_submit_args", "run_submit"]

@@ -10,7 +10,6 @@ from pathlib import Path
 import click
 
 from .. import limits, settings, task
-from ..backends.local_runner import LocalRunner
 from .context import CliError, Session, emit_json, note, pass_session, user_errors
 from .options import count
 
@@ -93,12 +92,9 @@ def report_command(session: Session, directory: Path, await_worker: bool) -> Non
 @pass_session
 def run_batch_command(session: Session, batch_id: str) -> None:
     """Run a local batch in this process (what `submit --no-wait` starts in the background)."""
+    from ..backends.local_runner import LocalRunner
+
     store = session.store(retry_seconds=settings.worker_retry_seconds())
     with user_errors():
         status = LocalRunner(store, batch_id).run()  # in the background: nobody watches its progress
     note(f"batch {batch_id} {status.state}")
-
-
-def register(cli: click.Group) -> None:
-    """Attach ``task``."""
-    cli.add_command(task_group)

@@ -8,6 +8,9 @@ DEFAULT_IMAGE = "ghcr.io/kiabatch/kiabatch"
 WORKER_SERVICE_ACCOUNT = "kiabatch-worker"
 REDIS_SECRET = "kiabatch-redis"  # noqa: S105 - the Secret's name, not a secret
 REDIS_SECRET_KEY = "url"  # noqa: S105 - a key name
+#: kiabatch's Redis on Kubernetes: the Service of its primary (writes) and of every ready pod (reads).
+PRIMARY_SERVICE = "kiabatch-redis-primary"
+REPLICAS_SERVICE = "kiabatch-redis-replicas"
 #: Seconds a Job's pods may be unable to start (an image pull, a missing Secret) before a
 #: wait gives up (a registry may be slow): ``submit --image-pull-grace``'s default, and the
 #: grace of the Jobs ``kiabatch redis`` runs.

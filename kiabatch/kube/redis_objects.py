@@ -53,12 +53,11 @@ from .objects import (
     resources,
     secret_env,
 )
+from .options import PRIMARY_SERVICE, REPLICAS_SERVICE
 
 STATEFULSET = "kiabatch-redis"
 #: The headless Service shares the StatefulSet's name (pod DNS names).
 HEADLESS_SERVICE = STATEFULSET
-PRIMARY_SERVICE = "kiabatch-redis-primary"
-REPLICAS_SERVICE = "kiabatch-redis-replicas"
 CONFIG_MAP = "kiabatch-redis-config"
 AUTH_SECRET = "kiabatch-redis-auth"  # noqa: S105 - a Secret's name
 AUTH_SECRET_KEY = "password"  # noqa: S105 - a key in that Secret

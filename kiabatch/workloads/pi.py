@@ -23,6 +23,7 @@ from typing import Any
 from mpmath.libmp import MPZ, isqrt
 
 from ..errors import UsageError
+from ..limits import MAX_DIGITS, MAX_DIGITS_FORCED
 from ..model import ItemResult, WorkerSpec
 from .base import Plan, Runtime
 
@@ -31,9 +32,6 @@ DIGITS_PER_TERM = math.log10(151931373056000)
 #: Extra digits of series accuracy beyond what is printed.
 _SERIES_MARGIN = 30
 _GUARD_DIGITS = 20
-MAX_DIGITS = 10**8
-#: Not even --force goes beyond this (the reduce step alone would need tens of GiB).
-MAX_DIGITS_FORCED = 10**9
 _MAGIC = b"KBPI1\n"
 
 
