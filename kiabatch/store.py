@@ -16,6 +16,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import redis
+from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 
 from . import keys, lua
 from .errors import NotFoundError, UsageError
@@ -72,6 +74,21 @@ class ItemOutcome:
     reason: str = ""
     #: False when running it again cannot help (e.g. the item lacks a field).
     retriable: bool = True
+
+
+@dataclass(frozen=True)
+class Report:
+    """One attempt of a task, ready to be recorded by REPORT."""
+
+    batch_id: str
+    index: int
+    attempt: int
+    #: The fingerprint of the claim the worker ran (a claim a crashed Redis forgot is refused).
+    claim_sha1: str
+    outcomes: tuple[ItemOutcome, ...]
+    claimed_items: tuple[Any, ...]
+    non_retriable: bool = False
+    stderr_tail: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -181,15 +198,42 @@ class Store:
 
     def claim(self, batch_id: str, index: int) -> Claim:
         """Claim task ``index``'s items (the same items on every call)."""
+        return self.claim_many(batch_id, [index])[0]
+
+    def claim_many(self, batch_id: str, indexes: Sequence[int]) -> list[Claim]:
+        """Claim several tasks in one round trip (each its own atomic CLAIM)."""
         k = keys.batch_keys(batch_id)
-        status, attempt, raw = self._claim(*lua.claim_call(k, index, time.time()))
-        status = status.decode()
-        if status == "missing":
-            raise NotFoundError(f"no batch {batch_id!r} (it may have expired or been deleted)")
-        if status == "bad-index":
-            tasks = self.redis.hget(k.meta, "tasks")
-            raise UsageError(f"bad completion index {index} for batch {batch_id!r}: must be 0 to {int(tasks) - 1}")
-        return Claim(status=status, attempt=int(attempt), raw=raw)
+        now = time.time()
+        replies = self._pipelined(self._claim, [lua.claim_call(k, index, now) for index in indexes])
+        claims = []
+        for index, (status, attempt, raw) in zip(indexes, replies, strict=True):
+            status = status.decode()
+            if status == "missing":
+                raise NotFoundError(f"no batch {batch_id!r} (it may have expired or been deleted)")
+            if status == "bad-index":
+                tasks = int(self.redis.hget(k.meta, "tasks") or 0)
+                raise UsageError(f"bad completion index {index} for batch {batch_id!r}: must be 0 to {tasks - 1}")
+            claims.append(Claim(status=status, attempt=int(attempt), raw=raw))
+        return claims
+
+    def _pipelined(self, script: Script, calls: Sequence[lua.Call]) -> list[Any]:
+        """Run ``script`` once per (KEYS, ARGV) in one pipeline: one round trip.
+
+        EVALSHA directly (redis-py's Script objects in a pipeline cost a SCRIPT EXISTS round
+        trip on every execute); a server that forgot the script (a restart) gets it loaded
+        and the calls sent again, which is safe since every script is idempotent.
+        """
+        for attempt in range(2):
+            with self.redis.pipeline(transaction=False) as pipe:
+                for call_keys, call_args in calls:
+                    pipe.evalsha(script.sha, len(call_keys), *call_keys, *call_args)
+                try:
+                    return pipe.execute()
+                except NoScriptError:
+                    if attempt:
+                        raise
+                    self.redis.script_load(script.script)
+        raise AssertionError("unreachable")
 
     def report(
         self,
@@ -204,33 +248,20 @@ class Store:
         stderr_tail: bytes = b"",
     ) -> ReportResult:
         """Record one attempt of task ``index``; safe to call again with the same values."""
-        k = keys.batch_keys(batch_id)
-        all_ok = all(outcome.ok for outcome in outcomes)
-        per_item: list[Any] = []
-        for position, outcome in enumerate(outcomes):
-            outcome_json = json.dumps(
-                {"exit_code": outcome.exit_code, "duration": round(outcome.duration, 6), "attempt": attempt}
-            )
-            dead_letter = ""
-            if not outcome.ok:
-                dead_letter = json.dumps(
-                    {
-                        "item": claimed_items[position],
-                        "exit_code": outcome.exit_code,
-                        "reason": outcome.reason,
-                        "stderr": outcome.stderr[-DEAD_LETTER_STDERR:].decode("utf-8", errors="replace"),
-                        "attempts": attempt,
-                    },
-                    ensure_ascii=False,
-                )
-            per_item += ["1" if outcome.ok else "0", outcome.result, outcome_json, dead_letter]
-        call = lua.report_call(k, index, attempt, claim_sha1, time.time(), all_ok=all_ok, non_retriable=non_retriable,
-                               stderr_tail=stderr_tail[-LOG_TAIL:], per_item=per_item)  # fmt: skip
-        status, finished = self._report(*call)
-        status = status.decode()
-        if status == "missing":
+        report = Report(batch_id, index, attempt, claim_sha1, tuple(outcomes), tuple(claimed_items), non_retriable,
+                        stderr_tail)  # fmt: skip
+        [result] = self.report_many([report])
+        if result.status == "missing":
             raise NotFoundError(f"no batch {batch_id!r} (it may have expired or been deleted)")
-        return ReportResult(status=status, finished=bool(finished))
+        return result
+
+    def report_many(self, reports: Sequence[Report]) -> list[ReportResult]:
+        """Send several attempts' reports in one round trip (each is its own atomic REPORT).
+
+        A report for a batch that no longer exists comes back with status "missing".
+        """
+        replies = self._pipelined(self._report, [_report_call(report) for report in reports])
+        return [ReportResult(status=status.decode(), finished=bool(finished)) for status, finished in replies]
 
     def abandon(self, batch_id: str, indexes: Iterable[int], reason: str) -> int:
         """Settle ``indexes`` as failed without a worker report (a deadline passed, the Job
@@ -454,6 +485,33 @@ class Store:
                 pipe.zrem(keys.BATCH_INDEX, batch_id)
             existed = pipe.execute()[0]
         return bool(existed)
+
+
+def _report_call(report: Report) -> lua.Call:
+    """REPORT's KEYS and ARGV for ``report``: each item's result, outcome JSON and dead-letter entry."""
+    per_item: list[Any] = []
+    for position, outcome in enumerate(report.outcomes):
+        outcome_json = json.dumps(
+            {"exit_code": outcome.exit_code, "duration": round(outcome.duration, 6), "attempt": report.attempt}
+        )
+        dead_letter = ""
+        if not outcome.ok:
+            dead_letter = json.dumps(
+                {
+                    "item": report.claimed_items[position],
+                    "exit_code": outcome.exit_code,
+                    "reason": outcome.reason,
+                    "stderr": outcome.stderr[-DEAD_LETTER_STDERR:].decode("utf-8", errors="replace"),
+                    "attempts": report.attempt,
+                },
+                ensure_ascii=False,
+            )
+        per_item += ["1" if outcome.ok else "0", outcome.result, outcome_json, dead_letter]
+    return lua.report_call(
+        keys.batch_keys(report.batch_id), report.index, report.attempt, report.claim_sha1, time.time(),
+        all_ok=all(outcome.ok for outcome in report.outcomes), non_retriable=report.non_retriable,
+        stderr_tail=report.stderr_tail[-LOG_TAIL:], per_item=per_item,
+    )  # fmt: skip
 
 
 def _rounds(values: Iterable[Any], size: int) -> Iterator[list[Any]]:

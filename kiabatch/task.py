@@ -20,7 +20,7 @@ emptyDir shared by the init container, the worker and the reporter sidecar)::
 ``kiabatch task claim`` and ``kiabatch task report`` are thin wrappers around
 :func:`claim_into` and :func:`report_from`. The local backend runs workers with
 pipes instead of files, but decides every outcome with the same functions
-(:func:`item_argv`, :func:`item_outcome`, :func:`report_outcomes`).
+(:func:`item_argv`, :func:`item_outcome`, :func:`outcome_report`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from . import items as items_mod
 from . import templates
 from .errors import UsageError
 from .model import BatchSpec
-from .store import LOG_TAIL, Claim, ItemOutcome, ReportResult, Store
+from .store import LOG_TAIL, Claim, ItemOutcome, Report, ReportResult, Store
 
 RUNNER_NAME = "run.sh"
 #: Written by the claim step when an item cannot be run; run.sh skips the item.
@@ -91,10 +91,10 @@ def item_dir(directory: Path, position: int) -> Path:
     return directory / "items" / f"{position:05d}"
 
 
-def item_argv(spec: BatchSpec, value: Any, index: int, where: Path) -> list[str]:
+def item_argv(spec: BatchSpec, value: Any, index: int, where: Path | str) -> list[str]:
     """The worker's argv for item ``value`` laid out in ``where``; UsageError says why it cannot run."""
     return templates.fill(
-        spec.worker.command, value, input_path=str(where / "item.json"), output_path=str(where / "output"), index=index
+        spec.worker.command, value, input_path=f"{where}/item.json", output_path=f"{where}/output", index=index
     )
 
 
@@ -248,8 +248,7 @@ def stderr_log(outcomes: Sequence[ItemOutcome]) -> bytes:
     return b"".join(f"--- item {p} ---\n".encode() + o.stderr for p, o in enumerate(outcomes))
 
 
-def report_outcomes(
-    store: Store,
+def outcome_report(
     batch_id: str,
     index: int,
     *,
@@ -258,11 +257,17 @@ def report_outcomes(
     outcomes: Sequence[ItemOutcome],
     claimed_items: Sequence[Any],
     non_retriable_exit_codes: Iterable[int],
-) -> ReportResult:
-    """Record one attempt's outcomes in Redis (idempotent), applying the non-retriable rule and the log join."""
+) -> Report:
+    """One attempt's outcomes as a :class:`~kiabatch.store.Report`, with the non-retriable rule and the log join."""
+    return Report(batch_id, index, attempt, claim_sha1, tuple(outcomes), tuple(claimed_items),
+                  non_retriable(outcomes, non_retriable_exit_codes), stderr_log(outcomes))  # fmt: skip
+
+
+def report_outcomes(store: Store, report: Report) -> ReportResult:
+    """Record one attempt in Redis (idempotent); NotFoundError if the batch is gone."""
     return store.report(
-        batch_id, index, attempt, claim_sha1, outcomes, claimed_items=claimed_items,
-        non_retriable=non_retriable(outcomes, non_retriable_exit_codes), stderr_tail=stderr_log(outcomes),
+        report.batch_id, report.index, report.attempt, report.claim_sha1, report.outcomes,
+        claimed_items=report.claimed_items, non_retriable=report.non_retriable, stderr_tail=report.stderr_tail,
     )  # fmt: skip
 
 
@@ -312,10 +317,10 @@ def report_from(store: Store, directory: Path, *, killed_reason: str = "") -> Re
         claimed = [
             items_mod.decode(item_dir(directory, p).joinpath("item.json").read_bytes()) for p in range(info.items)
         ]
-        result = report_outcomes(
-            store, info.batch, info.index, attempt=info.attempt, claim_sha1=info.claim_sha1, outcomes=outcomes,
+        result = report_outcomes(store, outcome_report(
+            info.batch, info.index, attempt=info.attempt, claim_sha1=info.claim_sha1, outcomes=outcomes,
             claimed_items=claimed, non_retriable_exit_codes=info.non_retriable_exit_codes,
-        )  # fmt: skip
+        ))  # fmt: skip
     _write(directory / REPORTED_FILE, f"{time.time()}\n")
     return result
 
