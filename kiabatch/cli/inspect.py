@@ -158,9 +158,10 @@ def results_command(
     batch = open_batch(session, batch_id, read_only=read_only, replica_url=replica_url)
     if raw:
         with user_errors():
-            for result in batch.store.iter_outcomes(batch_id, failed=False):
-                sys.stdout.buffer.write(result.result)  # type: ignore[union-attr]
-            sys.stdout.flush()
+            out = sys.stdout.buffer
+            for result in batch.store.iter_outcomes(batch_id, failed=False, details=False):
+                out.write(result.result)  # type: ignore[union-attr]
+            out.flush()
             raise click.exceptions.Exit(EXIT_ITEMS_FAILED if batch.store.failed_count(batch_id) else EXIT_OK)
     with user_errors():
         status = batch.status()
