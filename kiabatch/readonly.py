@@ -25,6 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 from redis.client import Pipeline
 
+from . import settings
 from .batch import Batch
 from .connection import connect
 from .errors import UsageError
@@ -32,7 +33,7 @@ from .kube.options import PRIMARY_SERVICE, REPLICAS_SERVICE
 from .model import Status
 from .store import Store
 
-ENV_REPLICA_URL = "KIABATCH_REDIS_REPLICA_URL"
+ENV_REPLICA_URL = settings.ENV_REPLICA_URL
 #: Calls that may write whatever the server's flags say.
 _SCRIPT_CALLS = frozenset({"EVAL", "EVALSHA", "FCALL"})
 

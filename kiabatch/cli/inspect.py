@@ -7,11 +7,10 @@ import time
 
 import click
 
-from .. import backends, limits
+from .. import backends, limits, settings
 from ..errors import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_OK
 from ..model import INTERRUPTED, TERMINAL_STATES, Status
 from ..progress import ProgressBar
-from ..readonly import ENV_REPLICA_URL, open_read_only
 from ..store import Store
 from ..text import printable
 from .context import CliError, Session, emit_json, open_batch, pass_session, user_errors
@@ -22,7 +21,7 @@ from .output import conclude, status_block, status_rows
 def _read_only_options(func):  # noqa: ANN001 - a click decorator
     func = click.option(
         "--replica-url",
-        envvar=ENV_REPLICA_URL,
+        envvar=settings.ENV_REPLICA_URL,
         metavar="URL",
         help="With --read-only: the Redis to read (default: kiabatch-redis-replicas when --redis-url names "
         "kiabatch-redis-primary, else --redis-url). Env: KIABATCH_REDIS_REPLICA_URL.",
@@ -65,7 +64,12 @@ def status_command(
     """Show a batch's state and progress (without BATCH_ID: every unfinished batch)."""
     if batch_id is None:
         with user_errors():
-            store = open_read_only(session.redis_url, replica_url) if read_only else session.store()
+            if read_only:
+                from ..readonly import open_read_only
+
+                store = open_read_only(session.redis_url, replica_url)
+            else:
+                store = session.store()
             statuses = [_augment(store, s) for s in store.list_batches(limit=1000) if s.state not in TERMINAL_STATES]
         if session.json:
             emit_json([s.to_dict() for s in statuses])
