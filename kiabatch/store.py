@@ -266,11 +266,14 @@ class Store:
         stderr_tail: bytes = b"",
     ) -> ReportResult:
         """Record one attempt of task ``index``; safe to call again with the same values."""
-        report = Report(batch_id, index, attempt, claim_sha1, tuple(outcomes), tuple(claimed_items), non_retriable,
-                        stderr_tail)  # fmt: skip
+        return self.record(Report(batch_id, index, attempt, claim_sha1, tuple(outcomes), tuple(claimed_items),
+                                  non_retriable, stderr_tail))  # fmt: skip
+
+    def record(self, report: Report) -> ReportResult:
+        """Send one :class:`Report`; NotFoundError if its batch is gone."""
         [result] = self.report_many([report])
         if result.status == "missing":
-            raise NotFoundError(f"no batch {batch_id!r} (it may have expired or been deleted)")
+            raise NotFoundError(f"no batch {report.batch_id!r} (it may have expired or been deleted)")
         return result
 
     def report_many(self, reports: Sequence[Report]) -> list[ReportResult]:

@@ -72,6 +72,27 @@ def run_cli(
     )
 
 
+def terminal_stderr(*args: str, timeout: float = 60) -> str:
+    """What ``kiabatch ARGS`` writes to stderr when stderr is a terminal (a pseudo-terminal)."""
+    import pty
+
+    primary, replica = pty.openpty()
+    process = subprocess.Popen(kiabatch_cmd(*args), stdout=subprocess.PIPE, stderr=replica, env=os.environ)
+    os.close(replica)
+    chunks = []
+    while True:
+        try:
+            data = os.read(primary, 4096)
+        except OSError:  # the terminal closed with the process
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(primary)
+    process.wait(timeout=timeout)
+    return b"".join(chunks).decode(errors="replace")
+
+
 def one_line_error(result: Result | subprocess.CompletedProcess[str], code: int, *fragments: str,
                    alone: bool = True) -> str:  # fmt: skip
     """The ``kiabatch: error:`` line of a refused command: exit ``code``, no traceback, ``fragments`` in it.
