@@ -223,7 +223,8 @@ class Store:
                     },
                     ensure_ascii=False,
                 )
-            per_item += ["1" if outcome.ok else "0", outcome.result, outcome_json, dead_letter]
+            per_item += ["1" if outcome.ok else "0", outcome.result, outcome_json, dead_letter,
+                         repr(max(0.0, round(outcome.duration, 6)))]  # fmt: skip
         call = lua.report_call(k, index, attempt, claim_sha1, time.time(), all_ok=all_ok, non_retriable=non_retriable,
                                stderr_tail=stderr_tail[-LOG_TAIL:], per_item=per_item)  # fmt: skip
         status, finished = self._report(*call)
@@ -414,9 +415,19 @@ class Store:
         return int(self.redis.hlen(keys.batch_keys(batch_id).failed))
 
     def logs(self, batch_id: str, index: int | None = None) -> list[tuple[int, int, bytes]]:
-        """Stored stderr tails as (index, attempt, bytes), oldest attempt first."""
+        """Stored stderr tails as (index, attempt, bytes), oldest attempt first.
+
+        With ``index``, only that task's attempts are read (its attempt count says which),
+        so one task's logs cost the same in a batch of ten tasks or of a million.
+        """
         self.meta(batch_id)
-        raw = self.redis.hgetall(keys.batch_keys(batch_id).logs)
+        k = keys.batch_keys(batch_id)
+        if index is not None:
+            attempts = int(self.redis.hget(k.attempts, index) or 0)
+            numbers = list(range(1, attempts + 1))
+            values = self.redis.hmget(k.logs, [keys.result_field(index, n) for n in numbers]) if numbers else []
+            return [(index, n, value) for n, value in zip(numbers, values, strict=True) if value is not None]
+        raw = self.redis.hgetall(k.logs)
         entries = []
         for field, value in raw.items():
             task, attempt = keys.parse_result_field(field)
@@ -444,7 +455,9 @@ class Store:
         validate_batch_id(batch_id)
         k = keys.batch_keys(batch_id)
         keep = (
-            {k.meta, k.progress, k.results, k.outcomes, k.failed, k.claims, k.sizes, k.logs} if keep_results else set()
+            {k.meta, k.progress, k.results, k.outcomes, k.failed, k.claims, k.sizes, k.logs, k.stats}
+            if keep_results
+            else set()
         )
         doomed = [key for key in k.all() if key not in keep]
         with self.redis.pipeline(transaction=True) as pipe:
