@@ -11,12 +11,11 @@ it. So the oldest item's age costs one GET (:func:`oldest_age`).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import time
 
 import redis
 

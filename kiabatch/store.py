@@ -344,16 +344,25 @@ class Store:
         return int(self.redis.hget(keys.batch_keys(batch_id).failures, index) or 0)
 
     def iter_outcomes(
-        self, batch_id: str, *, results: bool = True, failed: bool = True, page: int = 1000
+        self,
+        batch_id: str,
+        *,
+        results: bool = True,
+        failed: bool = True,
+        page: int = 1000,
+        start: int = 0,
+        stop: int | None = None,
     ) -> Iterator[ItemResult | FailedItem]:
         """Every settled item, in (index, position) order: its result or its dead-letter entry.
 
         Streams: memory and each Redis reply stay bounded by ``page`` items (plus one
         task's claim), whatever the batch's size, so a million results print at once.
+        ``start``/``stop`` limit it to the tasks (completion indexes) in that range.
         """
         k = keys.batch_keys(batch_id)
         tasks = int(self.meta(batch_id).get("tasks", 0))
-        start = 0
+        if stop is not None:
+            tasks = min(tasks, stop)
         while start < tasks:
             window = list(range(start, min(tasks, start + page)))
             sizes = self.redis.hmget(k.sizes, window)
