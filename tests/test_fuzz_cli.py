@@ -30,7 +30,7 @@ from kiabatch.cli.options import Duration, Interval
 EXAMPLES = int(os.environ.get("KIABATCH_FUZZ_EXAMPLES", "12"))
 DOCUMENTED_EXIT_CODES = {0, 1, 2, 3, 130}
 #: Commands that serve until stopped, or replace this process: fuzzed elsewhere or not at all.
-SKIPPED = {("scheduler",), ("task", "run-batch"), ("dashboard",)}
+SKIPPED = {("scheduler",), ("task", "run-batch"), ("dashboard", "serve")}
 #: A worker that finishes at once, so valid submits stay fast.
 FAST_COMMAND = ["--", "true"]
 
@@ -45,7 +45,10 @@ TEXT = st.one_of(
 
 def leaf_commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], click.Command]]:
     found = []
-    for name, command in sorted(group.commands.items()):
+    context = click.Context(group)
+    # list_commands/get_command, not .commands: the root group loads its commands lazily.
+    for name in group.list_commands(context):
+        command = group.get_command(context, name)
         path = (*prefix, name)
         if path in SKIPPED:
             continue
@@ -57,6 +60,7 @@ def leaf_commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tupl
 
 
 COMMANDS = leaf_commands(cli)
+assert len(COMMANDS) > 30, "the fuzz must see every command"
 
 
 def value_strategy(param: click.Parameter, files: dict[str, Path]) -> st.SearchStrategy[str]:
