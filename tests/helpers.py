@@ -192,16 +192,16 @@ class DashboardProcess:
         self.stderr = ""
 
     def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-        """GET ``path`` (status, headers, body); error statuses are returned, not raised."""
+        """GET ``path``: (status, headers by lower-case name, body); error statuses are returned, not raised."""
         import urllib.error
         import urllib.request
 
         request = urllib.request.Request(self.url.rstrip("/") + path, headers=headers or {})
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
-                return response.status, dict(response.headers), response.read()
+                return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
         except urllib.error.HTTPError as exc:
-            return exc.code, dict(exc.headers), exc.read()
+            return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
 
     def stop(self) -> None:
         if self.process.poll() is None:
