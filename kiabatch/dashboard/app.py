@@ -28,6 +28,7 @@ import hmac
 import json
 import math
 import secrets
+import shlex
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -84,6 +85,11 @@ def block(text: str) -> str:
     return "\n".join(printable(line) for line in str(text).split("\n"))
 
 
+def argv_text(argv: list[str]) -> str:
+    """A command template as a shell would quote it (argument boundaries visible), control characters escaped."""
+    return printable(shlex.join(argv))
+
+
 def item_text(item: Any, limit: int = _CELL) -> str:
     """An item on one line (as a worker sees it), cut to ``limit`` characters."""
     text = printable(items_mod.text(item))
@@ -110,7 +116,7 @@ def seconds(value: float | None) -> str:
     hours, minutes = divmod(minutes, 60)
     days, hours = divmod(hours, 24)
     if days:
-        return f"{days}d {hours}h"
+        return f"{days}d {hours}h" if hours else f"{days}d"
     return f"{hours}h {minutes}m" if hours else f"{minutes}m {secs}s"
 
 
@@ -141,7 +147,7 @@ def _environment() -> jinja2.Environment:
     loader = jinja2.PackageLoader("kiabatch.dashboard", "templates")
     env = jinja2.Environment(loader=loader, autoescape=True, undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True)  # fmt: skip
-    env.filters.update(printable=printable, block=block, item=item_text, result=result_text, when=when,
+    env.filters.update(printable=printable, block=block, item=item_text, argv=argv_text, result=result_text, when=when,
                        seconds=seconds, size=size)  # fmt: skip
     env.globals.update(bar=bar, CELL_STATES=CELL_STATES, STATES=[str(s) for s in STATES],
                        is_result=lambda o: isinstance(o, ItemResult),
@@ -202,7 +208,8 @@ _SECURITY_HEADERS = [
     ("Content-Security-Policy", _CSP),
     ("X-Content-Type-Options", "nosniff"),
     ("X-Frame-Options", "DENY"),
-    ("Referrer-Policy", "no-referrer"),
+    # same-origin, not no-referrer: with no-referrer a browser sends "Origin: null" on form posts.
+    ("Referrer-Policy", "same-origin"),
     ("Cache-Control", "no-store"),
 ]
 
@@ -398,7 +405,7 @@ def _action_routes(actions: Actions, form_token: str,
 def _same_origin(request: Request) -> bool:
     """A browser's form post from a page of this server (Origin, else Sec-Fetch-Site, must say so)."""
     origin = request.headers.get("origin")
-    if origin is not None:
+    if origin is not None and origin != "null":
         parts = urlsplit(origin)
         return parts.netloc.lower() == (request.headers.get("host") or "").lower()
     return request.headers.get("sec-fetch-site", "same-origin") == "same-origin"
