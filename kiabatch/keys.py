@@ -81,6 +81,11 @@ def batch_keys(batch_id: str) -> BatchKeys:
     return BatchKeys(**{f.name: f"{tag}:{f.name}" for f in fields(BatchKeys)})
 
 
+def batch_key(batch_id: str, part: str) -> str:
+    """One key of a batch (``part`` is a :class:`BatchKeys` field), without building them all (hot loops)."""
+    return f"{PREFIX}:{{{batch_id}}}:{part}"
+
+
 def queue_key(name: str) -> str:
     """The list holding the items of named queue ``name``."""
     return f"{PREFIX}:queue:{{{name}}}"

@@ -65,6 +65,11 @@ def test_metrics_give_the_known_outcomes_of_a_batch(redis_url, home, client):
         Queue("thumbs").enqueue_many(["a", "b"])
         assert kb("schedule", "create", "nightly", "--cron", "0 3 * * *", "--item", "1", "-c", "true").exit_code == 0
         found = metrics(server)
+        Batch(batch.id).delete()  # the counters never go down when a batch goes
+        after = metrics(server)
+    assert value(after, "kiabatch_item_duration_seconds_count", workload="exec") == 5
+    assert value(after, "kiabatch_dead_letter_items_total", workload="exec") == 1
+    assert value(after, "kiabatch_batch_items", batch=batch.id, workload="exec") is None
     assert value(found, "kiabatch_up") == 1
     assert value(found, "kiabatch_batches", state="failed") == 1
     assert value(found, "kiabatch_batches", state="succeeded") == 1
@@ -74,14 +79,14 @@ def test_metrics_give_the_known_outcomes_of_a_batch(redis_url, home, client):
     assert value(found, "kiabatch_items_total", **labels, state="done") == 3
     assert value(found, "kiabatch_items_total", **labels, state="failed") == 1
     assert value(found, "kiabatch_items_running", **labels) == 0
-    assert value(found, "kiabatch_retries_total", **labels) == 1  # item 3 failed twice: one retry
-    assert value(found, "kiabatch_dead_letter_items", **labels) == 1
     assert value(found, "kiabatch_batch_info", **labels, backend="local", state="failed", schedule="") == 1
     # The histogram counts the 5 attempts reported while the server ran (not the 2 before).
     assert value(found, "kiabatch_item_duration_seconds_count", workload="exec") == 5
     assert value(found, "kiabatch_item_duration_seconds_bucket", workload="exec", le="+Inf") == 5
     assert value(found, "kiabatch_item_duration_seconds_bucket", workload="exec", le="0.25") <= 4  # the 0.3 s sleep
     assert value(found, "kiabatch_item_duration_seconds_sum", workload="exec") >= 0.3
+    assert value(found, "kiabatch_retries_total", workload="exec") == 1  # item 3 failed twice: one retry
+    assert value(found, "kiabatch_dead_letter_items_total", workload="exec") == 1
     assert value(found, "kiabatch_queue_items", queue="thumbs") == 2
     assert 0 <= value(found, "kiabatch_queue_oldest_item_age_seconds", queue="thumbs") < 60
     assert value(found, "kiabatch_schedule_suspended", schedule="nightly") == 0
@@ -195,3 +200,15 @@ def test_serve_refuses_bad_addresses_and_busy_ports_with_one_line(redis_url, hom
         one_line_error(run_cli("dashboard", "--port", str(busy.getsockname()[1])), 2, "cannot listen")
     one_line_error(run_cli("--redis-url", "redis://127.0.0.1:1/0", "dashboard"), 3, "cannot reach")
     assert "render" in run_cli("dashboard", "--help").stdout
+
+
+def test_the_list_pages_through_many_batches_and_the_grid_through_many_tasks(dashboard, home):
+    for _ in range(52):
+        submit(items=[1], command=["true"], start=False, home=home)
+    big = submit(items=list(range(1001)), command=["true"], start=False, home=home)
+    code, _, first = dashboard.get("/")
+    assert code == 200 and b"page 1 of 2" in first and b"next" in first
+    code, _, second = dashboard.get("/?page=1")
+    assert code == 200 and b"page 2 of 2" in second and second.count(b"<tr data-batch=") == 3
+    code, _, grid = dashboard.get(f"/batches/{big.id}?grid=1")
+    assert code == 200 and grid.count(b'data-state="pending"') == 1 and b"page 2 of 2" in grid

@@ -151,7 +151,7 @@ def _environment() -> jinja2.Environment:
                        seconds=seconds, size=size)  # fmt: skip
     env.globals.update(bar=bar, CELL_STATES=CELL_STATES, STATES=[str(s) for s in STATES],
                        is_result=lambda o: isinstance(o, ItemResult),
-                       is_failed=lambda o: isinstance(o, FailedItem))  # fmt: skip
+                       is_failed=lambda o: isinstance(o, FailedItem), query=query_with)  # fmt: skip
     return env
 
 
@@ -239,7 +239,7 @@ def build_app(dashboard: Dashboard, settings: Settings, *, retention: float = 90
         page = env.get_template(template)
         values = {"request": request, "actions": actions is not None, "form_token": form_token,
                   "read_only": settings.read_only_store, "message": _MESSAGES.get(request.query_params.get("m", "")),
-                  "live": live, "query": query_with, **context}  # fmt: skip
+                  "live": live, **context}  # fmt: skip
         text = "".join(page.blocks["live"](page.new_context(values))) if fragment else page.render(values)
         headers = {"X-Kiabatch-Refresh": str(live)}
         return Response(text.encode("utf-8", "replace"), status, headers, media_type="text/html; charset=utf-8")

@@ -61,7 +61,7 @@ LOG_BYTES = 256 * 1024
 #: Schedule runs shown per schedule.
 SCHEDULE_RUNS = 5
 #: Meta fields the batch list reads for every batch.
-_INDEX_FIELDS = ("state", "schedule", "workload", "finished_at")
+_INDEX_FIELDS = ("state", "schedule", "workload", "finished_at", "backend")
 _SCAN_ROUND = 1000
 STATES = tuple(State)
 #: Grid cell states, in the order the legend shows them.
@@ -78,6 +78,7 @@ class IndexEntry:
     schedule: str
     workload: str
     finished_at: float | None
+    backend: str = "local"
 
 
 @dataclass(frozen=True)
@@ -310,13 +311,13 @@ class Dashboard:
             chunk = pairs[start : start + _SCAN_ROUND]
             with self.redis.pipeline(transaction=False) as pipe:
                 for raw_id, _ in chunk:
-                    pipe.hmget(keys.batch_keys(raw_id.decode()).meta, _INDEX_FIELDS)
+                    pipe.hmget(keys.batch_key(raw_id.decode(), "meta"), _INDEX_FIELDS)
                 replies = pipe.execute()
-            for (raw_id, score), (state, schedule, workload, finished) in zip(chunk, replies, strict=True):
+            for (raw_id, score), (state, schedule, workload, finished, backend) in zip(chunk, replies, strict=True):
                 if state is None:
                     continue  # expired or deleted
                 entries.append(IndexEntry(raw_id.decode(), float(score), state.decode(), _text(schedule),
-                                          _text(workload), _float(finished)))  # fmt: skip
+                                          _text(workload), _float(finished), _text(backend) or "local"))  # fmt: skip
         self._index_cache.put("index", entries, max_age)
         return entries
 

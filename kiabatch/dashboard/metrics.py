@@ -11,11 +11,11 @@ family                                         type     labels, meaning
 ``kiabatch_batch_items``                       gauge    ``batch, workload``: items in the batch
 ``kiabatch_items_total``                       counter  ``batch, workload, state`` (done, failed): items settled
 ``kiabatch_items_running``                     gauge    ``batch, workload``: items being run now
-``kiabatch_retries_total``                     counter  ``batch, workload``: failed attempts that were retried
-``kiabatch_dead_letter_items``                 gauge    ``batch, workload``: items in the dead-letter set
-``kiabatch_batch_start_time_seconds``          gauge    ``batch, workload``: when its first task claimed items
 ``kiabatch_item_duration_seconds``             histo.   ``workload``: run time of every item attempt reported
                                                         while this server ran
+``kiabatch_retries_total``                     counter  ``workload``: failed task attempts that were retried
+                                                        while this server ran
+``kiabatch_dead_letter_items_total``           counter  ``workload``: items dead-lettered while this server ran
 ``kiabatch_queue_items``                       gauge    ``queue``: items waiting in a named queue
 ``kiabatch_queue_oldest_item_age_seconds``     gauge    ``queue``: how long its oldest item has waited
 ``kiabatch_schedule_suspended``                gauge    ``schedule``: 1 if suspended
@@ -29,11 +29,12 @@ family                                         type     labels, meaning
 Label cardinality is bounded: the per-batch families cover unfinished batches and
 those that finished less than ``retention`` seconds ago; then they leave.
 
-The duration histogram is a true counter: the REPORT script keeps a histogram per
-batch in Redis (``kiabatch:{B}:stats``), and this collector adds up what each batch's
-histogram grew by between scrapes, so a batch that expires or is deleted never makes
-it go down. It counts what was reported while this server ran (a batch's history
-before it started is its baseline), as a process's own counters do.
+The per-workload families are true counters: REPORT keeps a histogram and a retry
+count per batch in Redis (``kiabatch:{B}:stats``, O(1) to read), and this collector
+adds up what each batch's histogram, retries and failed items grew by between
+scrapes, so a batch that expires or is deleted never makes them go down. They count
+what was reported while this server ran (a batch's history before it started is its
+baseline), as a process's own counters do.
 """
 
 from __future__ import annotations
@@ -66,23 +67,30 @@ _LABELS = ["batch", "workload"]
 
 
 @dataclass
-class _Histogram:
-    """Bucket counts (not cumulative), sum and count."""
+class _Counts:
+    """One batch's (or one workload's) counters: duration buckets (not cumulative), their sum, retries, failed items."""
 
     buckets: list[float] = field(default_factory=lambda: [0.0] * len(_FIELDS))
     sum: float = 0.0
+    retries: float = 0.0
+    failed: float = 0.0
 
     @classmethod
-    def from_hash(cls, raw: dict[bytes, bytes]) -> _Histogram:
-        values = {key.decode(): value for key, value in raw.items()}
-        return cls([float(values.get(name, 0)) for name in _FIELDS], float(values.get("d_sum", 0)))
+    def read(cls, stats: dict[bytes, bytes], failed: bytes | None) -> _Counts:
+        values = {key.decode(): value for key, value in stats.items()}
+        return cls([float(values.get(name, 0)) for name in _FIELDS], float(values.get("d_sum", 0)),
+                   float(values.get("retries", 0)), float(failed or 0))  # fmt: skip
 
-    def add(self, other: _Histogram, sign: float = 1.0) -> None:
+    def add(self, other: _Counts, sign: float = 1.0) -> None:
         self.buckets = [mine + sign * theirs for mine, theirs in zip(self.buckets, other.buckets, strict=True)]
         self.sum += sign * other.sum
+        self.retries += sign * other.retries
+        self.failed += sign * other.failed
 
-    def grew_from(self, before: _Histogram) -> bool:
-        return all(now >= then for now, then in zip(self.buckets, before.buckets, strict=True))
+    def grew_from(self, before: _Counts) -> bool:
+        pairs = [*zip(self.buckets, before.buckets, strict=True), (self.retries, before.retries),
+                 (self.failed, before.failed)]  # fmt: skip
+        return all(now >= then for now, then in pairs)
 
 
 class KiabatchCollector(Collector):
@@ -92,17 +100,17 @@ class KiabatchCollector(Collector):
         self.dashboard = dashboard
         self.retention = retention
         self._lock = threading.Lock()
-        #: Per batch: its histogram as last seen, and whether it has been read since it finished.
-        self._seen: dict[str, tuple[_Histogram, bool]] = {}
-        self._totals: dict[str, _Histogram] = {}
+        #: Per batch: its counters as last seen, and whether they were read after it finished (then never again).
+        self._seen: dict[str, tuple[_Counts, bool]] = {}
+        self._totals: dict[str, _Counts] = {}
         self._baseline_taken = False
 
     def take_baseline(self) -> None:
-        """Record every batch's histogram as already counted (call when the server starts)."""
+        """Count every batch's history so far as already seen (called when the server starts)."""
         with self._lock:
             entries = self.dashboard.index(max_age=0)
-            stats = self._stats([e.id for e in entries])
-            self._seen = {e.id: (stats[e.id], e.state in TERMINAL_STATES) for e in entries}
+            _, counts = self._read([], entries)
+            self._seen = {e.id: (counts[e.id], e.state in TERMINAL_STATES) for e in entries}
             self._baseline_taken = True
 
     def describe(self) -> list[Metric]:
@@ -124,30 +132,70 @@ class KiabatchCollector(Collector):
 
     # -- reading ----------------------------------------------------------------------
 
-    def _stats(self, ids: list[str]) -> dict[str, _Histogram]:
-        found: dict[str, _Histogram] = {}
+    def _read(
+        self, shown: list[IndexEntry], counted: list[IndexEntry]
+    ) -> tuple[dict[str, dict[bytes, bytes]], dict[str, _Counts]]:
+        """Progress of ``shown`` batches and counters of ``counted`` ones, in pipelined rounds of 1000."""
+        calls = [(e.id, "progress") for e in shown] + [(e.id, "counts") for e in counted]
+        progress: dict[str, dict[bytes, bytes]] = {}
+        counts: dict[str, _Counts] = {}
         client = self.dashboard.redis
-        for start in range(0, len(ids), 1000):
-            chunk = ids[start : start + 1000]
+        for start in range(0, len(calls), 1000):
+            chunk = calls[start : start + 1000]
             with client.pipeline(transaction=False) as pipe:
-                for batch_id in chunk:
-                    pipe.hgetall(keys.batch_keys(batch_id).stats)
-                for batch_id, raw in zip(chunk, pipe.execute(), strict=True):
-                    found[batch_id] = _Histogram.from_hash(raw)
-        return found
+                for batch_id, what in chunk:
+                    if what == "progress":
+                        pipe.hgetall(keys.batch_key(batch_id, "progress"))
+                    else:
+                        pipe.hgetall(keys.batch_key(batch_id, "stats"))
+                        pipe.hget(keys.batch_key(batch_id, "progress"), "failed")
+                replies = iter(pipe.execute())
+            for batch_id, what in chunk:
+                if what == "progress":
+                    progress[batch_id] = next(replies)
+                else:
+                    counts[batch_id] = _Counts.read(next(replies), next(replies))
+        return progress, counts
 
     def _families(self) -> list[Metric]:
         now = time.time()
         entries = self.dashboard.index()
-        families: list[Metric] = [self._batch_states(entries)]
         shown = [e for e in entries if e.state not in TERMINAL_STATES
                  or (e.finished_at is not None and now - e.finished_at < self.retention)]  # fmt: skip
-        families += self._per_batch(shown)
-        families.append(self._durations(entries))
+        with self._lock:
+            if not self._baseline_taken:
+                self._seen, self._baseline_taken = {}, True
+            # Unfinished batches change; a finished one is read once more after it finished, then never.
+            counted = [e for e in entries if e.id not in self._seen or not self._seen[e.id][1]]
+            progress, counts = self._read(shown, counted)
+            totals = self._count(entries, counted, counts)
+        families: list[Metric] = [self._batch_states(entries), *self._per_batch(shown, progress)]
+        families += self._workload_counters(totals)
         families += self._queues(now)
         families += self._schedules()
         families += self._redis()
         return families
+
+    def _count(self, entries: list[IndexEntry], counted: list[IndexEntry],
+               counts: dict[str, _Counts]) -> dict[str, _Counts]:  # fmt: skip
+        """Add what each counted batch grew by to its workload's totals; a copy of the totals."""
+        present = {e.id for e in entries}
+        for gone in set(self._seen) - present:
+            del self._seen[gone]
+        for entry in counted:
+            current = counts[entry.id]
+            before = self._seen.get(entry.id, (_Counts(), False))[0]
+            if current.grew_from(before):  # a batch deleted and created again under its id starts over
+                total = self._totals.setdefault(entry.workload, _Counts())
+                total.add(current)
+                total.add(before, -1.0)
+            self._seen[entry.id] = (current, entry.state in TERMINAL_STATES)
+        copies = {}
+        for workload, total in self._totals.items():
+            copy = _Counts()
+            copy.add(total)
+            copies[workload] = copy
+        return copies
 
     def _batch_states(self, entries: list[IndexEntry]) -> Metric:
         family = GaugeMetricFamily("kiabatch_batches", "Batches in Redis, by state.", labels=["state"])
@@ -158,76 +206,41 @@ class KiabatchCollector(Collector):
             family.add_metric([state], count)
         return family
 
-    def _per_batch(self, entries: list[IndexEntry]) -> list[Metric]:
+    def _per_batch(self, shown: list[IndexEntry], progress: dict[str, dict[bytes, bytes]]) -> list[Metric]:
         info = GaugeMetricFamily("kiabatch_batch_info", "A batch's workload, backend, state and schedule (always 1).",
                                  labels=["batch", "workload", "backend", "state", "schedule"])  # fmt: skip
         items = GaugeMetricFamily("kiabatch_batch_items", "Items in the batch.", labels=_LABELS)
         settled = CounterMetricFamily("kiabatch_items", "Items settled, by outcome (done or failed).",
                                       labels=[*_LABELS, "state"])  # fmt: skip
         running = GaugeMetricFamily("kiabatch_items_running", "Items being run now.", labels=_LABELS)
-        retries = CounterMetricFamily("kiabatch_retries", "Failed task attempts that were retried.", labels=_LABELS)
-        dead = GaugeMetricFamily("kiabatch_dead_letter_items", "Items in the batch's dead-letter set.", labels=_LABELS)
-        started = GaugeMetricFamily("kiabatch_batch_start_time_seconds", "When the batch's first task claimed items.",
-                                    labels=_LABELS)  # fmt: skip
-        client = self.dashboard.redis
-        for start in range(0, len(entries), 1000):
-            chunk = entries[start : start + 1000]
-            with client.pipeline(transaction=False) as pipe:
-                for entry in chunk:
-                    k = keys.batch_keys(entry.id)
-                    pipe.hgetall(k.progress)
-                    pipe.hget(k.stats, "retries")
-                    pipe.hlen(k.failed)
-                    pipe.hmget(k.meta, ["backend", "started_at"])
-                replies = pipe.execute()
-            for number, entry in enumerate(chunk):
-                progress, retried, dead_count, (backend, started_at) = replies[4 * number : 4 * number + 4]
-                counts = {key.decode(): int(value) for key, value in progress.items()}
-                labels = [entry.id, entry.workload]
-                info.add_metric([entry.id, entry.workload, (backend or b"local").decode(), entry.state,
-                                 entry.schedule], 1)  # fmt: skip
-                items.add_metric(labels, counts.get("total", 0))
-                settled.add_metric([*labels, "done"], counts.get("done", 0))
-                settled.add_metric([*labels, "failed"], counts.get("failed", 0))
-                running.add_metric(labels, max(0, counts.get("running", 0)))
-                retries.add_metric(labels, int(retried or 0))
-                dead.add_metric(labels, int(dead_count))
-                if started_at:
-                    started.add_metric(labels, float(started_at))
-        return [info, items, settled, running, retries, dead, started]
+        for entry in shown:
+            counts = {key.decode(): int(value) for key, value in progress.get(entry.id, {}).items()}
+            labels = [entry.id, entry.workload]
+            info.add_metric([entry.id, entry.workload, entry.backend, entry.state, entry.schedule], 1)
+            items.add_metric(labels, counts.get("total", 0))
+            settled.add_metric([*labels, "done"], counts.get("done", 0))
+            settled.add_metric([*labels, "failed"], counts.get("failed", 0))
+            running.add_metric(labels, max(0, counts.get("running", 0)))
+        return [info, items, settled, running]
 
-    def _durations(self, entries: list[IndexEntry]) -> Metric:
-        """Add what each batch's histogram grew by since the last scrape to the per-workload totals."""
-        with self._lock:
-            if not self._baseline_taken:
-                self._seen = {}
-                self._baseline_taken = True
-            present = {e.id: e for e in entries}
-            for gone in set(self._seen) - set(present):
-                del self._seen[gone]
-            # Unfinished batches change; a finished one is read once more after it finished, then never.
-            wanted = [e for e in entries if e.id not in self._seen or not self._seen[e.id][1]]
-            current = self._stats([e.id for e in wanted])
-            for entry in wanted:
-                now = current[entry.id]
-                before = self._seen.get(entry.id, (_Histogram(), False))[0]
-                if now.grew_from(before):  # a batch deleted and created again under its id starts over
-                    total = self._totals.setdefault(entry.workload, _Histogram())
-                    total.add(now)
-                    total.add(before, -1.0)
-                self._seen[entry.id] = (now, entry.state in TERMINAL_STATES)
-            totals = {workload: (list(h.buckets), h.sum) for workload, h in self._totals.items()}
-        family = HistogramMetricFamily("kiabatch_item_duration_seconds",
-                                       "Run time of each item attempt reported while this server ran.",
-                                       labels=["workload"])  # fmt: skip
+    def _workload_counters(self, totals: dict[str, _Counts]) -> list[Metric]:
+        durations = HistogramMetricFamily("kiabatch_item_duration_seconds",
+                                          "Run time of each item attempt reported while this server ran.",
+                                          labels=["workload"])  # fmt: skip
+        retries = CounterMetricFamily("kiabatch_retries", "Failed task attempts that were retried, while this "
+                                      "server ran.", labels=["workload"])  # fmt: skip
+        dead = CounterMetricFamily("kiabatch_dead_letter_items", "Items dead-lettered (failed for good) while this "
+                                   "server ran.", labels=["workload"])  # fmt: skip
         bounds = [f"{bound:g}" for bound in DURATION_BUCKETS] + ["+Inf"]
-        for workload, (counts, total) in sorted(totals.items()):
+        for workload, total in sorted(totals.items()):
             cumulative, running_total = [], 0.0
-            for bound, count in zip(bounds, counts, strict=True):
+            for bound, count in zip(bounds, total.buckets, strict=True):
                 running_total += count
                 cumulative.append((bound, running_total))
-            family.add_metric([workload], cumulative, sum_value=total)
-        return family
+            durations.add_metric([workload], cumulative, sum_value=total.sum)
+            retries.add_metric([workload], total.retries)
+            dead.add_metric([workload], total.failed)
+        return [durations, retries, dead]
 
     def _queues(self, now: float) -> list[Metric]:
         length = GaugeMetricFamily("kiabatch_queue_items", "Items waiting in a named queue.", labels=["queue"])
