@@ -214,7 +214,9 @@ class KiabatchCollector(Collector):
                                       labels=[*_LABELS, "state"])  # fmt: skip
         running = GaugeMetricFamily("kiabatch_items_running", "Items being run now.", labels=_LABELS)
         for entry in shown:
-            counts = {key.decode(): int(value) for key, value in progress.get(entry.id, {}).items()}
+            if not progress.get(entry.id):
+                continue  # deleted since the index was read
+            counts = {key.decode(): int(value) for key, value in progress[entry.id].items()}
             labels = [entry.id, entry.workload]
             info.add_metric([entry.id, entry.workload, entry.backend, entry.state, entry.schedule], 1)
             items.add_metric(labels, counts.get("total", 0))
