@@ -199,4 +199,5 @@ def test_eta_comes_from_the_rate_so_far():
                     started_at=started, finished_at=None)  # fmt: skip
     assert data.eta_seconds(status, now=started + 10) == pytest.approx(30.0)
     assert data.eta_seconds(replace(status, state="succeeded")) is None
+    assert data.eta_seconds(replace(status, state="interrupted")) is None
     assert data.eta_seconds(replace(status, progress=Progress(100, 0, 0, 2))) is None

@@ -9,11 +9,18 @@ import urllib.parse
 import urllib.request
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from kiabatch import Batch, Queue, submit
 from kiabatch.store import Store
 from tests.helpers import DashboardProcess, RedisProcess, kb, one_line_error, run_cli, wait_for
+
+#: Hostile values for the serve options (tests/test_fuzz_cli.py fuzzes every other command the same way).
+HUGE = ["999999999999999999999", "-1", "65536", "nan", "inf", "", " 7 ", "0x10", "1e308"]
+TEXT = st.one_of(st.sampled_from(["x", "example.com", "256.1.1.1", "\x1b[31m", "\udcff", "a" * 300, "::g", "[", "-"]),
+                 st.text(max_size=12))  # fmt: skip
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -212,3 +219,48 @@ def test_the_list_pages_through_many_batches_and_the_grid_through_many_tasks(das
     assert code == 200 and b"page 2 of 2" in second and second.count(b"<tr data-batch=") == 3
     code, _, grid = dashboard.get(f"/batches/{big.id}?grid=1")
     assert code == 200 and grid.count(b'data-state="pending"') == 1 and b"page 2 of 2" in grid
+
+
+def test_many_clients_at_once_while_a_batch_runs_all_get_answers(dashboard, home):
+    from concurrent.futures import ThreadPoolExecutor
+
+    batch = submit(items=list(range(20)), command=["sh", "-c", "sleep 0.05"], parallel=2, wait=False, home=home)
+    paths = ["/", f"/batches/{batch.id}", f"/batches/{batch.id}?fragment=1", "/metrics", "/queues", "/redis",
+             f"/batches/{batch.id}/results.jsonl"] * 12  # fmt: skip
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        codes = list(pool.map(lambda path: dashboard.get(path)[0], paths))
+    assert codes == [200] * len(paths)
+    Batch(batch.id).wait(timeout=60)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck))  # fmt: skip
+@given(
+    host=TEXT.filter(lambda text: text.strip("[]") not in ("localhost",) and not _is_ip(text)),
+    port=st.one_of(st.sampled_from(HUGE), st.integers(-5, 70000).map(str)),
+    extra=st.lists(st.sampled_from(["--open", "--allow-actions", "--metrics-retention", "--backend"]), max_size=2),
+)
+def test_serve_options_fuzzed_fail_with_one_line_and_never_serve(host, port, extra):
+    """``dashboard serve`` is out of the CLI fuzz (it serves); here every invocation has a bad --host, so none
+    serves: each must end with one error line and exit 2 or 3."""
+    from click.testing import CliRunner
+
+    from kiabatch.cli import cli
+
+    args = ["dashboard", "--host", host, "--port", port]
+    for flag in extra:
+        args += [flag] if flag in ("--open", "--allow-actions") else [flag, "nan" if flag != "--backend" else host]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code in (2, 3), (args, result.output)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("kiabatch: error: ")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, (args, result.stderr)
+
+
+def _is_ip(text: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return False
+    return True

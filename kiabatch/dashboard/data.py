@@ -217,8 +217,8 @@ class RedisView:
 def eta_seconds(status: Status, now: float | None = None) -> float | None:
     """Seconds until a running batch ends at its rate so far (None before an item settled, or once done)."""
     progress = status.progress
-    if status.state in TERMINAL_STATES or not status.started_at or progress.settled == 0:
-        return None
+    if status.state != State.RUNNING or not status.started_at or progress.settled == 0:
+        return None  # finished, not started, or interrupted (nothing runs it until resume)
     elapsed = (now or time.time()) - status.started_at
     remaining = progress.total - progress.settled
     return max(0.0, remaining * elapsed / progress.settled) if elapsed > 0 else None
