@@ -41,6 +41,8 @@ class _ServeByDefault(click.Group):
 def dashboard_group() -> None:
     """A live web dashboard of batches, queues, schedules and Redis, with Prometheus /metrics.
 
+    `kiabatch dashboard [OPTIONS]` is `kiabatch dashboard serve [OPTIONS]` (see its --help).
+
     \b
       kiabatch dashboard                      # http://127.0.0.1:8577/, read-only, until Ctrl-C
       kiabatch dashboard --open --allow-actions
