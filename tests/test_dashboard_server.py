@@ -264,3 +264,16 @@ def _is_ip(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_stops_the_server_cleanly(redis_url, home, name):
+    import signal
+
+    server = DashboardProcess()
+    assert server.get("/healthz")[0] == 200
+    server.process.send_signal(getattr(signal, name))
+    code = server.process.wait(timeout=15)
+    server.stop()
+    assert code == 0, (code, server.stderr)
+    assert "Traceback" not in server.stderr

@@ -336,7 +336,7 @@ def build_app(dashboard: Dashboard, settings: Settings, *, retention: float = 90
         return render(request, "login.html", failed=False)
 
     routes = [
-        Route("/", page(batches)),
+        Route("/", batches),
         Route("/batches/{batch_id}", batch),
         Route("/batches/{batch_id}/logs", logs),
         Route("/batches/{batch_id}/results.jsonl", results),

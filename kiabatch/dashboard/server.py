@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import signal
 import socket
 import threading
 import webbrowser
@@ -57,7 +58,7 @@ def url_of(sock: socket.socket) -> str:
 
 def serve(app: Starlette, sock: socket.socket, *, open_browser: bool = False,
           on_ready: Callable[[str], None] | None = None) -> None:  # fmt: skip
-    """Serve ``app`` on ``sock`` until Ctrl-C or SIGTERM (uvicorn shuts down gracefully)."""
+    """Serve ``app`` on ``sock`` until Ctrl-C or SIGTERM (uvicorn shuts down gracefully); both end it normally."""
     config = uvicorn.Config(app, log_level="warning", access_log=False, server_header=False, lifespan="off",
                             timeout_graceful_shutdown=3)  # fmt: skip
     server = uvicorn.Server(config)
@@ -66,4 +67,16 @@ def serve(app: Starlette, sock: socket.socket, *, open_browser: bool = False,
         on_ready(url)
     if open_browser:
         threading.Timer(0.3, webbrowser.open, [url]).start()
-    server.run(sockets=[sock])
+    # uvicorn shuts down on SIGINT/SIGTERM, then raises the signal again for the handler it found:
+    # make that a KeyboardInterrupt for both, and stopping is how a server ends (exit 0), not an error.
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

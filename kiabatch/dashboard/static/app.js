@@ -28,7 +28,9 @@
             live.innerHTML = text;
             live.setAttribute("data-refresh", String(next));
             interval = next;
-          }
+          } else if (response.status === 404) {
+            interval = 0; // deleted meanwhile: keep what is shown, stop asking
+          } // anything else (Redis restarting): keep the page as it is and try again
         });
       })
       .catch(function () { /* the server restarts or the network blips: try again later */ })
