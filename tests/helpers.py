@@ -191,3 +191,52 @@ class RedisProcess:
 
     def client(self) -> redis.Redis:
         return redis.Redis(unix_socket_path=self.socket)
+
+
+class DashboardProcess:
+    """``kiabatch dashboard --port 0 ARGS`` as a real server process; ``url`` is what it printed."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None, drop_env: tuple[str, ...] = ()) -> None:
+        environment = {key: value for key, value in os.environ.items() if key not in drop_env}
+        self.process = subprocess.Popen(
+            kiabatch_cmd("dashboard", "--port", "0", *args),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**environment, **(env or {})},
+        )
+        line = self.process.stdout.readline() if self.process.stdout else ""
+        if "http://" not in line:
+            self.stop()
+            raise AssertionError(f"the dashboard did not start: {line!r} {self.stderr}")
+        self.url = line.split()[2]
+        self.stderr = ""
+
+    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        """GET ``path``: (status, headers by lower-case name, body); error statuses are returned, not raised."""
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(self.url.rstrip("/") + path, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process.stderr:
+            self.stderr = self.process.stderr.read()
+
+    def __enter__(self) -> DashboardProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
