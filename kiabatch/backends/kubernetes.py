@@ -275,7 +275,7 @@ class KubernetesBackend:
     def logs(
         self, store: Store, batch_id: str, *, index: int | None = None, follow: bool = False
     ) -> Iterator[LogChunk]:
-        """Pieces of the pods' claim, reporter and worker logs, each labelled with index, pod and container."""
+        """Pieces of the logs of the pods' containers (the kiabatch sidecar, the worker), each labelled."""
         cluster, _ = self.cluster_for(store, batch_id)
         selector = f"{BATCH_LABEL}={batch_id}"
         if index is not None:
@@ -287,10 +287,11 @@ class KubernetesBackend:
         )  # fmt: skip
         for pod in pods:
             number = int(pod["metadata"].get("labels", {}).get(COMPLETION_INDEX_LABEL, -1))
-            for container in ("claim", "reporter", "worker"):
+            spec = pod.get("spec", {})
+            for container in [c["name"] for c in spec.get("initContainers", []) + spec.get("containers", [])]:
                 label = f"index {number} {pod['metadata']['name']} {container}"
                 for chunk in cluster.pod_log(
-                    pod["metadata"]["name"], container, follow=follow and container == "worker"
+                    pod["metadata"]["name"], container, follow=follow and container == batch_job.WORKER
                 ):
                     yield LogChunk(label=label, data=chunk, index=number, whole=False)
 

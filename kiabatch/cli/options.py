@@ -174,7 +174,8 @@ kube_options = stack(
                  help="With --wait, fail once pods could not start (image pull, missing Secret) this long."),
     click.option("--report-timeout", "kube_report_timeout", type=Duration(minimum=1),
                  default=human_duration(KubeOptions.report_timeout), show_default=True,
-                 help="How long a finished worker waits for its result to be uploaded before the pod fails."),
+                 help="How long a pod's worker waits for the sidecar (its task laid out, then its result "
+                      "uploaded) before it fails the pod, so the index is retried."),
     click.option("--writable-root", "kube_writable_root", is_flag=True,
                  help="Give the worker container a writable root filesystem (default: read-only + /tmp)."),
 )  # fmt: skip

@@ -49,7 +49,7 @@ class KubeOptions:
     job_name: str | None = None
     #: kubeconfig context (None: the current one). Not rendered.
     context: str | None = None
-    #: Seconds a finished worker waits for the reporter to confirm the upload before failing the pod.
+    #: Seconds the worker waits for the sidecar (to lay out its task, then to confirm the upload) before failing.
     report_timeout: int = 600
     #: Seconds pods may fail to start (image pull, missing Secret) before ``--wait`` gives up. Not rendered.
     pull_grace: float = DEFAULT_PULL_GRACE
