@@ -28,7 +28,7 @@ from .options import (
     stack,
 )
 from .output import table
-from .submit import parse_submit_args
+from .submit import inline_pod_template, parse_submit_args
 
 #: Every schedule command: which backend, and where on Kubernetes.
 schedule_backend = stack(
@@ -84,14 +84,17 @@ def create_command(session: Session, name: str, cron: str, time_zone: str | None
                    starting_deadline: float, submit_args: tuple[str, ...], **params: Any) -> None:  # fmt: skip
     """Create schedule NAME; the remaining arguments are what each run passes to `kiabatch submit`.
 
-    The submit arguments are checked now exactly as submit checks them (nothing runs).
-    The launcher of a Kubernetes schedule uses --image and --redis-secret.
+    The submit arguments are checked now exactly as submit checks them (nothing runs),
+    cluster options too (--queue-name, --gpu, --pod-template...); a --pod-template file
+    is stored inline, so every run gets it as it is now. The launcher of a Kubernetes
+    schedule uses --image and --redis-secret.
     """
     args = list(submit_args[1:] if submit_args[:1] == ("--",) else submit_args)
     backend = params["backend"]
     kube = kube_options_from(params, namespace=params["namespace"], context=params["context"])
     with user_errors():
-        parse_submit_args(args)
+        parse_submit_args(args, backend)
+        args = inline_pod_template(args)  # the runs get the template as it is now, wherever they run
         schedule = Schedule(name=name, cron=cron, submit_args=args, time_zone=time_zone, concurrency=concurrency,
                             suspend=suspend, starting_deadline=int(starting_deadline), backend=backend,
                             namespace=params["namespace"] or "", created_at=datetime.now(UTC).timestamp())  # fmt: skip

@@ -49,8 +49,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .. import limits
 from ..model import BatchSpec
 from ..workloads.base import Runtime
+from . import pod_template
 from .objects import (
     BATCH_LABEL,
     REDIS_CLIENT_LABEL,
@@ -69,6 +71,8 @@ from .objects import (
 from .options import (  # noqa: F401 - re-exported: the names every batch object uses
     DEFAULT_IMAGE,
     DEFAULT_TTL_AFTER_FINISHED,
+    KUEUE_PRIORITY_LABEL,
+    KUEUE_QUEUE_LABEL,
     REDIS_SECRET,
     REDIS_SECRET_KEY,
     WORKER_SERVICE_ACCOUNT,
@@ -86,6 +90,8 @@ IMAGE_RUNTIME = Runtime(workers_dir=IMAGE_WORKERS_DIR)
 #: The pod's containers: the kiabatch sidecar and the worker.
 SIDECAR = "kiabatch"
 WORKER = "worker"
+#: What a ``--pod-template`` may not change (see kiabatch.kube.pod_template).
+TEMPLATE_GUARD = pod_template.Guard(sidecar=SIDECAR, worker=WORKER, task_volume="task", task_dir=TASK_DIR)
 #: The worker container's command: wait until the sidecar has laid the task out (``ready``),
 #: then run it. Polls every 20 ms where ``sleep`` takes fractions, else every second; gives
 #: up (exit 75: the Job retries the index) after KIABATCH_REPORT_TIMEOUT seconds.
@@ -113,6 +119,13 @@ def default_max_failed_indexes(tasks: int) -> int:
     """
     limit = min(tasks, max(10, math.ceil(tasks / 10)))
     return min(limit, 10_000) if tasks > 100_000 else limit
+
+
+def resumed_job_name(batch_id: str, generation: int, tasks: int) -> str:
+    """The name of a batch's Job after ``generation`` resumes: ``<id>-r<N>``, the id cut so pod names fit."""
+    suffix = f"-r{generation}"
+    room = limits.MAX_POD_NAME - len(f"-{tasks - 1}-") - 5 - len(suffix)
+    return f"{batch_id[:room].rstrip('-')}{suffix}"
 
 
 def batch_labels(spec: BatchSpec) -> dict[str, str]:
@@ -161,15 +174,25 @@ def pod_failure_policy(spec: BatchSpec) -> dict[str, Any]:
         rules.append(
             {
                 "action": "FailIndex",
-                "onExitCodes": {"containerName": "worker", "operator": "In", "values": codes},
+                "onExitCodes": {"containerName": WORKER, "operator": "In", "values": codes},
             }
         )
     return {"rules": rules}
 
 
 def job(spec: BatchSpec, options: KubeOptions) -> dict[str, Any]:
-    """The Indexed Job that runs ``spec``'s tasks."""
-    pod_labels = {**batch_labels(spec), REDIS_CLIENT_LABEL: "true"}
+    """The Indexed Job that runs ``spec``'s tasks.
+
+    UsageError (naming what is wrong and what is allowed) for a Job the API server
+    would refuse — its fan-out (:func:`kiabatch.limits.check_indexed_job`) — or a
+    ``--pod-template`` that breaks what kiabatch relies on.
+    """
+    tasks = spec.tasks
+    name = options.job_name or spec.id
+    parallelism = min(spec.parallelism, tasks)
+    # Never more than the Job's completions (the API refuses it; the meaning is the same).
+    max_failed = min(options.max_failed_indexes or default_max_failed_indexes(tasks), tasks)
+    limits.check_indexed_job(tasks, parallelism, max_failed, name)
     worker_env = {
         **spec.worker.env,
         "KIABATCH_TASK_DIR": TASK_DIR,
@@ -184,40 +207,52 @@ def job(spec: BatchSpec, options: KubeOptions) -> dict[str, Any]:
         "imagePullPolicy": options.image_pull_policy,
         "command": ["/bin/sh", "-c", WORKER_SCRIPT],
         "env": env(worker_env),
-        "resources": resources(options.cpu, options.memory),
+        "resources": resources(options.cpu, options.memory, extra=options.worker_resources()),
         "volumeMounts": [_task_mount(), {"name": "tmp", "mountPath": "/tmp"}],  # noqa: S108
         "securityContext": container_security(read_only_root=options.read_only_root),
     }
-    tasks = spec.tasks
+    template = prune(
+        {
+            "metadata": {"labels": {**batch_labels(spec), REDIS_CLIENT_LABEL: "true"}},
+            "spec": {
+                "restartPolicy": "Never",
+                "serviceAccountName": options.service_account,
+                "automountServiceAccountToken": False,
+                "enableServiceLinks": False,
+                "activeDeadlineSeconds": math.ceil(spec.task_timeout) if spec.task_timeout else None,
+                "priorityClassName": options.priority_class,
+                "nodeSelector": dict(options.node_selector) or None,
+                "tolerations": [dict(t) for t in options.tolerations] or None,
+                "securityContext": pod_security(),
+                "initContainers": [task_sidecar(spec, options)],
+                "containers": [worker],
+                "volumes": [{"name": "task", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
+            },
+        }
+    )
+    if options.pod_template:
+        template = pod_template.merge(template, options.pod_template, TEMPLATE_GUARD,
+                                      allow_privileged=options.allow_privileged_template)  # fmt: skip
+    job_labels = {**batch_labels(spec), KUEUE_QUEUE_LABEL: options.queue_name,
+                  KUEUE_PRIORITY_LABEL: options.workload_priority_class}  # fmt: skip
     return prune(
         {
             "apiVersion": "batch/v1",
             "kind": "Job",
-            "metadata": metadata(options.job_name or spec.id, options.namespace, batch_labels(spec)),
+            "metadata": metadata(name, options.namespace, prune(job_labels)),
             "spec": {
+                # Queued in Kueue: created suspended; Kueue starts it (suspend: false) when it admits it.
+                "suspend": True if options.queue_name else None,
                 "completionMode": "Indexed",
                 "completions": tasks,
-                "parallelism": min(spec.parallelism, tasks),
+                "parallelism": parallelism,
                 "backoffLimitPerIndex": spec.retries,
-                "maxFailedIndexes": options.max_failed_indexes or default_max_failed_indexes(tasks),
+                "maxFailedIndexes": max_failed,
                 "podFailurePolicy": pod_failure_policy(spec),
                 "podReplacementPolicy": "Failed",  # never two pods on one index
                 "ttlSecondsAfterFinished": options.ttl_after_finished,
                 "activeDeadlineSeconds": math.ceil(spec.deadline) if spec.deadline else None,
-                "template": {
-                    "metadata": {"labels": pod_labels},
-                    "spec": {
-                        "restartPolicy": "Never",
-                        "serviceAccountName": options.service_account,
-                        "automountServiceAccountToken": False,
-                        "enableServiceLinks": False,
-                        "activeDeadlineSeconds": math.ceil(spec.task_timeout) if spec.task_timeout else None,
-                        "securityContext": pod_security(),
-                        "initContainers": [task_sidecar(spec, options)],
-                        "containers": [worker],
-                        "volumes": [{"name": "task", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
-                    },
-                },
+                "template": template,
             },
         }
     )

@@ -576,7 +576,10 @@ class JobEmulator:
             now_suspended = bool(current["spec"].get("suspend"))
             if now_suspended != suspended:
                 suspended = now_suspended
-                self.suspended_jobs.discard(key) if not suspended else self.suspended_jobs.add(key)
+                if suspended:
+                    self.suspended_jobs.add(key)
+                else:
+                    self.suspended_jobs.discard(key)
                 if suspended:
                     self._set_condition(job, "Suspended", "True", "JobSuspended", "Job suspended")
                 elif any(c["type"] == "Suspended" for c in current.get("status", {}).get("conditions") or []):
@@ -765,6 +768,9 @@ class JobEmulator:
                 disrupted = True
             if (job_name, index) in self.evict:
                 self.evict.discard((job_name, index))
+                ready = volumes["task"] / "ready" if "task" in volumes else None
+                while ready is not None and not ready.exists() and worker.poll() is None:
+                    time.sleep(0.01)  # evicted mid-task: after its claim
                 time.sleep(0.3)
                 disrupted = True
                 worker.send_signal(signal.SIGKILL)  # API-initiated eviction: the node stops the pod
