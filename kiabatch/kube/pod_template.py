@@ -54,6 +54,8 @@ MERGE_KEYS = {
     "claims": "name",
 }
 WHERE = "--pod-template"
+#: Deepest nesting accepted (a pod template's deepest fields are about 15 levels down).
+MAX_DEPTH = 40
 
 
 class Guard:
@@ -65,8 +67,9 @@ class Guard:
 
 def merge(base: Mapping[str, Any], fragment: Mapping[str, Any], guard: Guard, *, allow_privileged: bool) -> dict:
     """The pod template ``base`` with ``fragment`` merged in, checked; UsageError names a refused field."""
-    check_fields(fragment)
+    _check_directives(fragment, "")
     _check_fragment(fragment, base, guard)
+    check_fields(fragment)
     merged = _merge(base, fragment, "")
     _check_merged(merged, base, guard)
     if not allow_privileged:
@@ -80,11 +83,22 @@ def merge(base: Mapping[str, Any], fragment: Mapping[str, Any], guard: Guard, *,
     return merged
 
 
+def _check_directives(value: Any, path: str, depth: int = 0) -> None:
+    """Refuse patch directives, and nesting deeper than any pod template needs."""
+    if depth > MAX_DEPTH:
+        raise UsageError(f"{WHERE}: {path} is nested more than {MAX_DEPTH} levels deep; is it a pod template?")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if str(key).startswith("$"):
+                raise UsageError(f"{WHERE}: {path or 'the template'} uses {key}; patch directives are not supported")
+            _check_directives(item, f"{path}.{key}" if path else str(key), depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_directives(item, path, depth + 1)
+
+
 def _merge(base: Any, patch: Any, path: str) -> Any:
     if isinstance(patch, Mapping):
-        if any(str(key).startswith("$") for key in patch):
-            directive = next(str(key) for key in patch if str(key).startswith("$"))
-            raise UsageError(f"{WHERE}: {path or 'the template'} uses {directive}; patch directives are not supported")
         merged = dict(base) if isinstance(base, Mapping) else {}
         for key, value in patch.items():
             if value is None:

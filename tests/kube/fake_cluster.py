@@ -596,7 +596,9 @@ class JobEmulator:
                     running[index] = threading.Thread(target=run, args=(index,), daemon=True)
                     running[index].start()
                 active = len(running)
-            self._set_status(job, active=active, ready=active, succeeded=counts["succeeded"],
+            ready = sum(1 for pod in self.store.list("pods", key[0], f"batch.kubernetes.io/job-name={key[1]}", None)
+                        if pod["status"].get("phase") == "Running")  # fmt: skip
+            self._set_status(job, active=active, ready=min(ready, active), succeeded=counts["succeeded"],
                              failed=counts["failed"], completedIndexes=_ranges(completed),
                              failedIndexes=_ranges(failed) or None)  # fmt: skip
             time.sleep(0.05)
