@@ -25,7 +25,7 @@ from .backends import RunHooks
 from .batch import Batch, open_store
 from .errors import UsageError
 from .model import BatchSpec, Progress, new_batch_id, validate_batch_id, validate_queue_name
-from .schedules import run_batch_id
+from .schedules import run_batch_id, validate_run_name, validate_schedule_name
 
 if TYPE_CHECKING:
     from .kube.batch_job import KubeOptions
@@ -93,6 +93,10 @@ class BatchOptions:
         backends.validate(self.backend)
         if self.batch_id is not None:
             validate_batch_id(self.batch_id)
+        if self.schedule is not None:
+            validate_schedule_name(self.schedule)
+        if self.run is not None:
+            validate_run_name(self.run)
         if self.run is not None and self.batch_id is not None:
             raise UsageError("give either a batch id or a run (whose batch id is derived from it), not both")
         if self.from_queue is not None:

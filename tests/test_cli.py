@@ -244,3 +244,20 @@ def test_a_terminal_gets_a_live_progress_bar_and_a_pipe_gets_none(redis_url):
     piped = subprocess.run(args, capture_output=True, text=True, timeout=60)
     assert "running 0, failed" not in piped.stderr and "#" not in piped.stderr  # no bar in a pipe
     assert [line.split(":")[0].split()[0] for line in piped.stderr.strip().splitlines()] == ["batch", "batch"]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["schedule", "history", "\udcff"], "bad schedule name"),
+        (["schedule", "run-now", "Not_A_Name"], "bad schedule name"),
+        (["submit", "pi", "--digits", "1", "--schedule", "\udcff"], "bad schedule name"),
+        (["submit", "pi", "--digits", "1", "--run", "\udcff"], "bad run name"),
+        (["submit", "pi", "--digits", "1", "--run", "a\nb"], "bad run name"),
+        (["render", "--item", "1", "--pod-template", "\x00", "--", "true"], "is not a file name"),
+    ],
+)
+def test_names_the_fuzzer_found_unencodable_are_refused_with_one_line(redis_url, client, args, fragment):
+    """Found by tests/test_fuzz_cli.py (random mode): these raised UnicodeEncodeError / ValueError."""
+    one_line_error(kb(*args), 2, fragment)
+    assert client.keys("*") == []

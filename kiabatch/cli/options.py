@@ -193,6 +193,8 @@ class PodTemplate(click.ParamType):
                     data = handle.read(self.MAX_BYTES + 1)
             except OSError as exc:
                 self.fail(f"cannot read {value!r:.80}: {exc.strerror}", param, ctx)
+            except ValueError:  # a NUL in the path
+                self.fail(f"{value!r:.80} is not a file name", param, ctx)
             if len(data) > self.MAX_BYTES:
                 self.fail(f"{value!r:.80} is over {self.MAX_BYTES // 1024} KiB; is it a pod template?", param, ctx)
             try:
