@@ -21,8 +21,11 @@ from kiabatch import submit
 HEAVY = ("kubernetes", "urllib3", "yaml", "mpmath", "gmpy2", "croniter", "psutil")
 
 PROBE = """
-import atexit, json, sys
-atexit.register(lambda: print("MODULES " + json.dumps(sorted({m.split('.')[0] for m in sys.modules})), file=sys.stderr))
+import atexit, json, os, sys
+report = lambda: print("MODULES " + json.dumps(sorted({m.split('.')[0] for m in sys.modules})), file=sys.stderr)
+atexit.register(report)
+_exit = os._exit
+os._exit = lambda code: (report(), sys.stderr.flush(), _exit(code))  # the pod sidecar's quick exit on SIGTERM
 sys.argv = ["kiabatch", *sys.argv[1:]]
 from kiabatch.cli import main
 main()

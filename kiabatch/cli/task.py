@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sys
 from pathlib import Path
 
 import click
@@ -98,9 +100,13 @@ def sidecar_command(session: Session, batch_id: str, index: int | None, director
     """
 
     def terminate(*_: object) -> None:
-        # The pod is ending (its worker exited, or it was deleted): go at once. A handler is
-        # needed anyway: as PID 1 of its container, this process would ignore SIGTERM.
-        raise SystemExit(0)
+        # The pod is ending (its worker exited, or it was deleted): go at once, skipping the
+        # interpreter's teardown (~0.15 s) — nothing is left to do. A handler is needed anyway:
+        # as PID 1 of its container, this process would ignore SIGTERM.
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(0)
 
     signal.signal(signal.SIGTERM, terminate)
     position = _index(index)

@@ -6,12 +6,18 @@
   label and field selectors, watch streams (``?watch=true``: one JSON event per
   line), pod logs, server-side apply and merge patches, deletion with
   background propagation. Tests point kiabatch at it with a kubeconfig file.
-* ``JobEmulator`` plays the Job controller and the kubelet for Indexed Jobs:
-  it creates pods and runs their containers as local processes exactly as
-  rendered — the claim init container, the native-sidecar reporter, then the
-  worker — with the task emptyDir as a temporary directory, environment from the
-  spec (Secret references resolved from stored Secrets), ``JOB_COMPLETION_INDEX``
-  set, and per-index retries, ``podFailurePolicy`` and ``maxFailedIndexes``.
+* ``JobEmulator`` plays the Job controller, the scheduler and the kubelet for
+  Indexed Jobs: it creates pods and runs their containers as local processes
+  exactly as rendered, in the kubelet's order — init containers one by one, a
+  native sidecar counted as started once its process runs, its postStart hook
+  returned and its startupProbe passed, then the worker — with the task emptyDir
+  as a temporary directory, environment from the spec (Secret references resolved
+  from stored Secrets), ``JOB_COMPLETION_INDEX`` set, and per-index retries,
+  ``podFailurePolicy`` and ``maxFailedIndexes``. It reads the Job afresh each
+  round: ``parallelism`` may change, and ``suspend`` holds the Job (a test admits
+  and preempts like Kueue: a suspended Job's pods stop, with DisruptionTarget).
+  While ``unschedulable`` is set, new pods stay Pending with that FailedScheduling
+  message (a pod condition and an Event), as on a full cluster.
 
 The emulator's only translations are the ones a container runtime makes: volume
 mount paths map to temporary directories, and the kiabatch image's entrypoint
