@@ -277,4 +277,18 @@ def test_a_batch_the_api_would_refuse_is_refused_before_anything_is_written(secr
     refused = kb("submit", *KUBE, "--pod-template", '{"spec": {"hostNetwork": true}}', "--item", "1", "--", "true")
     error_line(refused, 2, "spec.hostNetwork is true")
     assert client.keys("kiabatch:{*") == [] and cluster.store.list("jobs", "batch", None, None) == []
-    assert IMAGE  # the fixture's image is the kiabatch image the emulator runs
+
+
+def test_the_python_api_takes_the_same_settings_as_kube_options(secret, cluster):
+    from kiabatch import KubeOptions, submit
+
+    kube = KubeOptions(namespace="batch", image=IMAGE, queue_name="team-a", gpu=1,
+                       tolerations=["nvidia.com/gpu:NoSchedule"],
+                       pod_template={"metadata": {"labels": {"team": "ml"}}})  # fmt: skip
+    batch = submit(items=["p"], command=["echo", "{item}"], backend="kubernetes", kube=kube, batch_id="ex-api")
+    job = get_job(cluster, "ex-api")
+    assert job["spec"]["suspend"] is True and job["spec"]["template"]["metadata"]["labels"]["team"] == "ml"
+    [worker] = job["spec"]["template"]["spec"]["containers"]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    set_suspend(cluster, "ex-api", False)
+    assert [r.text for r in batch.wait(timeout=60).results()] == ["p\n"]
