@@ -93,7 +93,9 @@ def _when(text: str | None) -> float | None:
 
 
 def _age(seconds: float) -> str:
-    return f"{seconds / 60:.0f}m" if seconds >= 120 else f"{seconds:.0f}s"
+    if seconds >= 120:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.2g}s"
 
 
 def pod_waits(pods: list[dict[str, Any]], now: float | None = None, slow: float = SLOW_START) -> list[str]:
