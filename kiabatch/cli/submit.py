@@ -21,6 +21,7 @@ from ..batch import Batch
 from ..errors import EXIT_OK, UsageError
 from ..kube.options import KubeOptions
 from ..progress import ProgressBar
+from ..schedules import submit_argv
 from ..submission import BatchOptions, chunk_notice, plan_batch, submit_options
 from .context import CliError, Session, note, pass_session, user_errors
 from .options import (
@@ -274,6 +275,8 @@ def parse_submit_args(args: list[str], backend: str | None = None) -> SubmitRequ
         raise UsageError("no submit arguments: give a workload (e.g. pi --digits 1000) or --from-queue Q --command ...")
     if "-" in (args[i + 1] for i, arg in enumerate(args[:-1]) if arg in ("--items", "--lines")):
         raise UsageError("a schedule cannot read items from standard input ('-'); give a file or --from-queue")
+    if backend is not None:  # exactly what a run will get: the launcher or scheduler inserts it so
+        args = submit_argv(list(args), "--backend", backend)[1:]
     try:
         with submit_group.make_context("submit", list(args)) as ctx:
             name, command, rest = submit_group.resolve_command(ctx, list(args))
@@ -284,10 +287,9 @@ def parse_submit_args(args: list[str], backend: str | None = None) -> SubmitRequ
         raise UsageError(f"bad submit arguments: {exc.format_message()}") from None
     except CliError as exc:
         raise UsageError(f"bad submit arguments: {exc.format_message()}") from None
-    options = replace(request.options, backend=backend or request.options.backend)
-    planned = plan_batch(request.workload, options)
+    planned = plan_batch(request.workload, request.options)
     spec = planned.counted() if planned.items is not None else replace(planned.spec, tasks=1, chunk=1, total=1)
-    backends.get(options.backend, kube=request.kube).check(spec)
+    backends.get(request.options.backend, kube=request.kube).check(spec)
     return request
 
 
