@@ -56,6 +56,8 @@ MERGE_KEYS = {
 WHERE = "--pod-template"
 #: Deepest nesting accepted (a pod template's deepest fields are about 15 levels down).
 MAX_DEPTH = 40
+#: Most values (maps, lists, scalars) a template may hold, counted with YAML aliases expanded.
+MAX_NODES = 50_000
 
 
 class Guard:
@@ -67,7 +69,7 @@ class Guard:
 
 def merge(base: Mapping[str, Any], fragment: Mapping[str, Any], guard: Guard, *, allow_privileged: bool) -> dict:
     """The pod template ``base`` with ``fragment`` merged in, checked; UsageError names a refused field."""
-    _check_directives(fragment, "")
+    _check_directives(fragment, "", budget=[MAX_NODES])
     _check_fragment(fragment, base, guard)
     check_fields(fragment)
     merged = _merge(base, fragment, "")
@@ -83,18 +85,25 @@ def merge(base: Mapping[str, Any], fragment: Mapping[str, Any], guard: Guard, *,
     return merged
 
 
-def _check_directives(value: Any, path: str, depth: int = 0) -> None:
-    """Refuse patch directives, and nesting deeper than any pod template needs."""
+def _check_directives(value: Any, path: str, depth: int = 0, *, budget: list[int]) -> None:
+    """Refuse patch directives, nesting deeper than any pod template needs, and templates too big to be one.
+
+    The size is counted as the values are walked, so YAML aliases that expand
+    exponentially (a "billion laughs") are refused after a bounded amount of work.
+    """
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise UsageError(f"{WHERE} has more than {MAX_NODES:,} values (YAML aliases expanded); is it a pod template?")
     if depth > MAX_DEPTH:
         raise UsageError(f"{WHERE}: {path} is nested more than {MAX_DEPTH} levels deep; is it a pod template?")
     if isinstance(value, Mapping):
         for key, item in value.items():
             if str(key).startswith("$"):
                 raise UsageError(f"{WHERE}: {path or 'the template'} uses {key}; patch directives are not supported")
-            _check_directives(item, f"{path}.{key}" if path else str(key), depth + 1)
+            _check_directives(item, f"{path}.{key}" if path else str(key), depth + 1, budget=budget)
     elif isinstance(value, list):
         for item in value:
-            _check_directives(item, path, depth + 1)
+            _check_directives(item, path, depth + 1, budget=budget)
 
 
 def _merge(base: Any, patch: Any, path: str) -> Any:

@@ -19,6 +19,7 @@ from kiabatch.kube.batch_job import KubeOptions, batch_objects, job, resumed_job
 from kiabatch.kube.pod_security import restricted_violations as production_violations
 from kiabatch.model import BatchSpec, WorkerSpec
 from kiabatch.submission import cut_tasks
+from tests.helpers import kb, one_line_error
 from tests.kube.checks import pod_specs, restricted_violations, validate_all_versions
 
 
@@ -313,3 +314,33 @@ def test_a_resumed_job_name_keeps_pod_names_within_63_characters(batch_id, gener
     name = resumed_job_name(batch_id, generation, tasks)
     assert name.endswith(f"-r{generation}") and name.startswith(batch_id[:5])
     limits.check_indexed_job(tasks, 1, 1, name)
+
+
+LAUGHS = """
+a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+spec: {hostAliases: [{ip: 1.2.3.4, hostnames: [*f, *f, *f, *f, *f, *f, *f, *f, *f]}]}
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        (LAUGHS, "more than 50,000 values (YAML aliases expanded)"),
+        ("spec: [unclosed", "is not valid YAML or JSON at line 1"),
+        ("- a\n- b\n", "must hold one mapping"),
+        ("spec: {}\n---\nspec: {}\n", "must hold one mapping"),
+        ("\xff", None),  # written as bytes below: not UTF-8
+    ],
+)
+def test_a_hostile_template_file_is_refused_quickly_with_one_line(tmp_path, text, fragment):
+    path = tmp_path / "template.yaml"
+    path.write_bytes(b"\xff\xfe" if fragment is None else text.encode())
+    started = time.monotonic()
+    done = kb("render", "--item", "1", "--pod-template", str(path), "--", "true")
+    one_line_error(done, 2, fragment or "is not UTF-8 text")
+    assert time.monotonic() - started < 10
