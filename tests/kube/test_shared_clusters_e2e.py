@@ -72,7 +72,9 @@ def test_a_queued_batch_waits_for_admission_without_burning_its_grace_then_runs(
     job = wait_for(lambda: get_job(cluster, "ex-queued"), timeout=30)
     assert job["spec"]["suspend"] is True
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
-    assert status_of("ex-queued")["detail"]["admission"] == "waiting for admission in Kueue queue team-a"
+    # (the batch records its Job a moment after creating it)
+    detail = wait_for(lambda: status_of("ex-queued")["detail"].get("admission"), timeout=30)
+    assert detail == "waiting for admission in Kueue queue team-a"
     cluster.store.create("workloads", "batch", workload(job, [
         {"type": "QuotaReserved", "status": "False", "reason": "Pending", "message": NO_QUOTA}]))  # fmt: skip
     status = status_of("ex-queued")
