@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time each name load
         UnreachableError,
         UsageError,
     )
+    from .kube.options import KubeOptions
     from .model import FailedItem, ItemResult, Progress, State, Status
     from .queue import Queue
     from .submission import BatchOptions, submit
@@ -44,6 +45,7 @@ _WHERE = {
     "connect": ".connection",
     "FailedItem": ".model",
     "ItemResult": ".model",
+    "KubeOptions": ".kube.options",
     "Progress": ".model",
     "Queue": ".queue",
     "State": ".model",
@@ -78,6 +80,7 @@ __all__ = [
     "InterruptedBatchError",
     "ItemResult",
     "KiabatchError",
+    "KubeOptions",
     "NotFoundError",
     "Progress",
     "Queue",

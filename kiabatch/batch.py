@@ -95,7 +95,8 @@ class Batch:
             return self
         backend = self._backend(status.backend)
         with ProgressBar(status.progress.total, f"{self.id}", enabled=progress) as bar:
-            backend.wait(self.store, self.id, hooks=RunHooks(on_update=bar.update), timeout=timeout)
+            hooks = RunHooks(on_update=bar.update, on_warning=bar.say if progress else None)
+            backend.wait(self.store, self.id, hooks=hooks, timeout=timeout)
         return self
 
     def reduce(self) -> str:
@@ -116,10 +117,15 @@ class Batch:
 
     # -- managing ---------------------------------------------------------------------
 
-    def resume(self, wait: bool = False, on_update: Callable[[Progress, str], None] | None = None) -> Batch:
-        """Run the batch's unsettled tasks again (after an interruption)."""
+    def resume(
+        self,
+        wait: bool = False,
+        on_update: Callable[[Progress, str], None] | None = None,
+        on_warning: Callable[[str], None] | None = None,
+    ) -> Batch:
+        """Run the batch's unsettled tasks again (after an interruption); a Kubernetes Job still live is followed."""
         spec = self.store.spec(self.id)
-        hooks = RunHooks(on_update=on_update, on_running=self.start_prepare if wait else None)
+        hooks = RunHooks(on_update=on_update, on_running=self.start_prepare if wait else None, on_warning=on_warning)
         self._backend(spec.backend).resume(self.store, spec, wait=wait, hooks=hooks)
         return self
 

@@ -32,6 +32,17 @@ MAX_DIGITS = 10**8
 MAX_DIGITS_FORCED = 10**9
 #: Completion indexes (``task claim --index``).
 MAX_INDEX = MAX_TASKS - 1
+#: GPUs per worker (``--gpu``).
+MAX_GPUS = 1024
+#: The API server's limits on Indexed Jobs (pkg/apis/batch/validation): parallelism and
+#: maxFailedIndexes at most 100,000; above 100,000 completions (with backoffLimitPerIndex,
+#: which kiabatch always sets) parallelism and maxFailedIndexes at most 10,000.
+MAX_FAILED_INDEXES = 100_000
+COMPLETIONS_SOFT_LIMIT = 100_000
+MAX_PARALLEL_HIGH_COMPLETIONS = 10_000
+MAX_FAILED_INDEXES_HIGH_COMPLETIONS = 10_000
+#: Pod names (``<job>-<index>-<5 characters>``) and their hostnames are DNS labels.
+MAX_POD_NAME = 63
 
 
 def check_int(name: str, value: object, minimum: int, maximum: int) -> int:
@@ -54,3 +65,36 @@ def check_seconds(name: str, value: object, minimum: float = 0.0, maximum: float
             f"not {value!r:.40}"
         )
     return float(value)
+
+
+def check_indexed_job(tasks: int, parallelism: int, max_failed_indexes: int, job_name: str) -> None:
+    """UsageError for an Indexed Job the API server would refuse (or whose pod names it would cut).
+
+    Checked before anything is written, with what is allowed in the message.
+    """
+    if tasks > COMPLETIONS_SOFT_LIMIT:
+        above = f"above {COMPLETIONS_SOFT_LIMIT:,} tasks (the API's limit for Indexed Jobs)"
+        fewer = f"or give --chunk so there are at most {COMPLETIONS_SOFT_LIMIT:,} tasks"
+        if parallelism > MAX_PARALLEL_HIGH_COMPLETIONS:
+            raise UsageError(
+                f"{tasks:,} tasks with parallelism {parallelism:,}: {above}, at most "
+                f"{MAX_PARALLEL_HIGH_COMPLETIONS:,} may run at once; lower --parallel, {fewer}"
+            )
+        if max_failed_indexes > MAX_FAILED_INDEXES_HIGH_COMPLETIONS:
+            raise UsageError(
+                f"{tasks:,} tasks with max failed indexes {max_failed_indexes:,}: {above}, at most "
+                f"{MAX_FAILED_INDEXES_HIGH_COMPLETIONS:,}; lower --max-failed-indexes, {fewer}"
+            )
+    longest = len(job_name) + len(f"-{tasks - 1}-") + 5
+    if longest > MAX_POD_NAME:
+        room = MAX_POD_NAME - len(f"-{tasks - 1}-") - 5
+        raise UsageError(
+            f"Job {job_name!r} with {tasks:,} tasks would name pods with {longest} characters "
+            f"(<job>-<index>-<5 characters>, at most {MAX_POD_NAME}): use a batch id of at most {room} characters, "
+            "or fewer tasks (--chunk)"
+        )
+
+
+def task_limit(parallelism: int) -> int:
+    """Most tasks an Indexed Job may have at ``parallelism``: 100,000 above 10,000 at once, else MAX_TASKS."""
+    return COMPLETIONS_SOFT_LIMIT if parallelism > MAX_PARALLEL_HIGH_COMPLETIONS else MAX_TASKS

@@ -240,9 +240,11 @@ def release_call(k: BatchKeys, index: int) -> Call:
 #: KEYS[4] batch progress, KEYS[5] batch index (zset), KEYS[6] the named queue's
 #: ``since`` key (moved to the meta's ``queue_since``: the queue is empty now)
 #: ARGV[1] batch id, ARGV[2] created_at, ARGV[3] chunk (0: derive from tasks),
-#: ARGV[4] tasks wanted (0: one per chunk), ARGV[5..] meta field/value pairs
+#: ARGV[4] tasks wanted (0: one per chunk, or more per chunk if that makes more
+#: than the limit), ARGV[5] most tasks allowed, ARGV[6..] meta field/value pairs
 #: Returns the number of items taken; 0 means the queue was empty and nothing
-#: was written.
+#: was written. An error ``TOOMANY items chunk tasks`` (nothing written) when the
+#: chunk asked for makes more tasks than allowed.
 SNAPSHOT = """
 local n = redis.call('LLEN', KEYS[1])
 if n == 0 then return 0 end
@@ -251,12 +253,14 @@ if redis.call('EXISTS', KEYS[3]) == 1 then
 end
 local chunk = tonumber(ARGV[3])
 local wanted = tonumber(ARGV[4])
+local limit = tonumber(ARGV[5])
 if chunk == 0 then
-  if wanted == 0 then chunk = 1 else chunk = math.ceil(n / wanted) end
+  if wanted == 0 then chunk = math.max(1, math.ceil(n / limit)) else chunk = math.ceil(n / wanted) end
 end
 local tasks = math.ceil(n / chunk)
+if tasks > limit then return redis.error_reply('TOOMANY ' .. n .. ' ' .. chunk .. ' ' .. tasks) end
 redis.call('RENAME', KEYS[1], KEYS[2])
-redis.call('HSET', KEYS[3], unpack(ARGV, 5))
+redis.call('HSET', KEYS[3], unpack(ARGV, 6))
 local since = redis.call('GET', KEYS[6])
 if since then
   redis.call('HSET', KEYS[3], 'queue_since', since)
@@ -270,11 +274,18 @@ return n
 
 
 def snapshot_call(
-    queue: str, k: BatchKeys, batch_id: str, created_at: float, chunk: int, tasks: int, fields: Sequence[str]
+    queue: str,
+    k: BatchKeys,
+    batch_id: str,
+    created_at: float,
+    chunk: int,
+    tasks: int,
+    limit: int,
+    fields: Sequence[str],
 ) -> Call:
     """KEYS and ARGV of :data:`SNAPSHOT` (``fields``: flat meta field/value pairs; 0 means "derive")."""
     keys = [queue_key(queue), k.queue, k.meta, k.progress, BATCH_INDEX, queue_since_key(queue)]
-    return keys, [batch_id, created_at, chunk, tasks, *fields]
+    return keys, [batch_id, created_at, chunk, tasks, limit, *fields]
 
 
 #: UNSNAPSHOT — undo SNAPSHOT for a batch that never started (its Job could not be

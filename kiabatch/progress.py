@@ -54,6 +54,17 @@ class ProgressBar:
             if self.enabled and time.monotonic() - self._drawn >= _REDRAW:
                 self._draw()
 
+    def say(self, message: str) -> None:
+        """Print a line of its own (a warning) above the progress line, which is drawn again below it."""
+        with self._lock:
+            if self.enabled and self._width:
+                self.stream.write("\r" + " " * self._width + "\r")
+            self.stream.write(printable(message) + "\n")
+            self.stream.flush()
+            self._width = 0
+            if self.enabled:
+                self._draw()
+
     def eta(self) -> float | None:
         """Seconds left at the rate seen since the first settled item."""
         p = self.progress

@@ -105,6 +105,17 @@ def validate_schedule_name(name: str) -> str:
         ) from None
 
 
+def validate_run_name(run: str) -> str:
+    """A run's name (a launcher Job's, or a local run's): 1-253 printable characters of UTF-8 text."""
+    try:
+        run.encode()
+    except UnicodeEncodeError:
+        raise UsageError(f"bad run name {run!r:.60}: it is not valid UTF-8 text") from None
+    if not run or len(run) > 253 or not run.isprintable():
+        raise UsageError(f"bad run name {run!r:.60}: use 1 to 253 printable characters")
+    return run
+
+
 def run_batch_id(run: str) -> str:
     """The batch id of a run: stable, so starting the same run again finds its batch."""
     digest = hashlib.sha256(run.encode()).hexdigest()[:10]

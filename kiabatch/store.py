@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -19,7 +20,7 @@ import redis
 from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 
-from . import keys, lua
+from . import keys, limits, lua
 from .errors import NotFoundError, UsageError
 from .model import (
     QUEUED,
@@ -184,20 +185,39 @@ class Store:
             raise
         return final
 
-    def create_from_queue(self, spec: BatchSpec, queue_name: str, *, chunk: int | None, tasks: int | None) -> int:
+    def create_from_queue(
+        self,
+        spec: BatchSpec,
+        queue_name: str,
+        *,
+        chunk: int | None,
+        tasks: int | None,
+        limit: int = limits.MAX_TASKS,
+    ) -> int:
         """Start batch ``spec.id`` with a snapshot of named queue ``queue_name``.
 
         ``spec``'s tasks, chunk and total are placeholders: the script derives them
-        from the snapshot. Returns the number of items taken (0: nothing written).
+        from the snapshot (with neither chunk nor tasks given, the smallest chunk that
+        makes at most ``limit`` tasks). Returns the number of items taken (0: nothing
+        written); UsageError, with nothing written, when ``chunk`` makes too many tasks.
         """
         k = keys.batch_keys(spec.id)
         fields = {**spec.to_fields(), "state": QUEUED}
         for derived in ("tasks", "chunk", "total"):
             fields.pop(derived, None)
         flat: list[str] = [part for pair in fields.items() for part in pair]
-        return int(
-            self._snapshot(*lua.snapshot_call(queue_name, k, spec.id, spec.created_at, chunk or 0, tasks or 0, flat))
-        )
+        call = lua.snapshot_call(queue_name, k, spec.id, spec.created_at, chunk or 0, tasks or 0, limit, flat)
+        try:
+            return int(self._snapshot(*call))
+        except redis.ResponseError as exc:
+            words = str(exc).split()
+            if words[:1] != ["TOOMANY"]:
+                raise
+            total, size, count = (int(float(word)) for word in words[1:4])
+            raise UsageError(
+                f"{total:,} items at {size:,} per task make {count:,} tasks, more than {limit:,}; "
+                f"give --chunk {math.ceil(total / limit)} or more"
+            ) from None
 
     def undo_create(self, batch_id: str) -> None:
         """Remove a batch that never started; items taken from a named queue go back to it.

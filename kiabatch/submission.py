@@ -25,7 +25,7 @@ from .backends import RunHooks
 from .batch import Batch, open_store
 from .errors import UsageError
 from .model import BatchSpec, Progress, new_batch_id, validate_batch_id, validate_queue_name
-from .schedules import run_batch_id
+from .schedules import run_batch_id, validate_run_name, validate_schedule_name
 
 if TYPE_CHECKING:
     from .kube.batch_job import KubeOptions
@@ -93,6 +93,10 @@ class BatchOptions:
         backends.validate(self.backend)
         if self.batch_id is not None:
             validate_batch_id(self.batch_id)
+        if self.schedule is not None:
+            validate_schedule_name(self.schedule)
+        if self.run is not None:
+            validate_run_name(self.run)
         if self.run is not None and self.batch_id is not None:
             raise UsageError("give either a batch id or a run (whose batch id is derived from it), not both")
         if self.from_queue is not None:
@@ -101,20 +105,37 @@ class BatchOptions:
                 raise UsageError("from_queue takes its items from the queue; give no items")
 
 
-def cut_tasks(total: int, *, tasks: int | None, chunk: int | None) -> tuple[int, int]:
-    """(tasks, chunk) for ``total`` items: ``tasks`` wanted, or ``chunk`` items each (default 1)."""
+def cut_tasks(total: int, *, tasks: int | None, chunk: int | None, limit: int = limits.MAX_TASKS) -> tuple[int, int]:
+    """(tasks, chunk) for ``total`` items: ``tasks`` wanted, or ``chunk`` items each.
+
+    With neither, one item per task — or, when that makes more than ``limit`` tasks
+    (the backend's limit), the smallest chunk that fits (see :func:`chunk_notice`).
+    An explicit chunk or task count that does not fit is refused.
+    """
     if tasks is not None and chunk is not None:
         raise UsageError("give either tasks or chunk, not both (chunk = items per task)")
     if tasks is not None:
         chunk = math.ceil(total / tasks)
-    chunk = chunk or 1
+    if chunk is None:
+        chunk = max(1, math.ceil(total / limit))
     count = math.ceil(total / chunk)
-    if count > limits.MAX_TASKS:
+    if count > limit:
         raise UsageError(
-            f"{total:,} items at {chunk:,} per task make {count:,} tasks, more than {limits.MAX_TASKS:,}; "
-            f"give --chunk {math.ceil(total / limits.MAX_TASKS)} or more"
+            f"{total:,} items at {chunk:,} per task make {count:,} tasks, more than {limit:,}; "
+            f"give --chunk {math.ceil(total / limit)} or more"
         )
     return count, chunk
+
+
+def chunk_notice(options: BatchOptions, spec: BatchSpec) -> str | None:
+    """What to tell the user when the chunk size was chosen for them (more items than tasks allowed)."""
+    if options.chunk is not None or options.tasks is not None or spec.chunk <= 1:
+        return None
+    limit = backends.get(spec.backend).task_limit(spec.parallelism)
+    return (
+        f"{spec.total:,} items are more than the {limit:,} tasks a batch may have here: running {spec.chunk:,} "
+        f"items per task (as --chunk {spec.chunk}); give --chunk or --tasks to choose"
+    )
 
 
 @dataclass(frozen=True)
@@ -129,10 +150,12 @@ class PlannedBatch:
     #: What the workload asked for: items per task and number of tasks (None: derive).
     chunk: int | None
     tasks: int | None
+    #: Most tasks the backend runs in one batch at this parallelism.
+    task_limit: int = limits.MAX_TASKS
 
     def shape(self, total: int) -> tuple[int, int]:
         """(tasks, chunk) for ``total`` items."""
-        return cut_tasks(total, tasks=self.tasks, chunk=self.chunk)
+        return cut_tasks(total, tasks=self.tasks, chunk=self.chunk, limit=self.task_limit)
 
     def counted(self) -> BatchSpec:
         """The spec with its items counted (consumes them; for ``render``, which writes nothing)."""
@@ -169,8 +192,9 @@ def plan_batch(workload: str = "exec", options: BatchOptions | None = None, **wo
         given = [name for name in ("items", "command", "from_queue") if getattr(options, name) is not None]
         if given:
             raise UsageError(f"workload {workload!r} makes its own items and command; drop {', '.join(given)}")
-    plan = chosen.plan(backends.get(options.backend).runtime(), parallel=options.parallel, tasks=options.tasks,
-                       **extra)  # fmt: skip
+    target = backends.get(options.backend)
+    plan = chosen.plan(target.runtime(), parallel=options.parallel, tasks=options.tasks, **extra)
+    task_limit = target.task_limit(options.parallel)
     batch_id = options.batch_id or (run_batch_id(options.run) if options.run else None)
     spec = BatchSpec(
         id=batch_id or new_batch_id(workload if options.from_queue is None else options.from_queue),
@@ -193,12 +217,12 @@ def plan_batch(workload: str = "exec", options: BatchOptions | None = None, **wo
         run=options.run or "",
     )
     if options.from_queue is not None:
-        return PlannedBatch(spec, None, options.from_queue, plan.chunk, plan.tasks)
-    return PlannedBatch(spec, items_mod.encode_many(plan.items), None, plan.chunk, plan.tasks)
+        return PlannedBatch(spec, None, options.from_queue, plan.chunk, plan.tasks, task_limit)
+    return PlannedBatch(spec, items_mod.encode_many(plan.items), None, plan.chunk, plan.tasks, task_limit)
 
 
 #: What :func:`submit` takes besides the batch options and the workload's own.
-_SUBMIT_ONLY = ("redis", "wait", "start", "home", "on_update", "on_created", "kube")
+_SUBMIT_ONLY = ("redis", "wait", "start", "home", "on_update", "on_created", "on_warning", "kube")
 
 
 def check_workload_options(workload: workloads.Workload, given: Mapping[str, Any]) -> None:
@@ -241,6 +265,7 @@ def submit(
     home: Path | None = None,
     on_update: Callable[[Progress, str], None] | None = None,
     on_created: Callable[[Batch], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
     kube: KubeOptions | None = None,
     **workload_options: Any,
 ) -> Batch | None:
@@ -256,8 +281,10 @@ def submit(
 
     ``redis`` is a client or URL (default ``$KIABATCH_REDIS_URL``, else the embedded
     server). With ``wait`` the batch runs to its end before this returns (locally, in
-    this process); ``on_update(progress, note)`` follows it and ``on_created(batch)``
-    is called once it is written. With ``start=False`` the batch is only written:
+    this process); ``on_update(progress, note)`` follows it (the note says what holds
+    it, e.g. "waiting for admission"), ``on_created(batch)`` is called once it is
+    written, and ``on_warning(message)`` once something needs the user's eye while
+    the batch goes on (no pod has started after ``kube.pull_grace``). With ``start=False`` the batch is only written:
     run its tasks yourself with ``kiabatch task claim`` / ``task report``. ``kube``
     holds the cluster-side settings of the kubernetes backend. Returns None when
     ``from_queue`` names an empty queue (nothing is created). Bad input raises
@@ -271,7 +298,7 @@ def submit(
         schedule=schedule, run=run, workload_options=workload_options,
     )  # fmt: skip
     return submit_options(workload, options, redis=redis, wait=wait, start=start, home=home, on_update=on_update,
-                          on_created=on_created, kube=kube)  # fmt: skip
+                          on_created=on_created, on_warning=on_warning, kube=kube)  # fmt: skip
 
 
 def submit_options(
@@ -284,6 +311,7 @@ def submit_options(
     home: Path | None = None,
     on_update: Callable[[Progress, str], None] | None = None,
     on_created: Callable[[Batch], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
     kube: KubeOptions | None = None,
 ) -> Batch | None:
     """:func:`submit` with the batch options as one :class:`BatchOptions` value (what the CLI builds)."""
@@ -294,7 +322,7 @@ def submit_options(
     store = open_store(redis, retry_seconds=settings.worker_retry_seconds() if wait else 0.0)
     if start:
         target.preflight(store)
-    hooks = RunHooks(on_update=on_update)
+    hooks = RunHooks(on_update=on_update, on_warning=on_warning)
     if spec.run and store.exists(spec.id):
         # This run started before (its launcher or scheduler died): finish that batch.
         batch = Batch(spec.id, store.redis, home=home)
@@ -303,12 +331,24 @@ def submit_options(
             target.attach(store, store.spec(spec.id), wait=wait, hooks=hooks)
         return batch
     if planned.from_queue is not None:
-        taken = store.create_from_queue(spec, planned.from_queue, chunk=planned.chunk, tasks=planned.tasks)
+        if start:  # what can be checked before the queue's size is known (the shape is, with the Job)
+            target.check(replace(spec, tasks=1, chunk=1, total=1))
+        taken = store.create_from_queue(spec, planned.from_queue, chunk=planned.chunk, tasks=planned.tasks,
+                                        limit=planned.task_limit)  # fmt: skip
         if taken == 0:
             return None
         spec = store.spec(spec.id)
     else:
-        spec = store.create(spec, planned.items or iter(()), planned.shape)
+
+        def shape(total: int) -> tuple[int, int]:
+            # Runs once the items are counted, before the batch is committed: a Job the
+            # cluster would refuse leaves nothing behind.
+            tasks, chunk = planned.shape(total)
+            if start:
+                target.check(replace(spec, tasks=tasks, chunk=chunk, total=total))
+            return tasks, chunk
+
+        spec = store.create(spec, planned.items or iter(()), shape)
     batch = Batch(spec.id, store.redis, home=home)
     if on_created is not None:
         on_created(batch)

@@ -14,13 +14,16 @@ emptyDir shared by the init container, the worker and the reporter sidecar)::
     items/00000/stderr     the worker's stderr
     items/00000/output     the declared output file                 ({output})
     items/00000/exit_code  the worker's exit status
+    ready                  written once the task is laid out (or abandoned): run.sh may start
+    abandoned              why the task could not be claimed (run.sh then fails the pod)
     done                   the task's exit status, once every item ran
     reported               written by the reporter once Redis has the outcome
 
 ``kiabatch task claim`` and ``kiabatch task report`` are thin wrappers around
-:func:`claim_into` and :func:`report_from`. The local backend runs workers with
-pipes instead of files, but decides every outcome with the same functions
-(:func:`item_argv`, :func:`item_outcome`, :func:`outcome_report`).
+:func:`claim_into` and :func:`report_from`; ``kiabatch task sidecar`` (the pod's
+one kiabatch process) runs :func:`serve_task`, which does both. The local backend
+runs workers with pipes instead of files, but decides every outcome with the same
+functions (:func:`item_argv`, :func:`item_outcome`, :func:`outcome_report`).
 """
 
 from __future__ import annotations
@@ -30,15 +33,17 @@ import json
 import os
 import stat
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from . import items as items_mod
 from . import templates
-from .errors import UsageError
+from .errors import KiabatchError, UnreachableError, UsageError
 from .model import BatchSpec
 from .store import LOG_TAIL, Claim, ItemOutcome, Report, ReportResult, Store
 
@@ -48,6 +53,10 @@ INVALID_FILE = "invalid"
 TASK_FILE = "task.json"
 DONE_FILE = "done"
 REPORTED_FILE = "reported"
+READY_FILE = "ready"
+ABANDONED_FILE = "abandoned"
+#: Seconds between the sidecar's looks at ``done`` (a stat: cheap, and the pod ends this much sooner).
+SIDECAR_POLL = 0.05
 
 
 def runner_script() -> str:
@@ -101,11 +110,9 @@ def item_argv(spec: BatchSpec, value: Any, index: int, where: Path | str) -> lis
 def prepare(directory: Path, spec: BatchSpec, index: int, claim: Claim) -> TaskInfo:
     """Lay out the task directory for ``claim`` (idempotent for a given claim)."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / DONE_FILE).unlink(missing_ok=True)
-    (directory / REPORTED_FILE).unlink(missing_ok=True)
-    runner = directory / RUNNER_NAME
-    _write(runner, runner_script())
-    runner.chmod(0o755)
+    for stale in (DONE_FILE, REPORTED_FILE, READY_FILE, ABANDONED_FILE):
+        (directory / stale).unlink(missing_ok=True)
+    _write_runner(directory)
     values = claim.items if claim.status == "ok" else []
     for position, value in enumerate(values):
         where = item_dir(directory, position)
@@ -134,6 +141,12 @@ def prepare(directory: Path, spec: BatchSpec, index: int, claim: Claim) -> TaskI
     if claim.status != "ok":
         _write(directory / DONE_FILE, "0\n")
     return info
+
+
+def _write_runner(directory: Path) -> None:
+    runner = directory / RUNNER_NAME
+    _write(runner, runner_script())
+    runner.chmod(0o755)
 
 
 def claim_into(store: Store, batch_id: str, index: int, directory: Path, *, spec: BatchSpec | None = None) -> TaskInfo:
@@ -317,14 +330,81 @@ def report_from(store: Store, directory: Path, *, killed_reason: str = "") -> Re
     return result
 
 
-def await_and_report(store: Store, directory: Path, *, poll: float = 0.2) -> ReportResult | None:
-    """Sidecar mode: wait for run.sh to finish, then report (used on Kubernetes)."""
+def await_and_report(store: Store, directory: Path, *, poll: float = SIDECAR_POLL) -> ReportResult | None:
+    """Wait for run.sh to finish, then report (once: a ``reported`` task is left alone)."""
     TaskInfo.load(directory)  # a directory with no task would be waited on forever
     while done_status(directory) is None:
         time.sleep(poll)
     if (directory / REPORTED_FILE).exists():
         return None
     return report_from(store, directory)
+
+
+class TaskAbandoned(KiabatchError):
+    """The sidecar could not claim its task; run.sh fails the pod with this reason, and the Job retries."""
+
+
+def abandon(directory: Path, reason: str) -> None:
+    """Tell run.sh that there is no task to run, and why (it fails the pod; the Job retries the index)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_runner(directory)
+    _write(directory / ABANDONED_FILE, reason)
+    _write(directory / READY_FILE, f"{time.time()}\n")
+
+
+def _connect_within(open_store: Callable[[], Store], seconds: float) -> Store:
+    """``open_store()``, retried while Redis does not answer, for up to ``seconds`` (a Redis restarting)."""
+    deadline = time.monotonic() + seconds
+    pause = 0.1
+    while True:
+        try:
+            return open_store()
+        except UnreachableError:
+            if time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 2.0)
+
+
+def serve_task(
+    open_store: Callable[[], Store],
+    batch_id: str,
+    index: int,
+    directory: Path,
+    *,
+    retry_seconds: float = 0.0,
+    poll: float = SIDECAR_POLL,
+    on_claimed: Callable[[TaskInfo], None] | None = None,
+) -> ReportResult | None:
+    """The pod's sidecar: claim task ``index``, lay it out, write ``ready``, wait for run.sh, report.
+
+    The worker container starts beside it and waits for ``ready``, so claiming
+    overlaps the worker's container start. A sidecar that is restarted (it crashed,
+    or was OOM-killed) finds ``ready`` and never claims twice: it goes on waiting for
+    run.sh, or reports again if its predecessor died before Redis confirmed.
+
+    A claim that fails — the batch is gone, or Redis stays away longer than
+    ``retry_seconds`` — abandons the task: run.sh then fails the pod, so the Job
+    retries the index within its ``backoffLimitPerIndex`` and gives up after that
+    (never a sidecar crash-looping forever). Raises :class:`TaskAbandoned` then.
+    An index that is already settled lays out no items, and the pod succeeds at once.
+    """
+    if (directory / READY_FILE).exists():
+        if (directory / ABANDONED_FILE).exists():
+            raise TaskAbandoned((directory / ABANDONED_FILE).read_text())
+        store = _connect_within(open_store, retry_seconds)
+    else:
+        try:
+            store = _connect_within(open_store, retry_seconds)
+            info = claim_into(store, batch_id, index, directory)
+        except (KiabatchError, redis.RedisError) as exc:
+            reason = f"cannot claim index {index} of batch {batch_id}: {exc}"
+            abandon(directory, reason)
+            raise TaskAbandoned(reason) from None
+        _write(directory / READY_FILE, f"{time.time()}\n")
+        if on_claimed is not None:
+            on_claimed(info)
+    return await_and_report(store, directory, poll=poll)
 
 
 def task_env(spec: BatchSpec, index: int, directory: Path | None) -> dict[str, str]:

@@ -246,3 +246,20 @@ def test_json_results_are_exactly_the_outcome_dicts_for_chunks_binary_text_and_f
     assert [json.loads(line) for line in json_lines(store, batch.id)] == [outcome_dict(o) for o in outcomes]
     assert list(table_lines(store, batch.id)) == [outcome_line(o) for o in outcomes]
     assert len(outcomes) == len(values) and [o.item for o in outcomes if hasattr(o, "reason")] == ["bad"]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["schedule", "history", "\udcff"], "bad schedule name"),
+        (["schedule", "run-now", "Not_A_Name"], "bad schedule name"),
+        (["submit", "pi", "--digits", "1", "--schedule", "\udcff"], "bad schedule name"),
+        (["submit", "pi", "--digits", "1", "--run", "\udcff"], "bad run name"),
+        (["submit", "pi", "--digits", "1", "--run", "a\nb"], "bad run name"),
+        (["render", "--item", "1", "--pod-template", "\x00", "--", "true"], "is not a file name"),
+    ],
+)
+def test_names_the_fuzzer_found_unencodable_are_refused_with_one_line(redis_url, client, args, fragment):
+    """Found by tests/test_fuzz_cli.py (random mode): these raised UnicodeEncodeError / ValueError."""
+    one_line_error(kb(*args), 2, fragment)
+    assert client.keys("*") == []

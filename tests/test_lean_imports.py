@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -21,8 +23,11 @@ HEAVY = ("kubernetes", "urllib3", "yaml", "mpmath", "gmpy2", "croniter", "psutil
          "prometheus_client", "anyio")  # fmt: skip
 
 PROBE = """
-import atexit, json, sys
-atexit.register(lambda: print("MODULES " + json.dumps(sorted({m.split('.')[0] for m in sys.modules})), file=sys.stderr))
+import atexit, json, os, sys
+report = lambda: print("MODULES " + json.dumps(sorted({m.split('.')[0] for m in sys.modules})), file=sys.stderr)
+atexit.register(report)
+_exit = os._exit
+os._exit = lambda code: (report(), sys.stderr.flush(), _exit(code))  # the pod sidecar's quick exit on SIGTERM
 sys.argv = ["kiabatch", *sys.argv[1:]]
 from kiabatch.cli import main
 main()
@@ -79,3 +84,21 @@ def test_only_the_dashboard_loads_the_web_stack(home):
 def test_a_kubernetes_command_does_load_the_client(home):
     # The check above would pass vacuously if the probe never saw imports; here it must.
     assert "kubernetes" in loaded("secret", "create", "--url-stdin", env={"KUBECONFIG": "/nonexistent"})
+
+
+def test_the_pod_sidecar_loads_neither_the_kubernetes_client_nor_yaml(redis_url, home, tmp_path):
+    """The one Python process of a pod starts fast: no heavy package, from its claim to its SIGTERM."""
+    batch = submit(items=["x"], command=["echo", "{item}"], start=False, home=home)
+    directory = tmp_path / "task"
+    sidecar = subprocess.Popen([sys.executable, "-c", PROBE, "task", "sidecar", "--batch", batch.id, "--index", "0",
+                                "--dir", str(directory)], stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (directory / "ready").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    subprocess.run(["/bin/sh", str(directory / "run.sh")], env={**os.environ, "KIABATCH_TASK_DIR": str(directory),
+                   "KIABATCH_AWAIT_REPORT": "1"}, check=True, timeout=60)  # fmt: skip
+    sidecar.send_signal(signal.SIGTERM)
+    _, stderr = sidecar.communicate(timeout=30)
+    [line] = [line for line in stderr.splitlines() if line.startswith("MODULES ")]
+    assert set(json.loads(line.removeprefix("MODULES "))) & set(HEAVY) == set()
+    assert [r.text for r in batch.results()] == ["x\n"]

@@ -15,7 +15,7 @@ import pytest
 
 from kiabatch import Batch, InterruptedBatchError, submit
 from kiabatch.store import Store
-from tests.helpers import kiabatch_cmd, run_cli
+from tests.helpers import kiabatch_cmd, run_cli, wait_for
 
 WORKER = str(Path(__file__).parent / "programs" / "worker.py")
 
@@ -274,3 +274,35 @@ def test_two_runners_never_run_the_same_batch(redis_url, home):
     with pytest.raises(Exception, match="already being run"):
         batch.resume(wait=True)
     batch.wait(timeout=30)
+
+
+def running_levels(events) -> list[tuple[float, int]]:
+    level, levels = 0, []
+    for at, kind, *_ in sorted(events, key=lambda e: float(e[0])):
+        level += 1 if kind == "start" else -1
+        levels.append((float(at), level))
+    return levels
+
+
+def test_scale_raises_and_lowers_the_running_slots_of_a_local_batch(redis_url, home, tmp_path):
+    """`kiabatch scale` on a running local batch: more slots within a moment, and fewer once tasks end."""
+    log = tmp_path / "log"
+    items = [str(i) for i in range(24)]
+    batch = submit(items=items, command=worker("--sleep", "0.4", "--log", str(log)), parallel=1, home=home)
+    wait_for(lambda: read_log(log), timeout=30)
+    raised = time.time()
+    assert run_cli("scale", batch.id, "--parallel", "4").returncode == 0
+    wait_for(lambda: len([e for e in read_log(log) if e[1] == "start"]) >= 12, timeout=60)
+    lowered = time.time()
+    assert run_cli("scale", batch.id, "--parallel", "1").returncode == 0
+    batch.wait(timeout=120)
+    assert outputs(batch) == sorted(f"done {i}" for i in items)
+    levels = running_levels(read_log(log))  # (time, workers running just after it)
+
+    def most(start: float, end: float) -> int:
+        return max(level for at, level in levels if start <= at < end)
+
+    assert most(0, raised) == 1
+    assert most(raised + 1.0, lowered) == 4
+    assert most(lowered + 1.5, float("inf")) == 1  # the runner saw it, and the tasks running then have ended
+    assert batch.status().parallelism == 1

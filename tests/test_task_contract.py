@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from kiabatch import Batch, submit
+from kiabatch.kube.batch_job import WORKER_SCRIPT
 from kiabatch.store import Store
 from kiabatch.task import TaskInfo, claim_into, done_status, report_from
 from tests.helpers import HOSTILE, kiabatch_cmd, run_cli
@@ -96,24 +97,23 @@ def test_a_retry_of_an_index_reruns_the_same_items(redis_url, home, tmp_path, cl
     assert (first.attempt, second.attempt) == (1, 2)
 
 
-def test_the_sidecar_waits_for_the_worker_then_reports_and_the_worker_waits_for_it(redis_url, home, tmp_path):
-    """KIABATCH_AWAIT_REPORT: the worker only exits once the reporter confirmed; the reporter idles after."""
+def test_the_sidecar_claims_then_reports_and_the_worker_waits_for_it(redis_url, home, tmp_path):
+    """The pod's two processes: the worker exits only once the sidecar confirmed; the sidecar idles after."""
     batch = create(home, items=["x"], command=["sh", "-c", "sleep 0.5; echo hi"])
     directory = tmp_path / "pod"
-    claimed = run_cli("task", "claim", "--batch", batch.id, "--dir", str(directory), env={"JOB_COMPLETION_INDEX": "0"})
-    assert claimed.returncode == 0, claimed.stderr
-    reporter = subprocess.Popen(kiabatch_cmd("task", "report", "--await", "--dir", str(directory)))
+    sidecar = subprocess.Popen(kiabatch_cmd("task", "sidecar", "--batch", batch.id, "--dir", str(directory)),
+                               env={**os.environ, "JOB_COMPLETION_INDEX": "0"})  # fmt: skip
     worker = subprocess.Popen(
-        ["/bin/sh", str(directory / "run.sh")],
+        ["/bin/sh", "-c", WORKER_SCRIPT],
         env={**os.environ, "KIABATCH_TASK_DIR": str(directory), "KIABATCH_AWAIT_REPORT": "1"},
     )
     assert worker.wait(timeout=30) == 0
     assert (directory / "reported").exists()
     assert [r.text for r in batch.results()] == ["hi\n"]
     time.sleep(0.3)
-    assert reporter.poll() is None  # a native sidecar keeps running until the pod ends
-    reporter.terminate()
-    assert reporter.wait(timeout=10) == 0
+    assert sidecar.poll() is None  # a native sidecar keeps running until the pod ends
+    sidecar.terminate()
+    assert sidecar.wait(timeout=10) == 0
 
 
 def test_the_worker_fails_when_the_reporter_never_confirms(redis_url, home, tmp_path):

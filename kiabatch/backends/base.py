@@ -24,11 +24,18 @@ class RunHooks:
     on_update: Callable[[Progress, str], None] | None = None
     #: Called once, when the first worker has started (π starts its reduce preparation then).
     on_running: Callable[[], None] | None = None
+    #: Something to tell the user once, while the run goes on ("no pod has started after 2m: ...").
+    on_warning: Callable[[str], None] | None = None
 
     def update(self, progress: Progress, note: str = "") -> None:
         """Report progress (no-op without a callback)."""
         if self.on_update is not None:
             self.on_update(progress, note)
+
+    def warn(self, message: str) -> None:
+        """Tell the user ``message`` (no-op without a callback)."""
+        if self.on_warning is not None:
+            self.on_warning(message)
 
     def running(self) -> None:
         """Report that workers run (no-op without a callback)."""
@@ -63,6 +70,14 @@ class Backend(Protocol):
 
     def preflight(self, store: Store) -> None:
         """Check everything that can be checked before anything is written (raise a KiabatchError)."""
+        ...
+
+    def task_limit(self, parallelism: int) -> int:
+        """Most tasks one batch may have here at ``parallelism`` (more items share tasks: a chunk is chosen)."""
+        ...
+
+    def check(self, spec: BatchSpec) -> None:
+        """Refuse (UsageError) a batch this backend cannot run; called with its shape before it is committed."""
         ...
 
     def launch(self, store: Store, spec: BatchSpec, *, wait: bool, hooks: RunHooks) -> Status | None:

@@ -21,14 +21,17 @@ from ..kube.api import Cluster
 from ..kube.batch_job import KubeOptions
 from ..kube.jobs import (
     JOB,
+    SlowStart,
     StuckPods,
+    admission_note,
     conditions,
     job_outcome,
     job_states,
     job_summary,
     parse_indexes,
-    pending_reasons,
     pod_problems,
+    pod_waits,
+    suspended,
 )
 from ..kube.objects import BATCH_LABEL, COMPLETION_INDEX_LABEL
 from ..model import FAILED, BatchSpec, Status
@@ -75,6 +78,14 @@ class KubernetesBackend:
             )
         self._cluster = cluster
 
+    def task_limit(self, parallelism: int) -> int:
+        """An Indexed Job's: at most 100,000 completions above 10,000 at once (see kiabatch.limits)."""
+        return limits.task_limit(parallelism)
+
+    def check(self, spec: BatchSpec) -> None:
+        """Build the batch's Job: UsageError for what the API server would refuse, or a refused pod template."""
+        batch_job.job(spec, self.options)
+
     def _new_cluster(self) -> Cluster:
         """The cluster of a new Job: the one preflight checked, else the options' (checked now)."""
         if self._cluster is None:
@@ -97,9 +108,9 @@ class KubernetesBackend:
             job=job["metadata"]["name"],
             kube_context=cluster.config.context or "",
             kube_image=options.image,
-            kube_cpu=options.cpu,
-            kube_memory=options.memory,
-            kube_redis_secret=options.redis_secret,
+            # Everything the Job was built from: a resumed batch's new Job is built the same way
+            # (the same queue, placement, resources and template).
+            kube_options=options.to_json(),
         )
         return created
 
@@ -137,20 +148,26 @@ class KubernetesBackend:
         return self._follow(store, spec.id, cluster, hooks, pull_grace=self.options.pull_grace) if wait else None
 
     def resume(self, store: Store, spec: BatchSpec, *, wait: bool, hooks: RunHooks) -> Status | None:
-        """Run the unsettled indexes again in a new Job (settled ones exit at once)."""
+        """Run the unsettled indexes again in a new Job (settled ones exit at once).
+
+        A Job that is still live — running, or suspended while Kueue has not admitted
+        it — is followed instead: one Job per batch at a time, and its claims stay.
+        The new Job is built from the settings the batch was submitted with.
+        """
         meta = store.meta(spec.id)
         cluster = Cluster.connect(meta.get("kube_context") or None, meta.get("namespace") or None)
         old = meta.get("job")
+        options = _stored_options(meta, namespace=cluster.namespace)
         if old:
             current = cluster.get(JOB, old)
             if current is not None and job_outcome(current) is None:
-                raise UsageError(f"Job {old} of batch {spec.id} is still running; wait for it or delete it first")
+                hooks.running()
+                return self._follow(store, spec.id, cluster, hooks, pull_grace=options.pull_grace) if wait else None
             cluster.delete(JOB, old)
         generation = int(meta.get("job_generation", "0")) + 1
         store.set_meta(spec.id, job_generation=generation)
         store.release_all(spec.id)
-        options = KubeOptions(namespace=cluster.namespace, job_name=f"{spec.id}-r{generation}", context=None,
-                              **_stored_options(meta))  # fmt: skip
+        options = replace(options, job_name=batch_job.resumed_job_name(spec.id, generation, spec.tasks))
         self.create_job(cluster, store, spec, options)
         hooks.running()
         return self._follow(store, spec.id, cluster, hooks, pull_grace=options.pull_grace) if wait else None
@@ -200,18 +217,24 @@ class KubernetesBackend:
         """Follow the Job with a watch until it reaches a terminal condition (Complete,
         SuccessCriteriaMet, Failed, FailureTarget); returns the batch's final status.
 
-        Raises ClusterError when pods cannot start (an image that cannot be pulled,
-        a missing Secret) for longer than ``pull_grace`` seconds, and KiabatchError
-        when the Job completed but Redis misses outcomes (a Redis that lost writes).
+        The progress note says what holds the batch: "waiting for admission" (with
+        Kueue's reason) while the Job is suspended, pods the scheduler cannot place
+        and why. Once ``pull_grace`` seconds pass with no pod started (not counting
+        time suspended), it warns once and keeps waiting: a full cluster is not a
+        failure. Raises ClusterError when pods cannot start (an image that cannot be
+        pulled, a missing Secret) for longer than ``pull_grace`` seconds, and
+        KiabatchError when the Job completed but Redis misses outcomes (a Redis that
+        lost writes).
         """
         job_name = store.meta(batch_id)["job"]
         started = time.monotonic()
         stuck = StuckPods(pull_grace)
+        slow = SlowStart(pull_grace)
         for job in job_states(cluster, job_name):
             self.reconcile(store, batch_id, job)
-            hooks.update(store.progress(batch_id))
             outcome = job_outcome(job)
             if outcome is not None and store.status(batch_id).finished:
+                hooks.update(store.progress(batch_id), "")
                 return store.status(batch_id)
             if outcome == "succeeded":
                 missing = len(store.unsettled_indexes(batch_id))
@@ -219,9 +242,19 @@ class KubernetesBackend:
                     f"Job {job_name} completed but Redis has no outcome for {missing} task(s) (did Redis lose "
                     f"writes?); run them again with: kiabatch resume {batch_id}"
                 )
-            problem = stuck.overdue(cluster.pods(f"{BATCH_LABEL}={batch_id}"))
-            if problem:
-                raise ClusterError(f"batch {batch_id} cannot start its pods: {problem}")
+            pods = cluster.pods(f"{BATCH_LABEL}={batch_id}")
+            if suspended(job):
+                stuck.reset()  # waiting for admission is not a start problem
+                hooks.update(store.progress(batch_id), admission_note(job, cluster.workload_of(job)))
+            else:
+                waits = pod_waits(pods)
+                hooks.update(store.progress(batch_id), waits[0] if waits else "")
+                warning = slow.check(job, pods, waits)
+                if warning:
+                    hooks.warn(f"batch {batch_id}: {warning}")
+                problem = stuck.overdue(pods)
+                if problem:
+                    raise ClusterError(f"batch {batch_id} cannot start its pods: {problem}")
             if timeout is not None and time.monotonic() - started > timeout:
                 raise TimeoutError(f"batch {batch_id} did not finish within {timeout:g}s")
         if store.status(batch_id).finished:
@@ -246,13 +279,17 @@ class KubernetesBackend:
             detail["problem"] = (f"the Job completed but Redis has no outcome for {missing} task(s); "
                                  f"run them again with: kiabatch resume {status.id}")  # fmt: skip
         if job is not None and job_outcome(job) is None:
+            if suspended(job):
+                detail["admission"] = admission_note(job, cluster.workload_of(job))
             pods = cluster.pods(f"{BATCH_LABEL}={status.id}")
             problems = pod_problems(pods)
             if problems:
                 detail["problem"] = problems[0]
-            waiting = problems + pending_reasons(pods)
-            if waiting:
-                detail["pod_problems"] = waiting
+            waits = pod_waits(pods)
+            if waits:  # not a problem: the pods start once the cluster has room
+                detail["waiting"] = "; ".join(waits)
+            if problems or waits:  # every line, for the dashboard
+                detail["pod_problems"] = problems + waits
         return replace(status, detail=detail)
 
     def list_detail(self, store: Store, status: Status) -> Status:
@@ -280,7 +317,7 @@ class KubernetesBackend:
     def logs(
         self, store: Store, batch_id: str, *, index: int | None = None, follow: bool = False
     ) -> Iterator[LogChunk]:
-        """Pieces of the pods' claim, reporter and worker logs, each labelled with index, pod and container."""
+        """Pieces of the logs of the pods' containers (the kiabatch sidecar, the worker), each labelled."""
         cluster, _ = self.cluster_for(store, batch_id)
         selector = f"{BATCH_LABEL}={batch_id}"
         if index is not None:
@@ -292,27 +329,41 @@ class KubernetesBackend:
         )  # fmt: skip
         for pod in pods:
             number = int(pod["metadata"].get("labels", {}).get(COMPLETION_INDEX_LABEL, -1))
-            for container in ("claim", "reporter", "worker"):
+            spec = pod.get("spec", {})
+            for container in [c["name"] for c in spec.get("initContainers", []) + spec.get("containers", [])]:
                 label = f"index {number} {pod['metadata']['name']} {container}"
                 for chunk in cluster.pod_log(
-                    pod["metadata"]["name"], container, follow=follow and container == "worker"
+                    pod["metadata"]["name"], container, follow=follow and container == batch_job.WORKER
                 ):
                     yield LogChunk(label=label, data=chunk, index=number, whole=False)
 
     def scale(self, store: Store, batch_id: str, parallel: int) -> None:
-        """Patch the Job's ``spec.parallelism`` (mutable) and record it in the batch."""
+        """Patch the Job's ``spec.parallelism`` (mutable) and record it in the batch.
+
+        Refused, with nothing changed, where the API server would refuse it (at most
+        10,000 at once for a Job of more than 100,000 tasks). A Job in a Kueue queue is
+        re-admitted with its new size (Kueue suspends and queues it again); nothing is lost.
+        """
         limits.check_int("parallel", parallel, 1, limits.MAX_PARALLEL)
         cluster, job_name = self.cluster_for(store, batch_id)
-        if cluster.get(JOB, job_name) is None:
+        job = cluster.get(JOB, job_name)
+        if job is None:
             raise UsageError(f"batch {batch_id}'s Job {job_name} is gone; nothing to scale")
+        completions = int(job["spec"].get("completions") or 1)
+        max_failed = int(job["spec"].get("maxFailedIndexes") or 1)
+        limits.check_indexed_job(completions, parallel, max_failed, job_name)
         cluster.patch(JOB, job_name, {"spec": {"parallelism": parallel}})
         store.set_meta(batch_id, parallelism=parallel)
 
 
-def _stored_options(meta: dict[str, str]) -> dict[str, Any]:
-    """KubeOptions fields kept in the batch meta at submit time."""
-    keep = {}
-    for field in ("image", "cpu", "memory", "redis_secret"):
-        if meta.get(f"kube_{field}"):
-            keep[field] = meta[f"kube_{field}"]
-    return keep
+def _stored_options(meta: dict[str, str], *, namespace: str) -> KubeOptions:
+    """The KubeOptions a batch's Job was built from, kept in its meta at submit time."""
+    if meta.get("kube_options"):
+        return KubeOptions.from_json(meta["kube_options"], namespace=namespace)
+    # A batch submitted by an older kiabatch kept a few fields only.
+    keep = {
+        field: meta[f"kube_{field}"]
+        for field in ("image", "cpu", "memory", "redis_secret")
+        if meta.get(f"kube_{field}")
+    }
+    return KubeOptions(namespace=namespace, **keep)

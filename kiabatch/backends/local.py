@@ -46,6 +46,15 @@ class LocalBackend:
         private_dir(self.home or settings.home(), f"the state directory (${settings.ENV_HOME})")
         scratch_root(self.home)
 
+    def task_limit(self, parallelism: int) -> int:
+        """:data:`kiabatch.limits.MAX_TASKS`, at any parallelism."""
+        del parallelism
+        return limits.MAX_TASKS
+
+    def check(self, spec: BatchSpec) -> None:
+        """Any shape runs locally (the ranges were checked with the options)."""
+        del spec
+
     def launch(self, store: Store, spec: BatchSpec, *, wait: bool, hooks: RunHooks) -> Status | None:
         """Run the batch in this process (``wait``) or in a detached background runner."""
         if wait:

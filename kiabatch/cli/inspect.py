@@ -88,14 +88,15 @@ def status_command(
         last = None
         while True:
             status = batch.status(read_only=read_only)
-            bar.update(status.progress)
+            waiting = status.detail.get("admission") or status.detail.get("waiting") or ""
+            bar.update(status.progress, waiting)
             if session.json and status.to_dict() != last:
                 last = status.to_dict()
                 emit_json(last)
             elif not bar.enabled and not session.json:
                 line = (
                     f"{status.state}: {status.progress.done}/{status.progress.total} done, "
-                    f"{status.progress.failed} failed"
+                    f"{status.progress.failed} failed" + (f" ({waiting})" if waiting else "")
                 )
                 if line != last:
                     click.echo(line)

@@ -51,7 +51,7 @@ def resume_command(session: Session, batch_id: str, wait: bool, quiet: bool) -> 
             note(f"resumed {batch_id} in the background; follow it with: kiabatch status --watch {batch_id}")
             return
         with ProgressBar(status.progress.total, batch_id, enabled=not quiet) as bar:
-            batch.resume(wait=True, on_update=bar.update)
+            batch.resume(wait=True, on_update=bar.update, on_warning=lambda text: bar.say(f"kiabatch: warning: {text}"))
     raise click.exceptions.Exit(conclude(session, batch, reduce=None, quiet=quiet))
 
 

@@ -14,7 +14,15 @@ import click
 
 from .. import settings
 from ..backends.schedules import open_schedules
-from ..schedules import CONCURRENCY, DEFAULT_STARTING_DEADLINE, Schedule, ScheduleRow, Schedules
+from ..errors import UsageError
+from ..schedules import (
+    CONCURRENCY,
+    DEFAULT_STARTING_DEADLINE,
+    Schedule,
+    ScheduleRow,
+    Schedules,
+    validate_schedule_name,
+)
 from .context import Session, emit_json, note, pass_session, user_errors
 from .options import (
     LIMIT,
@@ -28,7 +36,22 @@ from .options import (
     stack,
 )
 from .output import table
-from .submit import parse_submit_args
+from .submit import inline_pod_template, parse_submit_args
+
+
+class ScheduleName(click.ParamType):
+    """A schedule's name: a DNS label of at most 52 characters (it names a CronJob)."""
+
+    name = "name"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            return validate_schedule_name(value)
+        except UsageError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+SCHEDULE_NAME = ScheduleName()
 
 #: Every schedule command: which backend, and where on Kubernetes.
 schedule_backend = stack(
@@ -57,7 +80,7 @@ def schedule_group() -> None:
 
 
 @schedule_group.command("create", context_settings={"ignore_unknown_options": True})
-@click.argument("name")
+@click.argument("name", type=SCHEDULE_NAME)
 @click.option("--cron", required=True, help="When: 5 fields (min hour day month weekday) or @hourly, @daily, ...")
 @click.option("--time-zone", help="IANA time zone of the schedule (default UTC), e.g. Europe/Berlin.")
 @click.option(
@@ -84,14 +107,17 @@ def create_command(session: Session, name: str, cron: str, time_zone: str | None
                    starting_deadline: float, submit_args: tuple[str, ...], **params: Any) -> None:  # fmt: skip
     """Create schedule NAME; the remaining arguments are what each run passes to `kiabatch submit`.
 
-    The submit arguments are checked now exactly as submit checks them (nothing runs).
-    The launcher of a Kubernetes schedule uses --image and --redis-secret.
+    The submit arguments are checked now exactly as submit checks them (nothing runs),
+    cluster options too (--queue-name, --gpu, --pod-template...); a --pod-template file
+    is stored inline, so every run gets it as it is now. The launcher of a Kubernetes
+    schedule uses --image and --redis-secret.
     """
     args = list(submit_args[1:] if submit_args[:1] == ("--",) else submit_args)
     backend = params["backend"]
     kube = kube_options_from(params, namespace=params["namespace"], context=params["context"])
     with user_errors():
-        parse_submit_args(args)
+        parse_submit_args(args, backend)
+        args = inline_pod_template(args)  # the runs get the template as it is now, wherever they run
         schedule = Schedule(name=name, cron=cron, submit_args=args, time_zone=time_zone, concurrency=concurrency,
                             suspend=suspend, starting_deadline=int(starting_deadline), backend=backend,
                             namespace=params["namespace"] or "", created_at=datetime.now(UTC).timestamp())  # fmt: skip
@@ -129,7 +155,7 @@ def list_command(session: Session, **params: Any) -> None:
 
 
 @schedule_group.command("show")
-@click.argument("name")
+@click.argument("name", type=SCHEDULE_NAME)
 @schedule_backend
 @pass_session
 def show_command(session: Session, name: str, **params: Any) -> None:
@@ -148,7 +174,7 @@ def show_command(session: Session, name: str, **params: Any) -> None:
 
 
 @schedule_group.command("suspend")
-@click.argument("name")
+@click.argument("name", type=SCHEDULE_NAME)
 @schedule_backend
 @pass_session
 def suspend_command(session: Session, name: str, **params: Any) -> None:
@@ -159,7 +185,7 @@ def suspend_command(session: Session, name: str, **params: Any) -> None:
 
 
 @schedule_group.command("resume")
-@click.argument("name")
+@click.argument("name", type=SCHEDULE_NAME)
 @schedule_backend
 @pass_session
 def resume_command(session: Session, name: str, **params: Any) -> None:
@@ -170,7 +196,7 @@ def resume_command(session: Session, name: str, **params: Any) -> None:
 
 
 @schedule_group.command("delete")
-@click.argument("name")
+@click.argument("name", type=SCHEDULE_NAME)
 @click.option("--cascade", is_flag=True, help="Also delete its runs' Jobs and batches (results included).")
 @schedule_backend
 @pass_session
@@ -182,7 +208,7 @@ def delete_command(session: Session, name: str, cascade: bool, **params: Any) ->
 
 
 @schedule_group.command("run-now")
-@click.argument("name")
+@click.argument("name", type=SCHEDULE_NAME)
 @schedule_backend
 @pass_session
 def run_now_command(session: Session, name: str, **params: Any) -> None:
@@ -197,7 +223,7 @@ def run_now_command(session: Session, name: str, **params: Any) -> None:
 
 
 @schedule_group.command("history")
-@click.argument("name")
+@click.argument("name", type=SCHEDULE_NAME)
 @click.option("--limit", type=LIMIT, default=20, show_default=True, help="Most recent runs to show.")
 @schedule_backend
 @pass_session

@@ -9,21 +9,24 @@ parse the same arguments; ``render`` passes ``dry_run=True`` and writes nothing.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import click
 
-from .. import limits, settings
+from .. import backends, limits, settings
 from ..batch import Batch
 from ..errors import EXIT_OK, UsageError
 from ..kube.options import KubeOptions
 from ..progress import ProgressBar
-from ..submission import BatchOptions, plan_batch, submit_options
+from ..schedules import submit_argv
+from ..submission import BatchOptions, chunk_notice, plan_batch, submit_options
 from .context import CliError, Session, note, pass_session, user_errors
 from .options import (
     Duration,
+    PodTemplate,
     backend_option,
     cluster_options,
     count,
@@ -210,19 +213,26 @@ def run_submit(session: Session, request: SubmitRequest) -> None:
         bars: list[ProgressBar] = []
 
         def created(batch: Batch) -> None:
+            spec = batch.store.spec(batch.id)
+            notice = chunk_notice(request.options, spec)
+            if notice and not quiet:
+                note(f"kiabatch: {notice}")
             if not quiet and wait:
-                total = batch.progress().total
-                note(f"batch {batch.id}: {total} item(s), {request.workload} on {request.options.backend}")
-                bars.append(stack_.enter_context(ProgressBar(total, batch.id)))
+                note(f"batch {batch.id}: {spec.total} item(s), {request.workload} on {request.options.backend}")
+                bars.append(stack_.enter_context(ProgressBar(spec.total, batch.id)))
 
         def update(progress: Any, note_text: str = "") -> None:
             for bar in bars:
                 bar.update(progress, note_text)
 
+        def warn(message: str) -> None:
+            text = f"kiabatch: warning: {message}"
+            bars[0].say(text) if bars else note(text)
+
         with user_errors():
             batch = submit_options(
                 request.workload, request.options, redis=session.redis_url, wait=wait, on_created=created,
-                on_update=update, kube=request.kube,
+                on_update=update, on_warning=None if quiet else warn, kube=request.kube,
             )  # fmt: skip
     if batch is None:
         note(f"queue {request.options.from_queue!r} is empty: nothing to run, no batch created")
@@ -242,21 +252,31 @@ def render_batch(request: SubmitRequest) -> None:
 
     if request.options.from_queue:
         raise CliError("cannot render a batch from a queue: its size is known only when it is submitted")
+    options = replace(request.options, backend="kubernetes")
     with user_errors():
-        spec = plan_batch(request.workload, replace(request.options, backend="kubernetes")).counted()
-    kube = replace(request.kube, namespace=request.kube.namespace or "default")
-    click.echo(to_yaml(batch_objects(spec, kube)), nl=False)
+        spec = plan_batch(request.workload, options).counted()
+        kube = replace(request.kube, namespace=request.kube.namespace or "default")
+        objects = batch_objects(spec, kube)
+    notice = chunk_notice(options, spec)
+    if notice:
+        note(f"kiabatch: {notice}")
+    click.echo(to_yaml(objects), nl=False)
 
 
-def parse_submit_args(args: list[str]) -> SubmitRequest:
+def parse_submit_args(args: list[str], backend: str | None = None) -> SubmitRequest:
     """Parse ``kiabatch submit ARGS`` as submit would, and validate the batch (its items included).
 
-    Nothing is written and nothing runs; UsageError names the first problem.
+    ``backend``: where the runs will go (a Kubernetes schedule's launcher adds
+    ``--backend kubernetes``); the batch is checked as that backend would check it,
+    so a Job the cluster would refuse is refused now. Nothing is written and nothing
+    runs; UsageError names the first problem.
     """
     if not args:
         raise UsageError("no submit arguments: give a workload (e.g. pi --digits 1000) or --from-queue Q --command ...")
     if "-" in (args[i + 1] for i, arg in enumerate(args[:-1]) if arg in ("--items", "--lines")):
         raise UsageError("a schedule cannot read items from standard input ('-'); give a file or --from-queue")
+    if backend is not None:  # exactly what a run will get: the launcher or scheduler inserts it so
+        args = submit_argv(list(args), "--backend", backend)[1:]
     try:
         with submit_group.make_context("submit", list(args)) as ctx:
             name, command, rest = submit_group.resolve_command(ctx, list(args))
@@ -268,9 +288,43 @@ def parse_submit_args(args: list[str]) -> SubmitRequest:
     except CliError as exc:
         raise UsageError(f"bad submit arguments: {exc.format_message()}") from None
     planned = plan_batch(request.workload, request.options)
-    if planned.items is not None:
-        planned.counted()  # reads and checks every item
+    spec = planned.counted() if planned.items is not None else replace(planned.spec, tasks=1, chunk=1, total=1)
+    backends.get(request.options.backend, kube=request.kube).check(spec)
     return request
+
+
+def inline_pod_template(args: list[str]) -> list[str]:
+    """``args`` with a ``--pod-template FILE`` replaced by the template itself, as compact JSON.
+
+    A schedule stores this, so every run — on another machine, or in a launcher pod
+    where the file does not exist — gets the template as it was when the schedule was
+    created. Arguments after the worker command starts are left alone.
+    """
+    with submit_group.make_context("submit", list(args)) as ctx:
+        _, command, rest = submit_group.resolve_command(ctx, list(args))
+    assert command is not None
+    takes_value = _value_options(command)
+    head = args[: len(args) - len(rest)]
+    out: list[str] = []
+    position = 0
+    while position < len(rest):
+        arg = rest[position]
+        if arg == "--" or not arg.startswith("-"):
+            out += rest[position:]
+            break
+        flag, equals, attached = arg.partition("=")
+        if flag == "--pod-template":
+            value = attached if equals else rest[position + 1]
+            template = PodTemplate().convert(value, None, None)
+            out += ["--pod-template", json.dumps(template, separators=(",", ":"), sort_keys=True)]
+            position += 1 if equals else 2
+            continue
+        out.append(arg)
+        if arg in takes_value and not equals and position + 1 < len(rest):
+            out.append(rest[position + 1])
+            position += 1
+        position += 1
+    return [*head, *out]
 
 
 def _workload_group(name: str, help_text: str, *, dry_run: bool) -> click.Group:

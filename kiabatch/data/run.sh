@@ -8,10 +8,16 @@
 # Writes items/N/{started,stdout,stderr,exit_code} (in a pod, stderr is also copied
 # live to the container log when the image has tee), then "done" holding the task's
 # exit status (0, or the first failing item's code). With KIABATCH_AWAIT_REPORT=1
-# (the Kubernetes pod) it then waits until the reporter sidecar has written
+# (the Kubernetes pod) it then waits until the kiabatch sidecar has written
 # "reported", so the pod only succeeds once the outcome is safely in Redis.
 set -u
 dir=${KIABATCH_TASK_DIR:-${0%/*}}
+if [ -f "$dir/abandoned" ]; then
+  # The sidecar could not claim this task (the batch is gone, or Redis stayed away):
+  # fail the pod, so the Job retries the index within its retry limit.
+  echo "kiabatch: $(cat "$dir/abandoned"); failing so the index is retried" >&2
+  exit 75
+fi
 status=0
 live=
 if [ "${KIABATCH_AWAIT_REPORT:-0}" = 1 ] && command -v tee >/dev/null 2>&1; then live=1; fi
@@ -40,15 +46,19 @@ done
 # Readers treat a file without a complete line as "not yet", so no rename is needed.
 printf '%s\n' "$status" >"$dir/done"
 if [ "${KIABATCH_AWAIT_REPORT:-0}" = 1 ]; then
-  waited=0
   limit=${KIABATCH_REPORT_TIMEOUT:-600}
+  # Look every 20 ms where the image's sleep takes fractions (GNU, BusyBox), else every second:
+  # the sidecar reports within milliseconds, and the pod ends as soon as this loop does.
+  nap=0.02
+  ticks=$((limit * 50))
+  if ! sleep "$nap" 2>/dev/null; then nap=1; ticks=$limit; fi
   while [ ! -f "$dir/reported" ]; do
-    if [ "$waited" -ge "$limit" ]; then
+    if [ "$ticks" -le 0 ]; then
       echo "kiabatch: the reporter did not confirm within ${limit}s; failing so the index is retried" >&2
       exit 75
     fi
-    sleep 1
-    waited=$((waited + 1))
+    sleep "$nap"
+    ticks=$((ticks - 1))
   done
 fi
 exit "$status"

@@ -29,6 +29,10 @@ from ..errors import ClusterError, NotFoundError
 #: Oldest Kubernetes kiabatch supports (backoffLimitPerIndex and native sidecars are GA).
 MIN_VERSION = (1, 33)
 FIELD_MANAGER = "kiabatch"
+#: Kueue's API group, the versions of it tried (newest first), and the label tying a Workload to its Job.
+KUEUE_GROUP = "kueue.x-k8s.io"
+KUEUE_VERSIONS = ("v1beta2", "v1beta1")
+KUEUE_JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
 # Seconds to connect, and to wait for a reply, before an API call counts as failed (never hang).
 _CONNECT_TIMEOUT = 10
 _READ_TIMEOUT = 60
@@ -197,8 +201,9 @@ class Cluster:
         """
         action = f"creating {obj['kind']} {obj['metadata']['name']!r} in namespace {self.namespace!r}"
         try:
+            # Strict: a field the server does not know (a --pod-template typo) is an error, not dropped.
             response = self._method(obj, "create")(
-                self.namespace, obj, _preload_content=False, _request_timeout=_TIMEOUTS
+                self.namespace, obj, field_validation="Strict", _preload_content=False, _request_timeout=_TIMEOUTS
             )
         except ApiException as exc:
             if (exc.status == 409 and exist_ok) or (exc.status == 403 and forbidden_ok):
@@ -329,6 +334,30 @@ class Cluster:
     def pods(self, selector: str) -> list[dict[str, Any]]:
         """Pods matching a label selector."""
         return self.list(("v1", "Pod"), selector)
+
+    def workload_of(self, job: dict[str, Any]) -> dict[str, Any] | None:
+        """Kueue's Workload for ``job`` (found by its ``kueue.x-k8s.io/job-uid`` label), or None.
+
+        None too where Kueue is not installed or we may not read Workloads: it only
+        adds Kueue's reason to "waiting for admission".
+        """
+        custom = k8s.CustomObjectsApi(self.api)
+        selector = f"{KUEUE_JOB_UID_LABEL}={job['metadata'].get('uid', '')}"
+        for version in KUEUE_VERSIONS:
+            try:
+                response = custom.list_namespaced_custom_object(
+                    KUEUE_GROUP, version, self.namespace, "workloads", label_selector=selector,
+                    _preload_content=False, _request_timeout=_TIMEOUTS,
+                )  # fmt: skip
+            except ApiException as exc:
+                if exc.status == 404:
+                    continue  # this version is not served (or Kueue is not installed)
+                return None
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                raise explain(exc, "reading Kueue Workloads") from None
+            items = json.loads(response.data or b"{}").get("items") or []
+            return items[0] if items else None
+        return None
 
     def pod_log(self, pod: str, container: str, *, follow: bool = False, tail: int | None = None) -> Iterator[bytes]:
         """A container's log as chunks of bytes.

@@ -4,21 +4,44 @@ Pure functions from a :class:`~kiabatch.model.BatchSpec` and :class:`KubeOptions
 to dicts. ``kiabatch submit --backend kubernetes`` creates exactly what
 ``kiabatch render`` prints, and ``manifests/`` is generated from them too.
 
-The pod runs the same three steps as the local backend:
+A pod runs the same three steps as the local backend, with **one** kiabatch
+process beside the worker:
 
-* ``claim`` (init container, kiabatch image): ``kiabatch task claim`` claims the
-  completion index's items from Redis and lays them out in the ``task`` emptyDir;
-* ``worker`` (the workload's image): ``/bin/sh run.sh`` runs the unmodified
-  program once per item, reading every argument from files (never shell text);
-* ``reporter`` (native sidecar, kiabatch image): ``kiabatch task report --await``
-  uploads the outcome once run.sh is done, then writes ``reported``.
+* ``kiabatch`` (native sidecar: an init container with ``restartPolicy: Always``,
+  kiabatch image) runs ``kiabatch task sidecar``: it claims the completion index's
+  items from Redis, lays them out in the ``task`` emptyDir and writes ``ready``;
+  then it waits for run.sh's ``done``, uploads the outcome, writes ``reported``, and
+  idles until the pod ends (it exits at once on SIGTERM);
+* ``worker`` (the workload's image) waits for ``ready``, then ``/bin/sh run.sh``
+  runs the unmodified program once per item, reading every argument from files
+  (never shell text), and waits for ``reported`` before it exits.
 
-Why a sidecar reports, and why the worker waits for it: the worker image may
-have no Python or kiabatch at all, so the upload cannot run in it; and run.sh
-exits only after the reporter confirmed, so a pod never *succeeds* before its
-result is in Redis. A pod killed between the worker's exit and the upload
-therefore fails, the Job retries the index, the claim returns the same items,
-and the idempotent report counts the outcome once.
+Why this shape (issue 10: a kiabatch pod should live at most 1.3x as long as a bare
+pod running the same worker):
+
+* **One Python start per pod.** Claiming in an init container and reporting from a
+  sidecar started two interpreters, one after the other, before and after the
+  worker. The sidecar now does both.
+* **The worker starts as early as Kubernetes allows.** The kubelet starts the next
+  container once a sidecar is *started*: its process runs and its startupProbe, if
+  any, has succeeded (a postStart hook would block it too). A startupProbe polls at
+  most once a second and a postStart hook serialises the worker's container
+  creation behind the claim; with neither, the worker's container is created while
+  the sidecar's interpreter starts and claims, and run.sh begins within 20 ms of
+  ``ready`` (a shell loop in the worker's command). Nothing runs before the claim.
+* **No idle waiting.** The sidecar looks for ``done`` every 50 ms and run.sh for
+  ``reported`` every 20 ms (once a second where the image's ``sleep`` takes no
+  fractions); the sidecar handles SIGTERM, so the pod ends as soon as the worker does.
+* **Not throttled.** The sidecar requests little (50m CPU, 128Mi) and its CPU limit
+  is the worker's, at least one core: a Python start under a 500m limit took seconds.
+
+The invariant is kept: run.sh exits only after ``reported``, so a pod never
+*succeeds* before its result is in Redis. A pod killed between the worker's exit and
+the upload fails instead; the Job retries the index, the claim returns the same items,
+and the idempotent report counts the outcome once. A claim that fails for good (the
+batch was deleted) or for too long (Redis away beyond KIABATCH_REDIS_RETRY_SECONDS)
+makes run.sh fail the pod, so the index's retries bound it: no container crash-loops.
+An index that is already settled lays out nothing, and its pod succeeds at once.
 """
 
 from __future__ import annotations
@@ -26,8 +49,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .. import limits
 from ..model import BatchSpec
 from ..workloads.base import Runtime
+from . import pod_template
 from .objects import (
     BATCH_LABEL,
     REDIS_CLIENT_LABEL,
@@ -46,12 +71,15 @@ from .objects import (
 from .options import (  # noqa: F401 - re-exported: the names every batch object uses
     DEFAULT_IMAGE,
     DEFAULT_TTL_AFTER_FINISHED,
+    KUEUE_PRIORITY_LABEL,
+    KUEUE_QUEUE_LABEL,
     REDIS_SECRET,
     REDIS_SECRET_KEY,
     WORKER_SERVICE_ACCOUNT,
     KubeOptions,
     default_image,
 )
+from .validation import parse_quantity
 
 #: Where the task emptyDir is mounted in every container of the pod.
 TASK_DIR = "/kiabatch/task"
@@ -59,6 +87,28 @@ TASK_DIR = "/kiabatch/task"
 IMAGE_WORKERS_DIR = "/opt/kiabatch/workers"
 #: In the kiabatch image the worker programs are commands on PATH.
 IMAGE_RUNTIME = Runtime(workers_dir=IMAGE_WORKERS_DIR)
+#: The pod's containers: the kiabatch sidecar and the worker.
+SIDECAR = "kiabatch"
+WORKER = "worker"
+#: What a ``--pod-template`` may not change (see kiabatch.kube.pod_template).
+TEMPLATE_GUARD = pod_template.Guard(sidecar=SIDECAR, worker=WORKER, task_volume="task", task_dir=TASK_DIR)
+#: The worker container's command: wait until the sidecar has laid the task out (``ready``),
+#: then run it. Polls every 20 ms where ``sleep`` takes fractions, else every second; gives
+#: up (exit 75: the Job retries the index) after KIABATCH_REPORT_TIMEOUT seconds.
+WORKER_SCRIPT = """\
+d=$KIABATCH_TASK_DIR limit=${KIABATCH_REPORT_TIMEOUT:-600} nap=0.02
+ticks=$((limit * 50))
+if ! sleep "$nap" 2>/dev/null; then nap=1; ticks=$limit; fi
+until [ -e "$d/ready" ]; do
+  if [ "$ticks" -le 0 ]; then
+    echo "kiabatch: the task was not laid out within ${limit}s; failing so the index is retried" >&2
+    exit 75
+  fi
+  sleep "$nap"
+  ticks=$((ticks - 1))
+done
+exec /bin/sh "$d/run.sh"
+"""
 
 
 def default_max_failed_indexes(tasks: int) -> int:
@@ -69,6 +119,13 @@ def default_max_failed_indexes(tasks: int) -> int:
     """
     limit = min(tasks, max(10, math.ceil(tasks / 10)))
     return min(limit, 10_000) if tasks > 100_000 else limit
+
+
+def resumed_job_name(batch_id: str, generation: int, tasks: int) -> str:
+    """The name of a batch's Job after ``generation`` resumes: ``<id>-r<N>``, the id cut so pod names fit."""
+    suffix = f"-r{generation}"
+    room = limits.MAX_POD_NAME - len(f"-{tasks - 1}-") - 5 - len(suffix)
+    return f"{batch_id[:room].rstrip('-')}{suffix}"
 
 
 def batch_labels(spec: BatchSpec) -> dict[str, str]:
@@ -82,20 +139,27 @@ def _task_mount() -> dict[str, str]:
     return {"name": "task", "mountPath": TASK_DIR}
 
 
-def _kiabatch_container(name: str, args: list[str], options: KubeOptions, **extra: Any) -> dict[str, Any]:
+def sidecar_cpu_limit(worker_cpu: str) -> str:
+    """The sidecar's CPU limit: the worker's, and at least one core (a throttled interpreter starts slowly)."""
+    return worker_cpu if parse_quantity(worker_cpu) >= 1 else "1"
+
+
+def task_sidecar(spec: BatchSpec, options: KubeOptions) -> dict[str, Any]:
+    """The pod's one kiabatch container: a native sidecar that claims, then reports (see the module doc)."""
     return prune(
         {
-            "name": name,
+            "name": SIDECAR,
             "image": options.image,
             "imagePullPolicy": options.image_pull_policy,
-            "args": args,
+            "args": ["task", "sidecar", "--batch", spec.id, "--dir", TASK_DIR],
+            "restartPolicy": "Always",  # a native sidecar: starts before the worker, stops after it
             "env": [
                 secret_env("KIABATCH_REDIS_URL", options.redis_secret, options.redis_secret_key),
                 {"name": "HOME", "value": "/tmp"},  # noqa: S108 - an emptyDir
             ],
+            "resources": resources("50m", "128Mi", limit_cpu=sidecar_cpu_limit(options.cpu), limit_memory="512Mi"),
             "volumeMounts": [_task_mount(), {"name": "tmp", "mountPath": "/tmp"}],  # noqa: S108
             "securityContext": container_security(read_only_root=True),
-            **extra,
         }
     )
 
@@ -110,15 +174,25 @@ def pod_failure_policy(spec: BatchSpec) -> dict[str, Any]:
         rules.append(
             {
                 "action": "FailIndex",
-                "onExitCodes": {"containerName": "worker", "operator": "In", "values": codes},
+                "onExitCodes": {"containerName": WORKER, "operator": "In", "values": codes},
             }
         )
     return {"rules": rules}
 
 
 def job(spec: BatchSpec, options: KubeOptions) -> dict[str, Any]:
-    """The Indexed Job that runs ``spec``'s tasks."""
-    pod_labels = {**batch_labels(spec), REDIS_CLIENT_LABEL: "true"}
+    """The Indexed Job that runs ``spec``'s tasks.
+
+    UsageError (naming what is wrong and what is allowed) for a Job the API server
+    would refuse — its fan-out (:func:`kiabatch.limits.check_indexed_job`) — or a
+    ``--pod-template`` that breaks what kiabatch relies on.
+    """
+    tasks = spec.tasks
+    name = options.job_name or spec.id
+    parallelism = min(spec.parallelism, tasks)
+    # Never more than the Job's completions (the API refuses it; the meaning is the same).
+    max_failed = min(options.max_failed_indexes or default_max_failed_indexes(tasks), tasks)
+    limits.check_indexed_job(tasks, parallelism, max_failed, name)
     worker_env = {
         **spec.worker.env,
         "KIABATCH_TASK_DIR": TASK_DIR,
@@ -128,58 +202,57 @@ def job(spec: BatchSpec, options: KubeOptions) -> dict[str, Any]:
         "HOME": "/tmp",  # noqa: S108 - an emptyDir
     }
     worker = {
-        "name": "worker",
+        "name": WORKER,
         "image": spec.worker.image or options.image,
         "imagePullPolicy": options.image_pull_policy,
-        "command": ["/bin/sh", f"{TASK_DIR}/run.sh"],
+        "command": ["/bin/sh", "-c", WORKER_SCRIPT],
         "env": env(worker_env),
-        "resources": resources(options.cpu, options.memory),
+        "resources": resources(options.cpu, options.memory, extra=options.worker_resources()),
         "volumeMounts": [_task_mount(), {"name": "tmp", "mountPath": "/tmp"}],  # noqa: S108
         "securityContext": container_security(read_only_root=options.read_only_root),
     }
-    claim = _kiabatch_container(
-        "claim",
-        ["task", "claim", "--batch", spec.id, "--dir", TASK_DIR],
-        options,
-        resources=resources("50m", "128Mi", limit_cpu="500m"),
+    template = prune(
+        {
+            "metadata": {"labels": {**batch_labels(spec), REDIS_CLIENT_LABEL: "true"}},
+            "spec": {
+                "restartPolicy": "Never",
+                "serviceAccountName": options.service_account,
+                "automountServiceAccountToken": False,
+                "enableServiceLinks": False,
+                "activeDeadlineSeconds": math.ceil(spec.task_timeout) if spec.task_timeout else None,
+                "priorityClassName": options.priority_class,
+                "nodeSelector": dict(options.node_selector) or None,
+                "tolerations": [dict(t) for t in options.tolerations] or None,
+                "securityContext": pod_security(),
+                "initContainers": [task_sidecar(spec, options)],
+                "containers": [worker],
+                "volumes": [{"name": "task", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
+            },
+        }
     )
-    reporter = _kiabatch_container(
-        "reporter",
-        ["task", "report", "--await", "--dir", TASK_DIR],
-        options,
-        restartPolicy="Always",  # a native sidecar: runs beside the worker, stops after it
-        resources=resources("50m", "512Mi", limit_cpu="500m"),
-    )
-    tasks = spec.tasks
+    if options.pod_template:
+        template = pod_template.merge(template, options.pod_template, TEMPLATE_GUARD,
+                                      allow_privileged=options.allow_privileged_template)  # fmt: skip
+    job_labels = {**batch_labels(spec), KUEUE_QUEUE_LABEL: options.queue_name,
+                  KUEUE_PRIORITY_LABEL: options.workload_priority_class}  # fmt: skip
     return prune(
         {
             "apiVersion": "batch/v1",
             "kind": "Job",
-            "metadata": metadata(options.job_name or spec.id, options.namespace, batch_labels(spec)),
+            "metadata": metadata(name, options.namespace, prune(job_labels)),
             "spec": {
+                # Queued in Kueue: created suspended; Kueue starts it (suspend: false) when it admits it.
+                "suspend": True if options.queue_name else None,
                 "completionMode": "Indexed",
                 "completions": tasks,
-                "parallelism": min(spec.parallelism, tasks),
+                "parallelism": parallelism,
                 "backoffLimitPerIndex": spec.retries,
-                "maxFailedIndexes": options.max_failed_indexes or default_max_failed_indexes(tasks),
+                "maxFailedIndexes": max_failed,
                 "podFailurePolicy": pod_failure_policy(spec),
                 "podReplacementPolicy": "Failed",  # never two pods on one index
                 "ttlSecondsAfterFinished": options.ttl_after_finished,
                 "activeDeadlineSeconds": math.ceil(spec.deadline) if spec.deadline else None,
-                "template": {
-                    "metadata": {"labels": pod_labels},
-                    "spec": {
-                        "restartPolicy": "Never",
-                        "serviceAccountName": options.service_account,
-                        "automountServiceAccountToken": False,
-                        "enableServiceLinks": False,
-                        "activeDeadlineSeconds": math.ceil(spec.task_timeout) if spec.task_timeout else None,
-                        "securityContext": pod_security(),
-                        "initContainers": [claim, reporter],
-                        "containers": [worker],
-                        "volumes": [{"name": "task", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
-                    },
-                },
+                "template": template,
             },
         }
     )

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ClusterError
 from .objects import JOB_NAME_LABEL
-from .options import DEFAULT_PULL_GRACE
+from .options import DEFAULT_PULL_GRACE, KUEUE_QUEUE_LABEL
 
 if TYPE_CHECKING:
     from .api import Cluster
@@ -32,6 +33,8 @@ PULL_PROBLEMS = frozenset(
 )
 #: Seconds one watch of a Job lasts (server-side) when nothing changes.
 WATCH_SECONDS = 5
+#: Seconds a scheduled pod's containers may stay ContainerCreating before ``status`` says so.
+SLOW_START = 60.0
 
 
 def parse_indexes(text: str | None) -> list[int]:
@@ -79,31 +82,96 @@ def pod_problems(pods: list[dict[str, Any]]) -> list[str]:
     return problems
 
 
-#: Waiting reasons every starting container passes through (not problems).
-_STARTING = frozenset({"ContainerCreating", "PodInitializing"})
+def _when(text: str | None) -> float | None:
+    """Seconds since the epoch of an API timestamp (``2024-03-21T13:43:00Z``), or None."""
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
-def pending_reasons(pods: list[dict[str, Any]]) -> list[str]:
-    """Why Pending pods wait, besides image and configuration problems: an unschedulable pod
-    (``PodScheduled`` False: resources, taints, affinity) or a container waiting for another reason."""
-    reasons = []
+def _age(seconds: float) -> str:
+    if seconds >= 120:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.2g}s"
+
+
+def pod_waits(pods: list[dict[str, Any]], now: float | None = None, slow: float = SLOW_START) -> list[str]:
+    """Pods that cannot start yet, and why, most frequent reason first (not failures: a full cluster drains).
+
+    ``Pending`` pods the scheduler could not place, with its FailedScheduling message
+    (``0/3 nodes are available: 3 Insufficient nvidia.com/gpu.``), and containers
+    still ``ContainerCreating`` (or ``PodInitializing``) ``slow`` seconds after the pod
+    was scheduled (a big image pulling, a volume that does not attach). Identical
+    reasons are counted once: ``3 pods Pending: ...``.
+    """
+    now = time.time() if now is None else now
+    reasons: dict[str, list[str]] = {}
     for pod in pods:
-        status = pod.get("status", {})
-        if status.get("phase") != "Pending":
+        status = pod.get("status") or {}
+        if status.get("phase") not in (None, "Pending", "Running"):
             continue
-        name = pod["metadata"]["name"]
-        for condition in status.get("conditions") or []:
-            if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
-                message = (condition.get("message") or "").splitlines()[0][:200] if condition.get("message") else ""
-                reasons.append(f"pod {name} is not scheduled: {condition.get('reason', 'Pending')}"
-                               + (f": {message}" if message else ""))  # fmt: skip
-        statuses = (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or [])
-        for container in statuses:
-            waiting = (container.get("state") or {}).get("waiting") or {}
-            reason = waiting.get("reason")
-            if reason and reason not in PULL_PROBLEMS and reason not in _STARTING:
-                reasons.append(f"pod {name} container {container['name']} is waiting: {reason}")
-    return reasons
+        scheduled = next((c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"), None)
+        if scheduled is not None and scheduled.get("status") == "False":
+            message = (scheduled.get("message") or scheduled.get("reason") or "not scheduled yet").splitlines()[0]
+            reasons.setdefault(f"Pending: {message[:300]}", []).append(pod["metadata"]["name"])
+            continue
+        since = _when((scheduled or {}).get("lastTransitionTime")) or _when(pod["metadata"].get("creationTimestamp"))
+        for container in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+            waiting = ((container.get("state") or {}).get("waiting") or {}).get("reason")
+            if waiting in ("ContainerCreating", "PodInitializing") and since is not None and now - since >= slow:
+                name = container.get("name")
+                text = f"{waiting} for over {_age(slow)} (container {name}: an image pulling or a volume attaching)"
+                reasons.setdefault(text, []).append(pod["metadata"]["name"])
+                break
+    ordered = sorted(reasons.items(), key=lambda item: -len(item[1]))
+    return [f"{len(names)} pods {text}" if len(names) > 1 else f"pod {names[0]} {text}" for text, names in ordered]
+
+
+def started_any(job: dict[str, Any], pods: list[dict[str, Any]]) -> bool:
+    """True once one of the Job's pods has started (or finished)."""
+    status = job.get("status") or {}
+    if status.get("succeeded") or status.get("failed") or status.get("ready"):
+        return True
+    return any((pod.get("status") or {}).get("phase") in ("Running", "Succeeded", "Failed") for pod in pods)
+
+
+def suspended(job: dict[str, Any] | None) -> bool:
+    """True while the Job is suspended (Kueue has not admitted it yet, or preempted it)."""
+    return bool(job is not None and (job.get("spec") or {}).get("suspend"))
+
+
+def admission_note(job: dict[str, Any], workload: dict[str, Any] | None) -> str:
+    """Why a suspended Job does not run: Kueue's verdict from its Workload, when there is one.
+
+    ``waiting for admission`` for a Job in a Kueue queue, with the Workload's
+    reason — preempted, no quota (``couldn't assign flavors to pod set main:
+    insufficient quota for cpu``), admission checks pending, an unknown LocalQueue.
+    """
+    labels = job["metadata"].get("labels") or {}
+    queue = labels.get(KUEUE_QUEUE_LABEL)
+    text = f"waiting for admission in Kueue queue {queue}" if queue else "suspended (spec.suspend is true)"
+    reason = _workload_reason(workload) if workload is not None else ""
+    return f"{text}: {reason}" if reason else text
+
+
+def _workload_reason(workload: dict[str, Any]) -> str:
+    status = workload.get("status") or {}
+    by_type = {c.get("type"): c for c in status.get("conditions") or []}
+    evicted = by_type.get("Evicted") or {}
+    reserved = by_type.get("QuotaReserved") or {}
+    parts = []
+    if evicted.get("status") == "True":
+        parts.append(f"evicted ({evicted.get('reason', '?')}): {evicted.get('message', '')}".rstrip(": "))
+    if reserved.get("status") == "False" and reserved.get("message"):
+        parts.append(str(reserved["message"]))
+    elif reserved.get("status") == "True":
+        pending = [c.get("name") for c in status.get("admissionChecks") or [] if c.get("state") != "Ready"]
+        if pending:
+            parts.append(f"quota reserved, admission checks pending: {', '.join(map(str, pending))}")
+    return "; ".join(" ".join(part.split())[:300] for part in parts)
 
 
 def job_summary(job: dict[str, Any] | None) -> dict[str, Any]:
@@ -114,6 +182,7 @@ def job_summary(job: dict[str, Any] | None) -> dict[str, Any]:
     true = conditions(job)
     return {
         "job": f"{job['metadata']['namespace']}/{job['metadata']['name']}",
+        "job_parallelism": job.get("spec", {}).get("parallelism", 1),
         "job_pods": f"active {status.get('active', 0)}, ready {status.get('ready', 0)}, "
         f"succeeded {status.get('succeeded', 0)}, failed {status.get('failed', 0)}",
         "job_failed_indexes": status.get("failedIndexes") or "-",
@@ -147,6 +216,10 @@ class StuckPods:
         self.grace = grace
         self._since: float | None = None
 
+    def reset(self) -> None:
+        """Start counting afresh (the Job was suspended: waiting for admission is not a start problem)."""
+        self._since = None
+
     def overdue(self, pods: list[dict[str, Any]]) -> str | None:
         """The first start problem of ``pods`` once they have had one for longer than the grace, else None."""
         problems = pod_problems(pods)
@@ -155,6 +228,34 @@ class StuckPods:
             return None
         self._since = self._since or time.monotonic()
         return problems[0] if time.monotonic() - self._since > self.grace else None
+
+
+class SlowStart:
+    """Says once when no pod of a running (admitted) Job has started for ``grace`` seconds.
+
+    Time spent suspended (waiting for Kueue) does not count: the clock starts when
+    the Job is seen running, and starts again after a preemption.
+    """
+
+    def __init__(self, grace: float = DEFAULT_PULL_GRACE) -> None:
+        self.grace = grace
+        self._since: float | None = None
+        self._said = False
+
+    def check(self, job: dict[str, Any], pods: list[dict[str, Any]], waits: list[str]) -> str | None:
+        """The warning to show now (once), else None."""
+        if suspended(job):
+            self._since = None
+            return None
+        if self._said or started_any(job, pods):
+            return None
+        self._since = self._since or time.monotonic()
+        if time.monotonic() - self._since < self.grace:
+            return None
+        self._said = True
+        why = waits[0] if waits else "no pod is running yet"
+        return (f"no pod of Job {job['metadata']['name']} has started after {_age(self.grace)}: {why}; "
+                "still waiting (a full cluster is not a failure)")  # fmt: skip
 
 
 class JobFailedError(ClusterError):

@@ -87,12 +87,19 @@ def pod_security(uid: int = NONROOT_UID) -> dict[str, Any]:
     }
 
 
-def resources(cpu: str | None, memory: str | None, *, limit_cpu: str | None = None) -> dict[str, Any]:
-    """Requests (and memory limit equal to the request, CPU limit as given)."""
+def resources(
+    cpu: str | None,
+    memory: str | None,
+    *,
+    limit_cpu: str | None = None,
+    limit_memory: str | None = None,
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Requests, and limits equal to them unless given; ``extra`` resources (GPUs, storage) get both."""
     return prune(
         {
-            "requests": prune({"cpu": cpu, "memory": memory}),
-            "limits": prune({"cpu": limit_cpu or cpu, "memory": memory}),
+            "requests": prune({"cpu": cpu, "memory": memory, **(extra or {})}),
+            "limits": prune({"cpu": limit_cpu or cpu, "memory": limit_memory or memory, **(extra or {})}),
         }
     )
 

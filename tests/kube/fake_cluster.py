@@ -6,12 +6,18 @@
   label and field selectors, watch streams (``?watch=true``: one JSON event per
   line), pod logs, server-side apply and merge patches, deletion with
   background propagation. Tests point kiabatch at it with a kubeconfig file.
-* ``JobEmulator`` plays the Job controller and the kubelet for Indexed Jobs:
-  it creates pods and runs their containers as local processes exactly as
-  rendered — the claim init container, the native-sidecar reporter, then the
-  worker — with the task emptyDir as a temporary directory, environment from the
-  spec (Secret references resolved from stored Secrets), ``JOB_COMPLETION_INDEX``
-  set, and per-index retries, ``podFailurePolicy`` and ``maxFailedIndexes``.
+* ``JobEmulator`` plays the Job controller, the scheduler and the kubelet for
+  Indexed Jobs: it creates pods and runs their containers as local processes
+  exactly as rendered, in the kubelet's order — init containers one by one, a
+  native sidecar counted as started once its process runs, its postStart hook
+  returned and its startupProbe passed, then the worker — with the task emptyDir
+  as a temporary directory, environment from the spec (Secret references resolved
+  from stored Secrets), ``JOB_COMPLETION_INDEX`` set, and per-index retries,
+  ``podFailurePolicy`` and ``maxFailedIndexes``. It reads the Job afresh each
+  round: ``parallelism`` may change, and ``suspend`` holds the Job (a test admits
+  and preempts like Kueue: a suspended Job's pods stop, with DisruptionTarget).
+  While ``unschedulable`` is set, new pods stay Pending with that FailedScheduling
+  message (a pod condition and an Event), as on a full cluster.
 
 The emulator's only translations are the ones a container runtime makes: volume
 mount paths map to temporary directories, and the kiabatch image's entrypoint
@@ -63,6 +69,8 @@ RESOURCES = {
     "rolebindings": ("rbac.authorization.k8s.io/v1", "RoleBinding"),
     "poddisruptionbudgets": ("policy/v1", "PodDisruptionBudget"),
     "networkpolicies": ("networking.k8s.io/v1", "NetworkPolicy"),
+    "events": ("v1", "Event"),
+    "workloads": ("kueue.x-k8s.io/v1beta1", "Workload"),
 }
 
 
@@ -482,6 +490,13 @@ class JobEmulator:
         self.kill_before_upload: set[tuple[str, int]] = set()
         # (job, index) -> predicate: that index's next pod is killed (SIGKILL) once it holds.
         self.kill_when: dict[tuple[str, int], Callable[[], bool]] = {}
+        # The scheduler's verdict while set: new pods stay Pending with this FailedScheduling
+        # message (e.g. "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.").
+        self.unschedulable: str | None = None
+        # (namespace, job) of the Jobs currently suspended (pods are stopped, none start).
+        self.suspended_jobs: set[tuple[str, str]] = set()
+        # pod -> [(container, "process" | "running" | "started" | "exited", monotonic time)]
+        self.timeline: dict[str, list[tuple[str, str, float]]] = {}
         self.stopping = False
         # The cluster DNS stand-in: "host:port" a pod would dial -> a local "127.0.0.1:port",
         # substituted in containers' environment values.
@@ -519,8 +534,14 @@ class JobEmulator:
             return False
 
     def _run_job(self, job: dict[str, Any]) -> None:
+        """The Job controller for one Indexed Job, reading the Job afresh on every round.
+
+        ``parallelism`` may change while it runs (``kiabatch scale``), and ``suspend``
+        (Kueue) holds it: a suspended Job starts no pods, and suspending a running one
+        stops its pods, which end Failed with a DisruptionTarget condition.
+        """
         spec = job["spec"]
-        completions, parallelism = spec.get("completions", 1), spec.get("parallelism", 1)
+        completions = spec.get("completions", 1)
         per_index = spec.get("backoffLimitPerIndex", spec.get("backoffLimit", 6))
         max_failed = spec.get("maxFailedIndexes")
         rules = (spec.get("podFailurePolicy") or {}).get("rules", [])
@@ -529,9 +550,10 @@ class JobEmulator:
         completed: set[int] = set()
         failed: set[int] = set()
         counts = {"succeeded": 0, "failed": 0}
-        self._set_status(job, startTime=now(), active=0, ready=0, succeeded=0, failed=0)
         lock = threading.Lock()
         running: dict[int, threading.Thread] = {}
+        suspended: bool | None = None
+        key = (job["metadata"]["namespace"], job["metadata"]["name"])
 
         def run(index: int) -> None:
             outcome, exit_codes, disrupted = self._run_pod(job, index)
@@ -542,7 +564,7 @@ class JobEmulator:
                 else:
                     counts["failed"] += 1
                     if disrupted and any(r["action"] == "Ignore" for r in rules):
-                        pending.append(index)  # evictions do not count
+                        pending.append(index)  # evictions and preemptions do not count
                     elif any(r["action"] == "FailIndex" and set(exit_codes) & set(r["onExitCodes"]["values"])
                              for r in rules if "onExitCodes" in r):  # fmt: skip
                         failed.add(index)
@@ -554,27 +576,48 @@ class JobEmulator:
                             pending.append(index)
                 del running[index]
 
-        while not self.stopping and self._job_exists(job):
+        while not self.stopping:
+            current = self._current(job)
+            if current is None:
+                break
+            now_suspended = bool(current["spec"].get("suspend"))
+            if now_suspended != suspended:
+                suspended = now_suspended
+                if suspended:
+                    self.suspended_jobs.add(key)
+                else:
+                    self.suspended_jobs.discard(key)
+                if suspended:
+                    self._set_condition(job, "Suspended", "True", "JobSuspended", "Job suspended")
+                elif any(c["type"] == "Suspended" for c in current.get("status", {}).get("conditions") or []):
+                    self._set_condition(job, "Suspended", "False", "JobResumed", "Job resumed")
+                if not suspended:
+                    self._set_status(job, startTime=now())
             with lock:
                 too_many = max_failed is not None and len(failed) > max_failed
                 if too_many or (not pending and not running):
                     break
-                while pending and len(running) < parallelism:
+                parallelism = current["spec"].get("parallelism", 1)
+                while not suspended and pending and len(running) < parallelism:
                     index = pending.pop(0)
                     running[index] = threading.Thread(target=run, args=(index,), daemon=True)
                     running[index].start()
                 active = len(running)
-            self._set_status(job, active=active, ready=active, succeeded=counts["succeeded"],
+            ready = sum(1 for pod in self.store.list("pods", key[0], f"batch.kubernetes.io/job-name={key[1]}", None)
+                        if pod["status"].get("phase") == "Running")  # fmt: skip
+            self._set_status(job, active=active, ready=min(ready, active), succeeded=counts["succeeded"],
                              failed=counts["failed"], completedIndexes=_ranges(completed),
                              failedIndexes=_ranges(failed) or None)  # fmt: skip
             time.sleep(0.05)
         while running:
             time.sleep(0.05)
+        self.suspended_jobs.discard(key)
         if not self._job_exists(job):
             return
-        conditions = []
+        conditions = [c for c in (self._current(job) or {}).get("status", {}).get("conditions") or []
+                      if c["type"] == "Suspended"]  # fmt: skip
         if max_failed is not None and len(failed) > max_failed:
-            conditions = [
+            conditions += [
                 {"type": "FailureTarget", "status": "True", "reason": "MaxFailedIndexesExceeded"},
                 {
                     "type": "Failed",
@@ -584,7 +627,7 @@ class JobEmulator:
                 },
             ]
         elif failed:
-            conditions = [
+            conditions += [
                 {"type": "FailureTarget", "status": "True", "reason": "FailedIndexes"},
                 {
                     "type": "Failed",
@@ -594,7 +637,7 @@ class JobEmulator:
                 },
             ]
         else:
-            conditions = [
+            conditions += [
                 {"type": "SuccessCriteriaMet", "status": "True", "reason": "CompletionsReached"},
                 {"type": "Complete", "status": "True", "reason": "CompletionsReached"},
             ]
@@ -602,10 +645,58 @@ class JobEmulator:
                          completedIndexes=_ranges(completed), failedIndexes=_ranges(failed) or None,
                          conditions=conditions, completionTime=now())  # fmt: skip
 
-    # -- the kubelet -------------------------------------------------------------------
+    def _current(self, job: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            return self.store.get("jobs", job["metadata"]["namespace"], job["metadata"]["name"])
+        except ApiError:
+            return None
+
+    def _set_condition(self, job: dict[str, Any], kind: str, status: str, reason: str, message: str) -> None:
+        def change(obj: dict[str, Any]) -> None:
+            found = [c for c in obj.setdefault("status", {}).get("conditions") or [] if c["type"] != kind]
+            obj["status"]["conditions"] = [*found, {"type": kind, "status": status, "reason": reason,
+                                                    "message": message, "lastTransitionTime": now()}]  # fmt: skip
+
+        with contextlib.suppress(ApiError):
+            self.store.update("jobs", job["metadata"]["namespace"], job["metadata"]["name"], change)
+
+    def _stopped(self, job: dict[str, Any]) -> bool:
+        """The pod must go: its Job was deleted or suspended, or the emulator is closing."""
+        key = (job["metadata"]["namespace"], job["metadata"]["name"])
+        return self.stopping or key in self.suspended_jobs or not self._job_exists(job)
+
+    # -- the scheduler and the kubelet ---------------------------------------------------
+
+    def _schedule(self, job: dict[str, Any], namespace: str, pod_name: str) -> bool:
+        """Keep the pod Pending while ``unschedulable`` says the cluster is full (FailedScheduling); True once bound."""
+        reported = None
+        while self.unschedulable and not self._stopped(job):
+            message = self.unschedulable
+            if message != reported:
+                reported = message
+                self._pod_status(namespace, pod_name, phase="Pending", conditions=[
+                    {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message,
+                     "lastTransitionTime": now()}])  # fmt: skip
+                self.store.create("events", namespace, {
+                    "apiVersion": "v1", "kind": "Event", "metadata": {"generateName": f"{pod_name}."},
+                    "involvedObject": {"kind": "Pod", "name": pod_name, "namespace": namespace},
+                    "type": "Warning", "reason": "FailedScheduling", "message": message,
+                    "source": {"component": "default-scheduler"}})  # fmt: skip
+            time.sleep(0.05)
+        if self._stopped(job):
+            return False
+        self._pod_status(namespace, pod_name, conditions=[{"type": "PodScheduled", "status": "True"}])
+        return True
 
     def _run_pod(self, job: dict[str, Any], index: int) -> tuple[str, list[int], bool]:
-        """Create and run one pod; returns (phase, worker exit codes, disrupted)."""
+        """Create and run one pod; returns (phase, worker exit codes, disrupted).
+
+        Containers start as the kubelet starts them: regular init containers one
+        after the other, each to completion; a native sidecar (``restartPolicy:
+        Always``) counts as started once its process runs, its postStart hook has
+        returned and its startupProbe, if any, has succeeded — only then does the
+        next container start. Sidecars get SIGTERM once the worker has exited.
+        """
         namespace, job_name = job["metadata"]["namespace"], job["metadata"]["name"]
         template = job["spec"]["template"]
         pod_name = f"{job_name}-{index}-{secrets.token_hex(3)[:5]}"
@@ -613,52 +704,58 @@ class JobEmulator:
                   "batch.kubernetes.io/job-completion-index": str(index)}  # fmt: skip
         pod = {"apiVersion": "v1", "kind": "Pod",
                "metadata": {"name": pod_name, "labels": labels,
+                            "annotations": dict(template["metadata"].get("annotations") or {}),
                             "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": job_name,
                                                  "uid": job["metadata"]["uid"], "controller": True}]},
                "spec": copy.deepcopy(template["spec"]), "status": {"phase": "Pending"}}  # fmt: skip
         self.store.create("pods", namespace, pod)
+        self.timeline[pod_name] = []
         spec = pod["spec"]
-        images = [c["image"] for c in spec.get("initContainers", []) + spec["containers"]]
-        if any(self.UNPULLABLE in image for image in images):
-            bad = next(c for c in spec.get("initContainers", []) + spec["containers"] if self.UNPULLABLE in c["image"])
+        if not self._schedule(job, namespace, pod_name):
+            self._pod_status(namespace, pod_name, phase="Failed", conditions=[
+                {"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKueue"}])  # fmt: skip
+            return "Failed", [], True
+        containers = spec.get("initContainers", []) + spec["containers"]
+        if any(self.UNPULLABLE in c["image"] for c in containers):
+            bad = next(c for c in containers if self.UNPULLABLE in c["image"])
             self._pod_status(namespace, pod_name, phase="Pending", initContainerStatuses=[
                 {"name": bad["name"], "image": bad["image"], "ready": False, "restartCount": 0,
                  "state": {"waiting": {"reason": "ImagePullBackOff",
                                        "message": f'Back-off pulling image "{bad["image"]}"'}}}])  # fmt: skip
-            while not self.stopping and self._job_exists(job):
+            while not self._stopped(job):
                 time.sleep(0.1)
             return "Failed", [], False
         volumes = {v["name"]: self._volume(namespace, pod_name, v) for v in spec.get("volumes", [])}
+        sidecars: list[subprocess.Popen[bytes]] = []
         try:
             env_missing = self._env_problem(namespace, spec)
             if env_missing:
-                self._pod_status(
-                    namespace,
-                    pod_name,
-                    phase="Pending",
-                    initContainerStatuses=[
-                        {
-                            "name": "claim",
-                            "image": images[0],
-                            "ready": False,
-                            "restartCount": 0,
-                            "state": {"waiting": {"reason": "CreateContainerConfigError", "message": env_missing}},
-                        }
-                    ],
-                )
-                while not self.stopping and self._job_exists(job):
+                first = containers[0]
+                self._pod_status(namespace, pod_name, phase="Pending", initContainerStatuses=[
+                    {"name": first["name"], "image": first["image"], "ready": False, "restartCount": 0,
+                     "state": {"waiting": {"reason": "CreateContainerConfigError",
+                                           "message": env_missing}}}])  # fmt: skip
+                while not self._stopped(job):
                     time.sleep(0.1)
                 return "Failed", [], False
             self._pod_status(namespace, pod_name, phase="Running")
-            sidecars: list[subprocess.Popen[bytes]] = []
             doomed = (job_name, index) in self.kill_before_upload
             self.kill_before_upload.discard((job_name, index))
             for container in spec.get("initContainers", []):
+                process = self._start(namespace, pod_name, container, volumes, index)
                 if container.get("restartPolicy") == "Always":
-                    if not doomed:  # a doomed pod's node dies before its reporter gets to run
-                        sidecars.append(self._start(namespace, pod_name, container, volumes, index))
+                    sidecars.append(process)
+                    if doomed and "task" in volumes:
+                        # This pod's node dies after its worker finished but before the upload:
+                        # the sidecar freezes once it has laid out the task, so it never reports.
+                        self._freeze_when(process, volumes["task"] / "ready")
+                    if not self._sidecar_started(namespace, pod_name, container, volumes, index, process):
+                        self._stop_all(sidecars, kill=True)
+                        self._pod_status(namespace, pod_name, phase="Failed")
+                        return "Failed", [], False
                     continue
-                code = self._start(namespace, pod_name, container, volumes, index).wait()
+                code = process.wait()
+                self.timeline[pod_name].append((container["name"], "exited", time.monotonic()))
                 if code != 0:
                     self._stop_all(sidecars)
                     self._pod_status(namespace, pod_name, phase="Failed")
@@ -680,22 +777,83 @@ class JobEmulator:
                 disrupted = True
             if (job_name, index) in self.evict:
                 self.evict.discard((job_name, index))
+                ready = volumes["task"] / "ready" if "task" in volumes else None
+                while ready is not None and not ready.exists() and worker.poll() is None:
+                    time.sleep(0.01)  # evicted mid-task: after its claim
                 time.sleep(0.3)
                 disrupted = True
                 worker.send_signal(signal.SIGKILL)  # API-initiated eviction: the node stops the pod
+            while worker.poll() is None:
+                if self._stopped(job):  # suspended (preempted) or deleted: the kubelet stops the pod
+                    disrupted = True
+                    self._terminate(worker)
+                    break
+                time.sleep(0.02)
             code = worker.wait()
+            self.timeline[pod_name].append((worker_spec["name"], "exited", time.monotonic()))
             worker.collector.join(timeout=10)  # type: ignore[attr-defined]  # the log is complete once it ended
-            self._stop_all(sidecars)
+            self._stop_all(sidecars, kill=doomed)
             phase = "Succeeded" if code == 0 and not disrupted else "Failed"
             conditions = (
                 [{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}] if disrupted else []
             )
             self._pod_status(namespace, pod_name, phase=phase, conditions=conditions, containerStatuses=[
-                {"name": "worker", "image": worker_spec["image"], "ready": False, "restartCount": 0,
+                {"name": worker_spec["name"], "image": worker_spec["image"], "ready": False, "restartCount": 0,
                  "state": {"terminated": {"exitCode": code}}}])  # fmt: skip
             return phase, ([code] if code else []), disrupted
         finally:
+            self._stop_all(sidecars, kill=True)
             shutil.rmtree(self.root / pod_name, ignore_errors=True)
+
+    def _sidecar_started(
+        self, namespace: str, pod: str, container: dict[str, Any], volumes: dict[str, Path], index: int,
+        process: subprocess.Popen[bytes],
+    ) -> bool:  # fmt: skip
+        """Run the sidecar's postStart hook and startupProbe (exec) as the kubelet does; False if either fails."""
+        self.timeline[pod].append((container["name"], "running", time.monotonic()))
+        hook = ((container.get("lifecycle") or {}).get("postStart") or {}).get("exec")
+        if hook and self._exec(namespace, pod, container, volumes, index, hook["command"]) != 0:
+            return False
+        probe = container.get("startupProbe")
+        if probe and "exec" in probe:
+            time.sleep(probe.get("initialDelaySeconds", 0))
+            failures = 0
+            while self._exec(namespace, pod, container, volumes, index, probe["exec"]["command"]) != 0:
+                failures += 1
+                if failures >= probe.get("failureThreshold", 3) or process.poll() is not None:
+                    return False
+                time.sleep(probe.get("periodSeconds", 10))
+        self.timeline[pod].append((container["name"], "started", time.monotonic()))
+        return True
+
+    def _exec(
+        self, namespace: str, pod: str, container: dict[str, Any], volumes: dict[str, Path], index: int,
+        command: list[str],
+    ) -> int:  # fmt: skip
+        """``kubectl exec``-style: ``command`` inside ``container`` (its mounts and environment)."""
+        argv, env = self._process(namespace, pod, {**container, "command": command, "args": []}, volumes, index)
+        return subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              timeout=60).returncode  # fmt: skip
+
+    @staticmethod
+    def _freeze_when(process: subprocess.Popen[bytes], path: Path) -> None:
+        def freeze() -> None:
+            while process.poll() is None and not path.exists():
+                time.sleep(0.005)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGSTOP)
+
+        threading.Thread(target=freeze, daemon=True).start()
+
+    @staticmethod
+    def _terminate(process: subprocess.Popen[bytes], grace: float = 2.0) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
 
     def _pod_status(self, namespace: str, name: str, **fields: Any) -> None:
         def change(obj: dict[str, Any]) -> None:
@@ -723,9 +881,10 @@ class JobEmulator:
                     return f'secret "{ref["name"]}" not found'
         return None
 
-    def _start(
+    def _process(
         self, namespace: str, pod: str, container: dict[str, Any], volumes: dict[str, Path], index: int
-    ) -> subprocess.Popen[bytes]:
+    ) -> tuple[list[str], dict[str, str]]:
+        """The argv and environment of a container's process, as the runtime would start it."""
         mounts = {m["mountPath"]: str(volumes[m["name"]]) for m in container.get("volumeMounts", [])}
 
         # A mount path counts only as a whole path component at the start of a value or after
@@ -754,10 +913,17 @@ class JobEmulator:
         # The image's own entrypoint is a host path already; only the spec's command is mapped.
         command = [mount(part) for part in container["command"]] if "command" in container else entrypoint
         args = [mount(part) for part in container.get("args", [])]
+        return [*command, *args], env
+
+    def _start(
+        self, namespace: str, pod: str, container: dict[str, Any], volumes: dict[str, Path], index: int
+    ) -> subprocess.Popen[bytes]:
+        argv, env = self._process(namespace, pod, container, volumes, index)
         key = (namespace, pod, container["name"])
         self.store.logs[key] = bytearray()
-        process = subprocess.Popen([*command, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    start_new_session=True)  # fmt: skip
+        self.timeline.setdefault(pod, []).append((container["name"], "process", time.monotonic()))
 
         def collect() -> None:
             for line in iter(process.stdout.readline, b""):
@@ -821,9 +987,11 @@ class JobEmulator:
         return text
 
     @staticmethod
-    def _stop_all(sidecars: list[subprocess.Popen[bytes]]) -> None:
-        for sidecar in sidecars:
-            sidecar.send_signal(signal.SIGTERM)
+    def _stop_all(sidecars: list[subprocess.Popen[bytes]], *, kill: bool = False) -> None:
+        """SIGTERM (SIGKILL with ``kill``: a node that died) to the sidecars, in reverse order, as the kubelet."""
+        for sidecar in reversed(sidecars):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(sidecar.pid, signal.SIGKILL if kill else signal.SIGTERM)
         for sidecar in sidecars:
             try:
                 sidecar.wait(timeout=10)

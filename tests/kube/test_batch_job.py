@@ -51,7 +51,8 @@ def test_parallelism_never_exceeds_completions_and_deadlines_map_to_active_deadl
 @pytest.mark.parametrize(("tasks", "expected"), [(1, 1), (10, 10), (50, 10), (1000, 100), (200_000, 10_000)])
 def test_max_failed_indexes_tolerates_poison_items_but_stops_a_flood(tasks, expected):
     assert default_max_failed_indexes(tasks) == expected
-    assert job(spec(tasks=tasks), KubeOptions(max_failed_indexes=3))["spec"]["maxFailedIndexes"] == 3
+    # Never above completions: the API server refuses it (and it would mean the same).
+    assert job(spec(tasks=tasks), KubeOptions(max_failed_indexes=3))["spec"]["maxFailedIndexes"] == min(3, tasks)
 
 
 def test_the_pod_failure_policy_ignores_disruptions_and_fails_declared_exit_codes():
@@ -80,17 +81,27 @@ def test_labels_and_version_annotation():
     assert made["metadata"]["annotations"]["kiabatch.io/version"] == __version__
 
 
-def test_the_pod_claims_in_an_init_container_reports_from_a_native_sidecar_and_runs_the_worker():
+def test_one_native_sidecar_claims_and_reports_and_the_worker_waits_for_its_ready_file():
     pod = job(spec(), KubeOptions(image="reg.example/kiabatch:1"))["spec"]["template"]["spec"]
-    claim, reporter = pod["initContainers"]
+    [sidecar] = pod["initContainers"]
     [worker] = pod["containers"]
-    assert claim["args"] == ["task", "claim", "--batch", "pi-x7k2p", "--dir", "/kiabatch/task"]
-    assert reporter["restartPolicy"] == "Always" and reporter["args"][:3] == ["task", "report", "--await"]
-    assert worker["command"] == ["/bin/sh", "/kiabatch/task/run.sh"]
-    assert claim["image"] == reporter["image"] == worker["image"] == "reg.example/kiabatch:1"
-    for container in (claim, reporter, worker):
+    assert sidecar["name"] == "kiabatch" and sidecar["restartPolicy"] == "Always"
+    assert sidecar["args"] == ["task", "sidecar", "--batch", "pi-x7k2p", "--dir", "/kiabatch/task"]
+    # Started as soon as the sidecar runs: no startupProbe or postStart hook holds the worker back.
+    assert "startupProbe" not in sidecar and "lifecycle" not in sidecar
+    assert worker["command"][:2] == ["/bin/sh", "-c"]
+    assert '"$d/ready"' in worker["command"][2] and worker["command"][2].rstrip().endswith('exec /bin/sh "$d/run.sh"')
+    assert sidecar["image"] == worker["image"] == "reg.example/kiabatch:1"
+    for container in (sidecar, worker):
         assert {"name": "task", "mountPath": "/kiabatch/task"} in container["volumeMounts"]
     assert {"name": "task", "emptyDir": {}} in pod["volumes"]
+
+
+@pytest.mark.parametrize(("cpu", "limit"), [("100m", "1"), ("500m", "1"), ("1", "1"), ("2", "2"), ("2500m", "2500m")])
+def test_the_sidecar_requests_little_and_is_never_throttled_below_the_worker_or_one_core(cpu, limit):
+    [sidecar] = job(spec(), KubeOptions(cpu=cpu))["spec"]["template"]["spec"]["initContainers"]
+    assert sidecar["resources"] == {"requests": {"cpu": "50m", "memory": "128Mi"},
+                                    "limits": {"cpu": limit, "memory": "512Mi"}}  # fmt: skip
 
 
 def test_a_workload_image_runs_only_the_worker():

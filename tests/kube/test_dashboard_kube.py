@@ -62,8 +62,7 @@ def test_the_dashboards_role_is_enough_to_show_jobs_pod_problems_logs_and_cronjo
     found = wait_for(stuck_view, timeout=30)
     problems = found.status.detail["pod_problems"]
     assert any("ImagePullBackOff" in line for line in problems)
-    assert any("not scheduled: Unschedulable: 0/3 nodes are available: 3 Insufficient cpu." in line
-               for line in problems)  # fmt: skip
+    assert any("Pending: 0/3 nodes are available: 3 Insufficient cpu." in line for line in problems)
     rows = {row.status.id: row for row in dashboard.batches().rows}
     assert rows["ex-stuck"].status.detail["job_state"] == "ex-stuck: Running"  # the list joins unfinished Jobs
     assert dashboard.schedules() == ([], "")  # CronJobs may be listed

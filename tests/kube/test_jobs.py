@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from kiabatch.errors import ClusterError
@@ -118,3 +120,103 @@ def test_one_image_pull_grace_everywhere():
 
     [option] = [p for p in command.__click_params__ if p.name == "kube_pull_grace"]
     assert option.default == "2m"
+
+
+def pending(name: str, message: str) -> dict:
+    return {"metadata": {"name": name}, "status": {"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}]}}  # fmt: skip
+
+
+def creating(name: str, scheduled_at: str) -> dict:
+    return {"metadata": {"name": name, "creationTimestamp": scheduled_at},
+            "status": {"phase": "Pending",
+                       "conditions": [{"type": "PodScheduled", "status": "True", "lastTransitionTime": scheduled_at}],
+                       "containerStatuses": [{"name": "worker", "state": {"waiting": {
+                           "reason": "ContainerCreating"}}}]}}  # fmt: skip
+
+
+NOON = 1767268800.0  # 2026-01-01T12:00:00Z
+
+
+def test_pod_waits_name_unschedulable_pods_with_the_schedulers_message_most_frequent_first():
+    full = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+    pods = [pending("j-0-a", full), pending("j-1-b", full), pending("j-2-c", "0/3 nodes are available: 3 node(s) "
+            "had untolerated taint {gpu: true}.\nmore detail"), {"metadata": {"name": "j-3-d"},
+            "status": {"phase": "Running"}}]  # fmt: skip
+    assert jobs.pod_waits(pods, now=NOON) == [
+        f"2 pods Pending: {full}",
+        "pod j-2-c Pending: 0/3 nodes are available: 3 node(s) had untolerated taint {gpu: true}.",
+    ]
+
+
+def test_pod_waits_call_containers_slow_only_after_a_minute_since_scheduling():
+    young, old = creating("j-0-a", "2026-01-01T11:59:30Z"), creating("j-1-b", "2026-01-01T11:57:00Z")
+    assert jobs.pod_waits([young], now=NOON) == []
+    assert jobs.pod_waits([young, old], now=NOON) == [
+        "pod j-1-b ContainerCreating for over 60s (container worker: an image pulling or a volume attaching)"
+    ]
+    assert jobs.pod_problems([old]) == []  # slow is not broken: --wait does not fail for it
+
+
+def queued_job(suspend: bool = True, status: dict | None = None) -> dict:
+    return {"metadata": {"name": "ex-q", "namespace": "batch", "uid": "u1",
+                         "labels": {"kueue.x-k8s.io/queue-name": "team-a"}},
+            "spec": {"suspend": suspend, "parallelism": 2}, "status": status or {}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("conditions", "checks", "expected"),
+    [
+        ([], [], "waiting for admission in Kueue queue team-a"),
+        ([{"type": "QuotaReserved", "status": "False", "reason": "Inadmissible",
+           "message": "LocalQueue team-a doesn't exist"}], [],
+         "waiting for admission in Kueue queue team-a: LocalQueue team-a doesn't exist"),
+        ([{"type": "Evicted", "status": "True", "reason": "Preempted",
+           "message": "Preempted to accommodate a higher priority Workload"},
+          {"type": "QuotaReserved", "status": "False", "reason": "Pending", "message": "insufficient quota for cpu"}],
+         [], "waiting for admission in Kueue queue team-a: evicted (Preempted): Preempted to accommodate a higher "
+             "priority Workload; insufficient quota for cpu"),
+        ([{"type": "QuotaReserved", "status": "True", "reason": "QuotaReserved", "message": "ok"}],
+         [{"name": "dws-prov", "state": "Pending"}],
+         "waiting for admission in Kueue queue team-a: quota reserved, admission checks pending: dws-prov"),
+    ],
+)  # fmt: skip
+def test_admission_notes_give_kueues_reason(conditions, checks, expected):
+    workload = {"status": {"conditions": conditions, "admissionChecks": checks}}
+    assert jobs.admission_note(queued_job(), workload if conditions or checks else None) == expected
+
+
+def test_a_job_suspended_outside_kueue_says_so():
+    job = queued_job()
+    job["metadata"]["labels"] = {}
+    assert jobs.admission_note(job, None) == "suspended (spec.suspend is true)"
+
+
+def test_slow_start_warns_once_and_never_counts_time_suspended():
+    slow = jobs.SlowStart(grace=0.4)
+    waits = ["pod j-0-a Pending: 0/1 nodes are available: 1 Insufficient cpu."]
+    assert slow.check(queued_job(suspend=True), [], waits) is None
+    time.sleep(0.6)  # waiting for admission, longer than the grace
+    assert slow.check(queued_job(suspend=True), [], waits) is None
+    assert slow.check(queued_job(suspend=False), [], waits) is None  # admitted: the clock starts now
+    time.sleep(0.2)
+    assert slow.check(queued_job(suspend=False), [], waits) is None
+    time.sleep(0.3)
+    warning = slow.check(queued_job(suspend=False), [], waits)
+    assert warning == ("no pod of Job ex-q has started after 0.4s: pod j-0-a Pending: 0/1 nodes are available: 1 "
+                       "Insufficient cpu.; still waiting (a full cluster is not a failure)")  # fmt: skip
+    time.sleep(0.5)
+    assert slow.check(queued_job(suspend=False), [], waits) is None  # once
+
+
+def test_slow_start_says_nothing_once_a_pod_has_started():
+    slow = jobs.SlowStart(grace=0.1)
+    slow.check(queued_job(suspend=False), [], [])
+    time.sleep(0.3)
+    assert slow.check(queued_job(suspend=False, status={"ready": 1}), [], []) is None
+    running = {"metadata": {"name": "j-0-a"}, "status": {"phase": "Running"}}
+    assert slow.check(queued_job(suspend=False), [running], []) is None
+
+
+def test_the_job_summary_shows_the_jobs_own_parallelism():
+    assert jobs.job_summary(queued_job())["job_parallelism"] == 2

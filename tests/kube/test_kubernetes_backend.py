@@ -97,8 +97,8 @@ def test_status_merges_the_job_with_redis_and_logs_are_labelled(secret, cluster)
     assert "Complete" in status["detail"]["job_conditions"]
     assert "succeeded 2" in status["detail"]["job_pods"]
     logs = kb("logs", "ex-kube2", "--index", "1").stdout.splitlines()
-    assert any(line.startswith("[index 1 ex-kube2-1-") and " claim] claimed index 1" in line for line in logs)
-    assert any(" reporter] reported" in line for line in logs)
+    assert any(line.startswith("[index 1 ex-kube2-1-") and " kiabatch] claimed index 1" in line for line in logs)
+    assert any(" kiabatch] reported" in line for line in logs)
     assert not any("index 0" in line for line in logs)
     assert kb("results", "ex-kube2").stdout.splitlines() == ["a\tout a", "b\tout b"]
 
@@ -463,9 +463,15 @@ def test_a_reporter_that_never_confirms_fails_the_pod_and_the_index_reruns(secre
 
     def start(namespace, pod, container, volumes, index):
         process = original(namespace, pod, container, volumes, index)
-        if container["name"] == "reporter" and not killed.is_set():
+        if container["name"] == "kiabatch" and not killed.is_set():
             killed.set()
-            os.killpg(process.pid, 9)  # and this emulator does not restart it
+
+            def kill_once_claimed():  # after the claim, before the upload; this emulator does not restart it
+                while not (volumes["task"] / "ready").exists():
+                    time.sleep(0.005)
+                os.killpg(process.pid, 9)
+
+            threading.Thread(target=kill_once_claimed, daemon=True).start()
         return process
 
     monkeypatch.setattr(cluster.emulator, "_start", start)
