@@ -26,6 +26,12 @@ ENV_BACKEND = "KIABATCH_BACKEND"
 ENV_NAMESPACE = "KIABATCH_NAMESPACE"
 #: Container image for Kubernetes pods.
 ENV_IMAGE = "KIABATCH_IMAGE"
+#: Results store for new batches (``s3://bucket/prefix`` or ``file:///path``); unset keeps results in Redis.
+ENV_RESULTS_URL = "KIABATCH_RESULTS_URL"
+#: Endpoint of an S3-compatible store that is not AWS (MinIO, SeaweedFS, Ceph RGW, GCS's S3 endpoint).
+ENV_S3_ENDPOINT = "KIABATCH_S3_ENDPOINT_URL"
+#: maxmemory of the embedded Redis: bytes or a size (``512MiB``, ``2GiB``), 0 for none; default a quarter of RAM.
+ENV_EMBEDDED_MAXMEMORY = "KIABATCH_EMBEDDED_MAXMEMORY"
 
 DEFAULT_IDLE_TIMEOUT = 30.0
 DEFAULT_EMBEDDED_WAIT = 30.0

@@ -18,7 +18,7 @@ from typing import Any
 import redis
 
 from . import keys, lua
-from .errors import NotFoundError, UsageError
+from .errors import NotFoundError, UnreachableError, UsageError
 from .model import (
     QUEUED,
     BatchSpec,
@@ -29,6 +29,12 @@ from .model import (
     Status,
     validate_batch_id,
 )
+from .results_store import ObjectRef, ResultsStore
+
+#: Redis counts as full for a report when it would be left with less than this share of maxmemory.
+_FULL_RESERVE = 0.05
+#: Reports carrying fewer result bytes than this skip the memory check (one INFO round trip).
+_CHECK_ABOVE = 1024
 
 #: Items per RPUSH, and per pipelined round of RPUSHes, when a batch is written.
 _PUSH_CHUNK = 1000
@@ -72,6 +78,10 @@ class ItemOutcome:
     reason: str = ""
     #: False when running it again cannot help (e.g. the item lacks a field).
     retriable: bool = True
+    #: The result is the worker's ``{output}`` file (which always goes to a results store, when there is one).
+    from_file: bool = False
+    #: Where the result was stored as an object (then ``result`` is empty).
+    ref: ObjectRef | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,32 @@ class ReportResult:
 
     status: str  # done, failed, retry, duplicate, stale
     finished: bool
+    #: Why the results were not recorded, when Redis had no room for them (the attempt failed instead).
+    redis_full: str = ""
+
+
+class RedisFullError(UnreachableError):
+    """Redis refused a write because it reached its ``maxmemory`` (nothing was written)."""
+
+
+def redis_full_reason(used: int | None, limit: int | None) -> str:
+    """The reason an attempt fails when Redis has no room for its results."""
+    if used is None or not limit:
+        return "Redis is full (it refused the write: maxmemory reached): use --results-to"
+    return f"Redis is full (used {human_bytes(used)} of {human_bytes(limit)}): use --results-to"
+
+
+def human_bytes(count: float) -> str:
+    """``1.5 MiB``-style sizes."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+def _is_oom(exc: redis.RedisError) -> bool:
+    return isinstance(exc, redis.ResponseError) and "OOM command not allowed" in str(exc)
 
 
 class Store:
@@ -203,14 +239,26 @@ class Store:
         non_retriable: bool = False,
         stderr_tail: bytes = b"",
     ) -> ReportResult:
-        """Record one attempt of task ``index``; safe to call again with the same values."""
+        """Record one attempt of task ``index``; safe to call again with the same values.
+
+        Results Redis has no room for (past 95% of its ``maxmemory``) are not sent:
+        the attempt fails instead, with the reason "Redis is full (used X of Y): use
+        --results-to", and the index is retried by the usual rules. If Redis itself
+        refuses the report as out of memory, RedisFullError is raised (nothing was
+        written; the claim stays, so ``resume`` runs the index again).
+        """
         k = keys.batch_keys(batch_id)
+        full = self._no_room_for(sum(len(o.result) for o in outcomes if o.ok) + len(stderr_tail))
+        if full:
+            outcomes = [replace(o, ok=False, result=b"", ref=None, reason=full) if o.ok else o for o in outcomes]
         all_ok = all(outcome.ok for outcome in outcomes)
         per_item: list[Any] = []
         for position, outcome in enumerate(outcomes):
-            outcome_json = json.dumps(
-                {"exit_code": outcome.exit_code, "duration": round(outcome.duration, 6), "attempt": attempt}
-            )
+            entry: dict[str, Any] = {"exit_code": outcome.exit_code, "duration": round(outcome.duration, 6),
+                                     "attempt": attempt}  # fmt: skip
+            if outcome.ref is not None:
+                entry["ref"] = outcome.ref.to_dict()
+            outcome_json = json.dumps(entry)
             dead_letter = ""
             if not outcome.ok:
                 dead_letter = json.dumps(
@@ -226,11 +274,43 @@ class Store:
             per_item += ["1" if outcome.ok else "0", outcome.result, outcome_json, dead_letter]
         call = lua.report_call(k, index, attempt, claim_sha1, time.time(), all_ok=all_ok, non_retriable=non_retriable,
                                stderr_tail=stderr_tail[-LOG_TAIL:], per_item=per_item)  # fmt: skip
-        status, finished = self._report(*call)
+        try:
+            status, finished = self._report(*call)
+        except redis.ResponseError as exc:
+            if not _is_oom(exc):
+                raise
+            used, limit = self.memory()
+            raise RedisFullError(
+                f"{redis_full_reason(used, limit)}; nothing of index {index} was recorded and no item is lost: "
+                f"`kiabatch resume {batch_id} --results-to URL` finishes the batch"
+            ) from None
         status = status.decode()
         if status == "missing":
             raise NotFoundError(f"no batch {batch_id!r} (it may have expired or been deleted)")
-        return ReportResult(status=status, finished=bool(finished))
+        if full:
+            with contextlib.suppress(redis.RedisError):
+                self.redis.hset(k.meta, "redis_full", full)
+        return ReportResult(status=status, finished=bool(finished), redis_full=full)
+
+    def memory(self) -> tuple[int | None, int | None]:
+        """(used_memory, maxmemory) in bytes; maxmemory 0 means no limit; (None, None) if INFO is refused."""
+        try:
+            info = self.redis.info("memory")
+        except redis.ResponseError:  # INFO not allowed by an ACL
+            return None, None
+        return int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+
+    def _no_room_for(self, payload: int) -> str:
+        """The "Redis is full" reason when ``payload`` more bytes would leave Redis too little room, else ""."""
+        if payload < _CHECK_ABOVE:
+            return ""
+        used, limit = self.memory()
+        if used is None or not limit:
+            return ""
+        # Redis stores a value with some overhead, and replicas / AOF rewrites need a margin.
+        if used + payload * 2 > limit * (1 - _FULL_RESERVE):
+            return redis_full_reason(used, limit)
+        return ""
 
     def abandon(self, batch_id: str, indexes: Iterable[int], reason: str) -> int:
         """Settle ``indexes`` as failed without a worker report (a deadline passed, the Job
@@ -351,7 +431,9 @@ class Store:
         task's claim), whatever the batch's size, so a million results print at once.
         """
         k = keys.batch_keys(batch_id)
-        tasks = int(self.meta(batch_id).get("tasks", 0))
+        meta = self.meta(batch_id)
+        tasks = int(meta.get("tasks", 0))
+        store = _results_store(meta)
         start = 0
         while start < tasks:
             window = list(range(start, min(tasks, start + page)))
@@ -389,10 +471,12 @@ class Store:
                             index=index,
                             position=offset,
                             item=claim_items[offset],
-                            result=values[at],
+                            inline=values[at],
                             exit_code=info.get("exit_code", 0),
                             duration=info.get("duration", 0.0),
                             attempt=info.get("attempt", 0),
+                            ref=ObjectRef.from_dict(info["ref"]) if info.get("ref") else None,
+                            store=store,
                         )
                     elif failed and dead[at] is not None:
                         yield _failed_item(index, offset, dead[at])
@@ -454,6 +538,13 @@ class Store:
                 pipe.zrem(keys.BATCH_INDEX, batch_id)
             existed = pipe.execute()[0]
         return bool(existed)
+
+
+def _results_store(meta: dict[str, str]) -> ResultsStore | None:
+    """The results store a batch's meta names (opened lazily), or None."""
+    if not meta.get("results_to"):
+        return None
+    return ResultsStore(meta["results_to"], endpoint=meta.get("s3_endpoint", ""))
 
 
 def _rounds(values: Iterable[Any], size: int) -> Iterator[list[Any]]:

@@ -49,6 +49,7 @@ from .. import settings, templates
 from ..errors import InterruptedBatchError, UnreachableError, UsageError
 from ..files import private_dir, write_private
 from ..model import FAILED, INTERRUPTED, BatchSpec, Status
+from ..results_store import ResultsPlan
 from ..store import LOG_TAIL, Claim, ItemOutcome, Store
 from ..task import item_argv, item_dir, item_outcome, report_outcomes, task_env
 from .base import RunHooks
@@ -151,6 +152,7 @@ class LocalRunner:
         self.hooks = hooks or RunHooks()
         self.grace = grace
         self.spec: BatchSpec = store.spec(batch_id)
+        self._results = ResultsPlan.of(self.spec)
         self.scratch = scratch_dir(batch_id, self.home)
         names = templates.placeholders(self.spec.worker.command)
         self._writes_input = "input" in names
@@ -370,6 +372,7 @@ class LocalRunner:
         result = report_outcomes(
             self.store, self.batch_id, index, attempt=claim.attempt, claim_sha1=claim.sha1, outcomes=outcomes,
             claimed_items=values, non_retriable_exit_codes=self.spec.worker.non_retriable_exit_codes,
+            results=self._results,
         )  # fmt: skip
         self._notify()
         return result.status in ("retry", "stale")
