@@ -66,6 +66,18 @@ class Batch:
         """Every settled item in index order, streamed: an :class:`ItemResult` or a :class:`FailedItem`."""
         return self.store.iter_outcomes(self.id)
 
+    def download(self, directory: Path | str, *, name_from: str | None = None) -> int:
+        """Write every successful item's result to its own file in ``directory``; returns how many.
+
+        Files are named by position: ``INDEX`` (``INDEX-POSITION`` when tasks hold several
+        items), or by field ``name_from`` of each (object) item. Names are checked, and
+        must be distinct, before anything is written. Stored results are streamed and
+        checked against their sha256: a file appears only once its bytes are verified.
+        """
+        from .download import download_results
+
+        return download_results(self, Path(directory), name_from=name_from)
+
     def failed(self) -> list[FailedItem]:
         """The dead-letter set: items that failed for good, with exit code and stderr tail."""
         return self.store.failed(self.id)

@@ -31,6 +31,7 @@ from .options import (
     kube_options,
     kube_options_from,
     read_items,
+    results_options,
     stack,
 )
 from .output import conclude
@@ -112,6 +113,7 @@ common_options = stack(
                       "finishes that batch instead of starting another (set by launchers). Env: KIABATCH_RUN."),
     click.option("--dry-run", is_flag=True,
                  help="Print the Kubernetes objects submit would create (as YAML) and exit."),
+    results_options,
     cluster_options,
     kube_options,
 )  # fmt: skip
