@@ -9,12 +9,14 @@ from typing import Any
 
 import redis
 
-from . import backends, workloads
+from . import backends, limits, workloads
 from .backends import Backend, LogChunk, RunHooks
 from .connection import connect
 from .errors import BatchFailedError, KiabatchError, UsageError
 from .model import FAILED, FailedItem, ItemResult, Progress, Status
 from .progress import ProgressBar
+from .results_store import MAX_INLINE_LIMIT, ResultsStore, batch_prefix, validate_endpoint
+from .results_store import validate_url as validate_results_url
 from .store import Store
 
 
@@ -128,8 +130,29 @@ class Batch:
 
     # -- managing ---------------------------------------------------------------------
 
+    def reopen(
+        self, *, results_to: str | None = None, s3_endpoint: str | None = None, inline_limit: int | None = None
+    ) -> int:
+        """Before a resume: optionally point the batch at a results store, and reopen the items that
+        failed only because Redis was full (returns how many tasks were reopened).
+
+        ``results_to`` / ``s3_endpoint`` / ``inline_limit`` apply to the reports made
+        from now on; results already reported stay where they are.
+        """
+        fields: dict[str, Any] = {}
+        if results_to is not None:
+            fields["results_to"] = validate_results_url(results_to) if results_to else ""
+        if s3_endpoint is not None:
+            fields["s3_endpoint"] = validate_endpoint(s3_endpoint) if s3_endpoint else ""
+        if inline_limit is not None:
+            fields["inline_limit"] = limits.check_int("inline_limit", inline_limit, 0, MAX_INLINE_LIMIT)
+        self.store.meta(self.id)
+        if fields:
+            self.store.set_meta(self.id, **fields)
+        return self.store.reopen_redis_full(self.id)
+
     def resume(self, wait: bool = False, on_update: Callable[[Progress, str], None] | None = None) -> Batch:
-        """Run the batch's unsettled tasks again (after an interruption)."""
+        """Run the batch's unsettled tasks again (after an interruption; see :meth:`reopen` for a full Redis)."""
         spec = self.store.spec(self.id)
         hooks = RunHooks(on_update=on_update, on_running=self.start_prepare if wait else None)
         self._backend(spec.backend).resume(self.store, spec, wait=wait, hooks=hooks)
@@ -149,6 +172,11 @@ class Batch:
         except KiabatchError:
             return False
         self._backend(spec.backend).delete(self.store, spec)
+        results = ResultsStore.of(spec)
+        if results is not None and not keep_results:
+            # The objects go first: if the store cannot be reached, Redis still knows them and delete can be repeated.
+            prefix = batch_prefix(spec.id, spec.created_at)
+            results.delete(entry["path"] for entry in results.list(prefix + "/"))
         return self.store.delete(self.id, keep_results=keep_results)
 
     def logs(self, index: int | None = None) -> list[tuple[int, int, bytes]]:

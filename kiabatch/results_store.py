@@ -408,3 +408,48 @@ def outcome_ref(outcome_json: bytes | str | None) -> ObjectRef | None:
         return None
     data = json.loads(outcome_json)
     return ObjectRef.from_dict(data["ref"]) if data.get("ref") else None
+
+
+@dataclass(frozen=True)
+class GarbageReport:
+    """What :func:`collect_garbage` found: objects kept, and those removed (or to remove, in a dry run)."""
+
+    scanned: int
+    removed: list[str]
+    #: Batches (``<batch>/<generation>``) whose objects were all removed: gone from Redis, or replaced.
+    gone_batches: list[str]
+
+
+def collect_garbage(results: ResultsStore, referenced: Any, *, dry_run: bool = False) -> GarbageReport:
+    """Remove the objects no batch references any more; returns what was (or would be) removed.
+
+    ``referenced(batch_id)`` returns None when the batch no longer exists in Redis
+    (expired after its TTL, or deleted), else ``(prefix, settled, keys)``: the
+    batch's ``<batch>/<generation>`` prefix, its settled indexes and the object keys
+    its results reference. An object is removed when its batch is gone or is a newer
+    batch of the same id, or when its index is settled and no result references it
+    (the attempt that lost the report). Objects of unsettled indexes stay: their
+    report may be on its way. Keys kiabatch did not write are never touched.
+    """
+    groups: dict[tuple[str, str], list[tuple[str, int]]] = {}
+    scanned = 0
+    for entry in results.list():
+        scanned += 1
+        parsed = parse_key(entry["path"])
+        if parsed is None:
+            continue
+        batch, generation, index, _position, _attempt = parsed
+        groups.setdefault((batch, generation), []).append((entry["path"], index))
+    doomed: list[str] = []
+    gone: list[str] = []
+    for (batch, generation), objects in sorted(groups.items()):
+        state = referenced(batch)
+        if state is None or state[0] != f"{batch}/{generation}":
+            doomed += [key for key, _ in objects]
+            gone.append(f"{batch}/{generation}")
+            continue
+        _prefix, settled, keys = state
+        doomed += [key for key, index in objects if index in settled and key not in keys]
+    if not dry_run:
+        results.delete(doomed)
+    return GarbageReport(scanned=scanned, removed=doomed, gone_batches=gone)

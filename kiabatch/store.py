@@ -98,6 +98,10 @@ class RedisFullError(UnreachableError):
     """Redis refused a write because it reached its ``maxmemory`` (nothing was written)."""
 
 
+#: How every "Redis is full" reason starts.
+REDIS_FULL = "Redis is full"
+
+
 def redis_full_reason(used: int | None, limit: int | None) -> str:
     """The reason an attempt fails when Redis has no room for its results."""
     if used is None or not limit:
@@ -128,6 +132,7 @@ class Store:
         self._release = client.register_script(lua.RELEASE)
         self._snapshot = client.register_script(lua.SNAPSHOT)
         self._unsnapshot = client.register_script(lua.UNSNAPSHOT)
+        self._reopen = client.register_script(lua.REOPEN)
 
     # -- creating batches -------------------------------------------------------------
 
@@ -329,6 +334,19 @@ class Store:
             settled += result.status == "failed"
         return settled
 
+    def reopen_redis_full(self, batch_id: str) -> int:
+        """Give every index whose items were dead-lettered because Redis was full another run; returns how many.
+
+        They failed through no fault of the worker: once the batch has a results
+        store (or Redis has room), ``resume`` runs them again (same claims).
+        """
+        k = keys.batch_keys(batch_id)
+        indexes = set()
+        for field, entry in self.redis.hscan_iter(k.failed, count=1000):
+            if json.loads(entry).get("reason", "").startswith(REDIS_FULL):
+                indexes.add(keys.parse_result_field(field)[0])
+        return sum(int(self._reopen(*lua.reopen_call(k, index))) for index in sorted(indexes))
+
     def release(self, batch_id: str, index: int, pipeline: redis.client.Pipeline | None = None) -> None:
         """Mark task ``index`` as no longer running (its worker was stopped)."""
         k = keys.batch_keys(batch_id)
@@ -520,6 +538,23 @@ class Store:
         if gone:
             self.redis.zrem(keys.BATCH_INDEX, *gone)
         return statuses
+
+    def result_references(self, batch_id: str) -> tuple[str, set[int], set[str]] | None:
+        """For ``kiabatch gc``: (object prefix, settled indexes, referenced keys); None if the batch is gone."""
+        from .results_store import batch_prefix
+
+        try:
+            spec = self.spec(batch_id)
+        except (NotFoundError, UsageError):
+            return None
+        k = keys.batch_keys(batch_id)
+        settled = {int(i) for i in self.redis.smembers(k.final)}
+        referenced: set[str] = set()
+        for _field, entry in self.redis.hscan_iter(k.outcomes, count=1000):
+            data = json.loads(entry)
+            if data.get("ref"):
+                referenced.add(data["ref"]["key"])
+        return batch_prefix(spec.id, spec.created_at), settled, referenced
 
     # -- removing ---------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from .context import CliError, Session, user_errors
 #: never loads the Kubernetes client and ``--version`` loads nothing at all.
 COMMANDS = {
     "delete": "manage:delete_command",
+    "gc": "manage:gc_command",
     "list": "inspect:list_command",
     "logs": "inspect:logs_command",
     "queue": "queue:queue_group",
