@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -59,7 +60,7 @@ def s3_server() -> Iterator[S3Process]:
     directory = Path(tempfile.mkdtemp(prefix="kbs3-"))
     server = S3Process(directory).start()
     yield server
-    server.stop()
+    server.stop(signal.SIGKILL)  # its data goes with it: no need for a graceful (slow) shutdown
     shutil.rmtree(directory, ignore_errors=True)
 
 

@@ -174,7 +174,7 @@ class RedisProcess:
 
 #: The S3 identity the test SeaweedFS server accepts (and nothing else); never printed by kiabatch.
 S3_ACCESS_KEY = "AKIAKIABATCHTESTKEY1"
-S3_SECRET_KEY = "kiabatch-test-secret-9f3c1e7a5b"  # noqa: S105 - a test server's key
+S3_SECRET_KEY = "kiabatch-test-secret-9f3c1e7a5b"
 
 
 class S3Process:
@@ -230,7 +230,7 @@ class S3Process:
             if self.process.poll() is not None:
                 raise RuntimeError(f"weed exited: {(self.directory / 'weed.log').read_text()[-2000:]}")
             try:
-                urllib.request.urlopen(f"{self.endpoint}/healthz", timeout=1).close()  # noqa: S310 - loopback
+                urllib.request.urlopen(f"{self.endpoint}/healthz", timeout=1).close()
                 if self._ready():
                     return self
             except (urllib.error.URLError, OSError):
