@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from .model import FAILED, FailedItem, ItemResult, Progress, Status
 from .progress import ProgressBar
 from .results_store import MAX_INLINE_LIMIT, ResultsStore, batch_prefix, validate_endpoint
 from .results_store import validate_url as validate_results_url
-from .store import Store
+from .store import Store, human_bytes
 
 
 def open_store(client: redis.Redis | str | None = None, *, retry_seconds: float = 0.0) -> Store:
@@ -48,7 +49,26 @@ class Batch:
         Redis the indexes the Job gave up on).
         """
         status = self.store.status(self.id)
-        return self._backend(status.backend).status_detail(self.store, status, read_only=read_only)
+        status = self._backend(status.backend).status_detail(self.store, status, read_only=read_only)
+        return replace(status, detail={**status.detail, **self._memory_detail()})
+
+    def _memory_detail(self) -> dict[str, str]:
+        """What ``status`` shows about Redis's memory: its use, and warnings (half full, or refused reports)."""
+        outlook = self.store.memory_outlook(self.id)
+        meta = self.store.meta(self.id)
+        detail = {}
+        if outlook is not None:
+            detail["redis_memory"] = outlook.summary()
+            if outlook.projected:
+                detail["inline_results"] = (
+                    f"{human_bytes(outlook.results)}, ~{human_bytes(outlook.projected)} projected"
+                )
+        warning = (outlook.warning() if outlook is not None else "") or meta.get("memory_warning", "")
+        if warning:
+            detail["warning"] = warning
+        if meta.get("redis_full"):
+            detail["redis_full"] = f"{meta['redis_full']} (`kiabatch resume {self.id} --results-to URL` reruns them)"
+        return detail
 
     def progress(self) -> Progress:
         """Item counters: total, done, failed, running (O(1))."""

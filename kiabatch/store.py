@@ -94,6 +94,35 @@ class ReportResult:
     redis_full: str = ""
 
 
+@dataclass(frozen=True)
+class MemoryOutlook:
+    """Redis's memory (bytes) and a batch's inline results: what they take now and are projected to take."""
+
+    used: int
+    limit: int
+    results: int
+    projected: int
+    #: Items whose results the projection is based on.
+    done: int
+
+    def summary(self) -> str:
+        """``used 1.2 MiB of 64.0 MiB (2%)``."""
+        return f"used {human_bytes(self.used)} of {human_bytes(self.limit)} ({100 * self.used // self.limit}%)"
+
+    def warning(self) -> str:
+        """A warning when Redis is, or this batch's inline results are projected to bring it, past half of maxmemory."""
+        half = self.limit // 2
+        if self.used > half:
+            return (f"Redis is over half full ({self.summary()}); large results belong in a results store "
+                    "(--results-to)")  # fmt: skip
+        if self.done and self.used - self.results + self.projected > half:
+            return (
+                f"this batch's results are projected to take {human_bytes(self.projected)} of Redis's "
+                f"{human_bytes(self.limit)} maxmemory (from its first {self.done} results): use --results-to"
+            )
+        return ""
+
+
 class RedisFullError(UnreachableError):
     """Redis refused a write because it reached its ``maxmemory`` (nothing was written)."""
 
@@ -304,6 +333,38 @@ class Store:
         except redis.ResponseError:  # INFO not allowed by an ACL
             return None, None
         return int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+
+    def memory_outlook(self, batch_id: str) -> MemoryOutlook | None:
+        """Redis's memory and what the batch's inline results take and will take (None: no limit or no INFO).
+
+        The projection scales the memory the results hash uses so far (``MEMORY
+        USAGE``, sampled: O(1)) by total items over succeeded items: the estimate of the
+        batch's inline result volume once a few items have reported.
+        """
+        used, limit = self.memory()
+        if used is None or not limit:
+            return None
+        k = keys.batch_keys(batch_id)
+        progress = self.progress(batch_id)
+        try:
+            so_far = int(self.redis.memory_usage(k.results) or 0)
+        except redis.ResponseError:
+            so_far = 0
+        projected = so_far * progress.total // progress.done if progress.done else 0
+        return MemoryOutlook(used=used, limit=limit, results=so_far, projected=projected, done=progress.done)
+
+    def check_memory(self, batch_id: str) -> str:
+        """A warning (also kept in the batch's meta, for ``status``) when Redis would pass half its maxmemory.
+
+        Half, because Redis needs room to rewrite its append-only file and feed
+        replicas; past 95% reports are refused ("Redis is full").
+        """
+        outlook = self.memory_outlook(batch_id)
+        warning = outlook.warning() if outlook is not None else ""
+        if warning:
+            with contextlib.suppress(redis.RedisError):
+                self.redis.hset(keys.batch_keys(batch_id).meta, "memory_warning", warning)
+        return warning
 
     def _no_room_for(self, payload: int) -> str:
         """The "Redis is full" reason when ``payload`` more bytes would leave Redis too little room, else ""."""

@@ -347,6 +347,9 @@ def submit_options(
     batch = Batch(spec.id, store.redis, home=home)
     if on_created is not None:
         on_created(batch)
+    warning = store.check_memory(spec.id)  # Redis already past half its maxmemory: say so before it fills up
+    if warning:
+        hooks.update(store.progress(spec.id), f"warning: {warning}")
     if not start:
         return batch
     # The workload's prepare step (e.g. π's square root) overlaps the map step; it

@@ -168,6 +168,9 @@ class LocalRunner:
         self._started_at: float | None = None
         self._notified = 0.0
         self._env = worker_environment(batch_id)
+        self._reports = 0
+        self._next_memory_check = 20
+        self._memory_warned = False
 
     # -- public -------------------------------------------------------------------------
 
@@ -375,7 +378,21 @@ class LocalRunner:
             results=self._results,
         )  # fmt: skip
         self._notify()
+        self._watch_memory()
         return result.status in ("retry", "stale")
+
+    def _watch_memory(self) -> None:
+        """Now and then (after 20, 200, 2000... reports) project the batch's inline results and warn once."""
+        with self._lock:
+            self._reports += 1
+            due = self._reports == self._next_memory_check
+            if due:
+                self._next_memory_check *= 10
+        if due and not self._memory_warned:
+            warning = self.store.check_memory(self.batch_id)
+            if warning:
+                self._memory_warned = True
+                self.hooks.update(self.store.progress(self.batch_id), f"warning: {warning}")
 
     # -- stopping -----------------------------------------------------------------------
 

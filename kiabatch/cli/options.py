@@ -79,11 +79,6 @@ class Interval(click.ParamType):
         return seconds
 
 
-_SIZE = re.compile(r"^\s*(\d{1,20})\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
-               "g": 1024**3, "gb": 1000**3, "gib": 1024**3}  # fmt: skip
-
-
 def human_size(count: int) -> str:
     """``64KiB``-style text for a byte count that is a whole number of units."""
     for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
@@ -105,10 +100,10 @@ class Size(click.ParamType):
         if isinstance(value, int) and not isinstance(value, bool):
             count_ = value
         else:
-            match = _SIZE.match(str(value))
-            if not match:
+            parsed = limits.parse_size(str(value))
+            if parsed is None:
                 self.fail(f"{str(value)!r:.60} is not a size; use bytes or a number with KiB, MiB or GiB", param, ctx)
-            count_ = int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()]
+            count_ = parsed
         if not self.minimum <= count_ <= self.maximum:
             allowed = f"allowed {human_size(self.minimum)} to {human_size(self.maximum)}"
             self.fail(f"{str(value)!r:.60} is out of range: {allowed}", param, ctx)

@@ -210,6 +210,7 @@ def run_submit(session: Session, request: SubmitRequest) -> None:
     wait, quiet = request.wait, request.quiet
     with contextlib.ExitStack() as stack_:
         bars: list[ProgressBar] = []
+        warned: set[str] = set()
 
         def created(batch: Batch) -> None:
             if not quiet and wait:
@@ -218,6 +219,11 @@ def run_submit(session: Session, request: SubmitRequest) -> None:
                 bars.append(stack_.enter_context(ProgressBar(total, batch.id)))
 
         def update(progress: Any, note_text: str = "") -> None:
+            if note_text.startswith("warning: "):  # a line of its own, once: not a progress note that passes
+                if note_text not in warned and not quiet:
+                    warned.add(note_text)
+                    note(f"kiabatch: {note_text}")
+                note_text = ""
             for bar in bars:
                 bar.update(progress, note_text)
 
