@@ -275,8 +275,8 @@ for i = 0, n - 1 do
   redis.call('HDEL', KEYS[8], field)
 end
 redis.call('HDEL', KEYS[3], index)
-redis.call('HINCRBY', KEYS[4], 'failed', -failed)
-redis.call('HINCRBY', KEYS[4], 'done', -done)
+redis.call('HINCRBY', KEYS[4], 'failed', 0 - failed)  -- never '-0', which is no integer
+redis.call('HINCRBY', KEYS[4], 'done', 0 - done)
 redis.call('HSET', KEYS[1], 'state', 'interrupted')
 redis.call('HDEL', KEYS[1], 'finished_at', 'redis_full')
 for i = 9, #KEYS do redis.call('PERSIST', KEYS[i]) end

@@ -252,7 +252,13 @@ class Store:
     def claim(self, batch_id: str, index: int) -> Claim:
         """Claim task ``index``'s items (the same items on every call)."""
         k = keys.batch_keys(batch_id)
-        status, attempt, raw = self._claim(*lua.claim_call(k, index, time.time()))
+        try:
+            status, attempt, raw = self._claim(*lua.claim_call(k, index, time.time()))
+        except redis.ResponseError as exc:
+            if not _is_oom(exc):
+                raise
+            raise RedisFullError(f"{redis_full_reason(*self.memory())}: cannot claim index {index} of {batch_id}; "
+                                 "free memory in Redis, or delete finished batches") from None  # fmt: skip
         status = status.decode()
         if status == "missing":
             raise NotFoundError(f"no batch {batch_id!r} (it may have expired or been deleted)")
@@ -373,8 +379,9 @@ class Store:
         used, limit = self.memory()
         if used is None or not limit:
             return ""
-        # Redis stores a value with some overhead, and replicas / AOF rewrites need a margin.
-        if used + payload * 2 > limit * (1 - _FULL_RESERVE):
+        # While the script runs, the report's arguments sit in Redis's memory too (query buffer and argv),
+        # besides the values it stores: count them several times over, and keep a reserve.
+        if used + payload * 4 > limit * (1 - _FULL_RESERVE):
             return redis_full_reason(used, limit)
         return ""
 

@@ -50,7 +50,7 @@ from ..errors import InterruptedBatchError, UnreachableError, UsageError
 from ..files import private_dir, write_private
 from ..model import FAILED, INTERRUPTED, BatchSpec, Status
 from ..results_store import ResultsPlan
-from ..store import LOG_TAIL, Claim, ItemOutcome, Store
+from ..store import LOG_TAIL, Claim, ItemOutcome, RedisFullError, Store
 from ..task import item_argv, item_dir, item_outcome, report_outcomes, task_env
 from .base import RunHooks
 from .local_state import make_runs_dir, runner_lock
@@ -183,6 +183,11 @@ class LocalRunner:
         with runner_lock(self.batch_id, self.home), self._signals(), self._scratch_removed():
             try:
                 return self._run()
+            except RedisFullError:
+                self._stop("interrupted")  # nothing of the refused report was written; its claim stays
+                with contextlib.suppress(redis.RedisError):
+                    self.store.set_state(self.batch_id, INTERRUPTED)
+                raise
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 self._stop("interrupted")
                 raise UnreachableError(
