@@ -51,9 +51,11 @@ MAX_INLINE_LIMIT = 64 * 1024 * 1024
 _CHUNK = 1024 * 1024
 #: S3 bucket names: 3-63 lowercase letters, digits, dots and hyphens, starting and ending with a letter or digit.
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-#: Seconds (and tries) the client keeps retrying a store that fails or is away, per request.
+#: Seconds (and tries) the client keeps retrying a store that fails or is away, per request: with
+#: backoff from 0.5 s up to 10 s, a store that restarts (or a network that blips) for half a minute is ridden out.
 _RETRY_TIMEOUT = 60.0
-_MAX_RETRIES = 8
+_MAX_RETRIES = 10
+_BACKOFF = (0.5, 10.0)
 _URL_HELP = "expected s3://BUCKET[/PREFIX] or file:///ABSOLUTE/PATH"
 
 
@@ -245,7 +247,9 @@ class ResultsStore:
 
                 private_dir(root, "the results directory")
             return LocalStore(root)
-        retry = {"max_retries": _MAX_RETRIES, "retry_timeout": _timedelta(_RETRY_TIMEOUT)}
+        retry = {"max_retries": _MAX_RETRIES, "retry_timeout": _timedelta(_RETRY_TIMEOUT),
+                 "backoff": {"init_backoff": _timedelta(_BACKOFF[0]), "max_backoff": _timedelta(_BACKOFF[1]),
+                             "base": 2}}  # fmt: skip
         config: dict[str, Any] = {}
         if not (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")):
             config["region"] = "us-east-1"  # what S3-compatible stores expect when none is named
@@ -317,6 +321,8 @@ class ResultsStore:
         except ResultsStoreError:
             raise
         except Exception as exc:
+            if "NoSuchBucket" in str(exc):  # nothing was ever stored (buckets may be created on first write)
+                return
             raise self._fail("list", prefix or "/", exc) from None
 
     def chunks(self, ref: ObjectRef) -> Iterator[bytes]:
