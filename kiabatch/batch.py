@@ -98,7 +98,8 @@ class Batch:
         """
         from .download import download_results
 
-        return download_results(self, Path(directory), name_from=name_from)
+        chunked = int(self.store.meta(self.id).get("chunk") or 1) > 1
+        return download_results(self.iter_results, Path(directory), name_from=name_from, chunked=chunked)
 
     def failed(self) -> list[FailedItem]:
         """The dead-letter set: items that failed for good, with exit code and stderr tail."""

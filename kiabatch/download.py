@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import UsageError
 from .files import FILE_MODE
 from .model import ItemResult
 from .text import printable
-
-if TYPE_CHECKING:
-    from .batch import Batch
 
 #: Longest file name most file systems take, in bytes.
 _MAX_NAME = 255
@@ -43,12 +41,13 @@ def file_name(result: ItemResult, name_from: str | None, chunked: bool) -> str:
     return name
 
 
-def download_results(batch: Batch, directory: Path, *, name_from: str | None = None) -> int:
-    """See :meth:`kiabatch.Batch.download`."""
-    chunked = int(batch.store.meta(batch.id).get("chunk") or 1) > 1
+def download_results(
+    results: Callable[[], Iterable[ItemResult]], directory: Path, *, name_from: str | None, chunked: bool
+) -> int:
+    """See :meth:`kiabatch.Batch.download`; ``results()`` streams the batch's results (it is read twice)."""
     # First pass: every name is checked and distinct before a byte is written.
     seen: dict[str, str] = {}
-    for result in batch.iter_results():
+    for result in results():
         name = file_name(result, name_from, chunked)
         where = f"{result.index}:{result.position}"
         if name in seen:
@@ -62,7 +61,7 @@ def download_results(batch: Batch, directory: Path, *, name_from: str | None = N
     if not directory.is_dir():
         raise UsageError(f"the download directory {directory} is not a directory")
     written = 0
-    for result in batch.iter_results():
+    for result in results():
         _write_verified(directory, file_name(result, name_from, chunked), result)
         written += 1
     return written

@@ -34,14 +34,22 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any, Protocol
 from urllib.parse import urlsplit
 
 from .errors import KiabatchError, UnreachableError, UsageError
 from .text import printable
 
-if TYPE_CHECKING:
-    from .model import BatchSpec
+
+class BatchSpec(Protocol):
+    """What this module reads of a :class:`kiabatch.model.BatchSpec` (kept apart: model imports this module)."""
+
+    id: str
+    created_at: float
+    results_to: str
+    s3_endpoint: str
+    inline_limit: int
+
 
 #: Results up to this size stay in Redis when a store is set (``--inline-limit``).
 DEFAULT_INLINE_LIMIT = 64 * 1024
