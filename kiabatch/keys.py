@@ -34,6 +34,7 @@ key                                    type    holds
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 
 PREFIX = "kiabatch"
@@ -68,13 +69,17 @@ class BatchKeys:
 
     def all(self) -> list[str]:
         """Every key of the batch, in a fixed order (for DEL and EXPIRE)."""
-        return [getattr(self, f.name) for f in fields(self)]
+        return [getattr(self, name) for name in _FIELDS]
 
 
+_FIELDS = tuple(f.name for f in fields(BatchKeys))
+
+
+@functools.lru_cache(maxsize=1024)
 def batch_keys(batch_id: str) -> BatchKeys:
-    """Build the keys of ``batch_id``."""
+    """Build the keys of ``batch_id`` (cached: a runner asks for them on every claim and report)."""
     tag = f"{PREFIX}:{{{batch_id}}}"
-    return BatchKeys(**{f.name: f"{tag}:{f.name}" for f in fields(BatchKeys)})
+    return BatchKeys(**{name: f"{tag}:{name}" for name in _FIELDS})
 
 
 def queue_key(name: str) -> str:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import redis
+from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 
 from . import keys, lua
 from .errors import NotFoundError, UnreachableError, UsageError
@@ -82,6 +84,21 @@ class ItemOutcome:
     from_file: bool = False
     #: Where the result was stored as an object (then ``result`` is empty).
     ref: ObjectRef | None = None
+
+
+@dataclass(frozen=True)
+class Report:
+    """One attempt of a task, ready to be recorded by REPORT."""
+
+    batch_id: str
+    index: int
+    attempt: int
+    #: The fingerprint of the claim the worker ran (a claim a crashed Redis forgot is refused).
+    claim_sha1: str
+    outcomes: tuple[ItemOutcome, ...]
+    claimed_items: tuple[Any, ...]
+    non_retriable: bool = False
+    stderr_tail: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -251,21 +268,48 @@ class Store:
 
     def claim(self, batch_id: str, index: int) -> Claim:
         """Claim task ``index``'s items (the same items on every call)."""
+        return self.claim_many(batch_id, [index])[0]
+
+    def claim_many(self, batch_id: str, indexes: Sequence[int]) -> list[Claim]:
+        """Claim several tasks in one round trip (each its own atomic CLAIM)."""
         k = keys.batch_keys(batch_id)
+        now = time.time()
         try:
-            status, attempt, raw = self._claim(*lua.claim_call(k, index, time.time()))
+            replies = self._pipelined(self._claim, [lua.claim_call(k, index, now) for index in indexes])
         except redis.ResponseError as exc:
             if not _is_oom(exc):
                 raise
-            raise RedisFullError(f"{redis_full_reason(*self.memory())}: cannot claim index {index} of {batch_id}; "
+            raise RedisFullError(f"{redis_full_reason(*self.memory())}: cannot claim tasks of {batch_id}; "
                                  "free memory in Redis, or delete finished batches") from None  # fmt: skip
-        status = status.decode()
-        if status == "missing":
-            raise NotFoundError(f"no batch {batch_id!r} (it may have expired or been deleted)")
-        if status == "bad-index":
-            tasks = self.redis.hget(k.meta, "tasks")
-            raise UsageError(f"bad completion index {index} for batch {batch_id!r}: must be 0 to {int(tasks) - 1}")
-        return Claim(status=status, attempt=int(attempt), raw=raw)
+        claims = []
+        for index, (status, attempt, raw) in zip(indexes, replies, strict=True):
+            status = status.decode()
+            if status == "missing":
+                raise NotFoundError(f"no batch {batch_id!r} (it may have expired or been deleted)")
+            if status == "bad-index":
+                tasks = int(self.redis.hget(k.meta, "tasks") or 0)
+                raise UsageError(f"bad completion index {index} for batch {batch_id!r}: must be 0 to {tasks - 1}")
+            claims.append(Claim(status=status, attempt=int(attempt), raw=raw))
+        return claims
+
+    def _pipelined(self, script: Script, calls: Sequence[lua.Call]) -> list[Any]:
+        """Run ``script`` once per (KEYS, ARGV) in one pipeline: one round trip.
+
+        EVALSHA directly (redis-py's Script objects in a pipeline cost a SCRIPT EXISTS round
+        trip on every execute); a server that forgot the script (a restart) gets it loaded
+        and the calls sent again, which is safe since every script is idempotent.
+        """
+        for attempt in range(2):
+            with self.redis.pipeline(transaction=False) as pipe:
+                for call_keys, call_args in calls:
+                    pipe.evalsha(script.sha, len(call_keys), *call_keys, *call_args)
+                try:
+                    return pipe.execute()
+                except NoScriptError:
+                    if attempt:
+                        raise
+                    self.redis.script_load(script.script)
+        raise AssertionError("unreachable")
 
     def report(
         self,
@@ -279,58 +323,65 @@ class Store:
         non_retriable: bool = False,
         stderr_tail: bytes = b"",
     ) -> ReportResult:
-        """Record one attempt of task ``index``; safe to call again with the same values.
+        """Record one attempt of task ``index``; safe to call again with the same values (see :meth:`report_many`)."""
+        report = Report(batch_id, index, attempt, claim_sha1, tuple(outcomes), tuple(claimed_items), non_retriable,
+                        stderr_tail)  # fmt: skip
+        [result] = self.report_many([report])
+        if result.status == "missing":
+            raise NotFoundError(f"no batch {batch_id!r} (it may have expired or been deleted)")
+        return result
 
+    def report_many(self, reports: Sequence[Report]) -> list[ReportResult]:
+        """Send several attempts' reports in one round trip (each is its own atomic REPORT).
+
+        A report for a batch that no longer exists comes back with status "missing".
         Results Redis has no room for (past 95% of its ``maxmemory``) are not sent:
-        the attempt fails instead, with the reason "Redis is full (used X of Y): use
-        --results-to", and the index is retried by the usual rules. If Redis itself
-        refuses the report as out of memory, RedisFullError is raised (nothing was
-        written; the claim stays, so ``resume`` runs the index again).
+        that attempt fails instead, with the reason "Redis is full (used X of Y): use
+        --results-to", and its index is retried by the usual rules. If Redis itself
+        refuses a report as out of memory, RedisFullError is raised (that report wrote
+        nothing; its claim stays, so ``resume`` runs the index again).
         """
-        k = keys.batch_keys(batch_id)
-        full = self._no_room_for(sum(len(o.result) for o in outcomes if o.ok) + len(stderr_tail))
-        if full:
-            outcomes = [replace(o, ok=False, result=b"", ref=None, reason=full) if o.ok else o for o in outcomes]
-        all_ok = all(outcome.ok for outcome in outcomes)
-        per_item: list[Any] = []
-        for position, outcome in enumerate(outcomes):
-            entry: dict[str, Any] = {"exit_code": outcome.exit_code, "duration": round(outcome.duration, 6),
-                                     "attempt": attempt}  # fmt: skip
-            if outcome.ref is not None:
-                entry["ref"] = outcome.ref.to_dict()
-            outcome_json = json.dumps(entry)
-            dead_letter = ""
-            if not outcome.ok:
-                dead_letter = json.dumps(
-                    {
-                        "item": claimed_items[position],
-                        "exit_code": outcome.exit_code,
-                        "reason": outcome.reason,
-                        "stderr": outcome.stderr[-DEAD_LETTER_STDERR:].decode("utf-8", errors="replace"),
-                        "attempts": attempt,
-                    },
-                    ensure_ascii=False,
-                )
-            per_item += ["1" if outcome.ok else "0", outcome.result, outcome_json, dead_letter]
-        call = lua.report_call(k, index, attempt, claim_sha1, time.time(), all_ok=all_ok, non_retriable=non_retriable,
-                               stderr_tail=stderr_tail[-LOG_TAIL:], per_item=per_item)  # fmt: skip
+        reports, full = self._fit_in_memory(reports)
         try:
-            status, finished = self._report(*call)
+            replies = self._pipelined(self._report, [_report_call(report) for report in reports])
         except redis.ResponseError as exc:
             if not _is_oom(exc):
                 raise
-            used, limit = self.memory()
             raise RedisFullError(
-                f"{redis_full_reason(used, limit)}; nothing of index {index} was recorded and no item is lost: "
-                f"`kiabatch resume {batch_id} --results-to URL` finishes the batch"
+                f"{redis_full_reason(*self.memory())}; a report was refused, and no item is lost: "
+                f"`kiabatch resume {reports[0].batch_id} --results-to URL` finishes the batch"
             ) from None
-        status = status.decode()
-        if status == "missing":
-            raise NotFoundError(f"no batch {batch_id!r} (it may have expired or been deleted)")
-        if full:
-            with contextlib.suppress(redis.RedisError):
-                self.redis.hset(k.meta, "redis_full", full)
-        return ReportResult(status=status, finished=bool(finished), redis_full=full)
+        results = [ReportResult(status=status.decode(), finished=bool(finished), redis_full=reason)
+                   for (status, finished), reason in zip(replies, full, strict=True)]  # fmt: skip
+        for report, reason in zip(reports, full, strict=True):
+            if reason:
+                with contextlib.suppress(redis.RedisError):
+                    self.redis.hset(keys.batch_keys(report.batch_id).meta, "redis_full", reason)
+        return results
+
+    def _fit_in_memory(self, reports: Sequence[Report]) -> tuple[list[Report], list[str]]:
+        """The reports with the results Redis has no room for turned into failures, and why (or "") for each."""
+        payloads = [sum(len(o.result) for o in r.outcomes if o.ok) + len(r.stderr_tail) for r in reports]
+        if sum(payloads) < _CHECK_ABOVE:
+            return list(reports), [""] * len(reports)
+        used, limit = self.memory()
+        if used is None or not limit:
+            return list(reports), [""] * len(reports)
+        fitted, reasons = [], []
+        for report, payload in zip(reports, payloads, strict=True):
+            # While a script runs, its arguments sit in Redis's memory too (query buffer and argv), besides
+            # the values it stores: count them several times over, and keep a reserve.
+            if payload >= _CHECK_ABOVE and used + payload * 4 > limit * (1 - _FULL_RESERVE):
+                reason = redis_full_reason(used, limit)
+                outcomes = tuple(replace(o, ok=False, result=b"", ref=None, reason=reason) if o.ok else o
+                                 for o in report.outcomes)  # fmt: skip
+                fitted.append(replace(report, outcomes=outcomes))
+                reasons.append(reason)
+            else:
+                used += payload
+                fitted.append(report)
+                reasons.append("")
+        return fitted, reasons
 
     def memory(self) -> tuple[int | None, int | None]:
         """(used_memory, maxmemory) in bytes; maxmemory 0 means no limit; (None, None) if INFO is refused."""
@@ -371,19 +422,6 @@ class Store:
             with contextlib.suppress(redis.RedisError):
                 self.redis.hset(keys.batch_keys(batch_id).meta, "memory_warning", warning)
         return warning
-
-    def _no_room_for(self, payload: int) -> str:
-        """The "Redis is full" reason when ``payload`` more bytes would leave Redis too little room, else ""."""
-        if payload < _CHECK_ABOVE:
-            return ""
-        used, limit = self.memory()
-        if used is None or not limit:
-            return ""
-        # While the script runs, the report's arguments sit in Redis's memory too (query buffer and argv),
-        # besides the values it stores: count them several times over, and keep a reserve.
-        if used + payload * 4 > limit * (1 - _FULL_RESERVE):
-            return redis_full_reason(used, limit)
-        return ""
 
     def abandon(self, batch_id: str, indexes: Iterable[int], reason: str) -> int:
         """Settle ``indexes`` as failed without a worker report (a deadline passed, the Job
@@ -641,6 +679,35 @@ class Store:
                 pipe.zrem(keys.BATCH_INDEX, batch_id)
             existed = pipe.execute()[0]
         return bool(existed)
+
+
+def _report_call(report: Report) -> lua.Call:
+    """REPORT's KEYS and ARGV for ``report``: each item's result, outcome JSON and dead-letter entry."""
+    per_item: list[Any] = []
+    for position, outcome in enumerate(report.outcomes):
+        entry: dict[str, Any] = {"exit_code": outcome.exit_code, "duration": round(outcome.duration, 6),
+                                 "attempt": report.attempt}  # fmt: skip
+        if outcome.ref is not None:
+            entry["ref"] = outcome.ref.to_dict()
+        outcome_json = json.dumps(entry)
+        dead_letter = ""
+        if not outcome.ok:
+            dead_letter = json.dumps(
+                {
+                    "item": report.claimed_items[position],
+                    "exit_code": outcome.exit_code,
+                    "reason": outcome.reason,
+                    "stderr": outcome.stderr[-DEAD_LETTER_STDERR:].decode("utf-8", errors="replace"),
+                    "attempts": report.attempt,
+                },
+                ensure_ascii=False,
+            )
+        per_item += ["1" if outcome.ok else "0", outcome.result, outcome_json, dead_letter]
+    return lua.report_call(
+        keys.batch_keys(report.batch_id), report.index, report.attempt, report.claim_sha1, time.time(),
+        all_ok=all(outcome.ok for outcome in report.outcomes), non_retriable=report.non_retriable,
+        stderr_tail=report.stderr_tail[-LOG_TAIL:], per_item=per_item,
+    )  # fmt: skip
 
 
 def _results_store(meta: dict[str, str]) -> ResultsStore | None:

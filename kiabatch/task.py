@@ -20,7 +20,7 @@ emptyDir shared by the init container, the worker and the reporter sidecar)::
 ``kiabatch task claim`` and ``kiabatch task report`` are thin wrappers around
 :func:`claim_into` and :func:`report_from`. The local backend runs workers with
 pipes instead of files, but decides every outcome with the same functions
-(:func:`item_argv`, :func:`item_outcome`, :func:`report_outcomes`).
+(:func:`item_argv`, :func:`item_outcome`, :func:`outcome_report`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from . import templates
 from .errors import UsageError
 from .model import BatchSpec
 from .results_store import ResultsPlan, ResultsStore, ResultsStoreError
-from .store import LOG_TAIL, Claim, ItemOutcome, ReportResult, Store
+from .store import LOG_TAIL, Claim, ItemOutcome, Report, ReportResult, Store
 
 RUNNER_NAME = "run.sh"
 #: Written by the claim step when an item cannot be run; run.sh skips the item.
@@ -104,10 +104,10 @@ def item_dir(directory: Path, position: int) -> Path:
     return directory / "items" / f"{position:05d}"
 
 
-def item_argv(spec: BatchSpec, value: Any, index: int, where: Path) -> list[str]:
+def item_argv(spec: BatchSpec, value: Any, index: int, where: Path | str) -> list[str]:
     """The worker's argv for item ``value`` laid out in ``where``; UsageError says why it cannot run."""
     return templates.fill(
-        spec.worker.command, value, input_path=str(where / "item.json"), output_path=str(where / "output"), index=index
+        spec.worker.command, value, input_path=f"{where}/item.json", output_path=f"{where}/output", index=index
     )
 
 
@@ -303,8 +303,7 @@ def store_results(
     return stored
 
 
-def report_outcomes(
-    store: Store,
+def outcome_report(
     batch_id: str,
     index: int,
     *,
@@ -314,16 +313,24 @@ def report_outcomes(
     claimed_items: Sequence[Any],
     non_retriable_exit_codes: Iterable[int],
     results: ResultsPlan | None = None,
-) -> ReportResult:
-    """Store large results in the results store, then record the attempt in Redis (idempotent).
+) -> Report:
+    """One attempt's outcomes as a :class:`~kiabatch.store.Report`, its large results already stored.
 
-    Applies the non-retriable rule and the log join. Both backends report through
-    here: the local runner and a pod's reporter.
+    With a results ``plan``, every ``{output}`` file and every result above the inline
+    limit is uploaded first (:func:`store_results`), so Redis only ever references
+    stored objects. Applies the non-retriable rule and the log join. Both backends
+    build their reports here: the local runner and a pod's reporter.
     """
     outcomes = store_results(results, index, attempt, outcomes)
+    return Report(batch_id, index, attempt, claim_sha1, tuple(outcomes), tuple(claimed_items),
+                  non_retriable(outcomes, non_retriable_exit_codes), stderr_log(outcomes))  # fmt: skip
+
+
+def report_outcomes(store: Store, report: Report) -> ReportResult:
+    """Record one attempt in Redis (idempotent); NotFoundError if the batch is gone."""
     return store.report(
-        batch_id, index, attempt, claim_sha1, outcomes, claimed_items=claimed_items,
-        non_retriable=non_retriable(outcomes, non_retriable_exit_codes), stderr_tail=stderr_log(outcomes),
+        report.batch_id, report.index, report.attempt, report.claim_sha1, report.outcomes,
+        claimed_items=report.claimed_items, non_retriable=report.non_retriable, stderr_tail=report.stderr_tail,
     )  # fmt: skip
 
 
@@ -373,10 +380,10 @@ def report_from(store: Store, directory: Path, *, killed_reason: str = "") -> Re
         claimed = [
             items_mod.decode(item_dir(directory, p).joinpath("item.json").read_bytes()) for p in range(info.items)
         ]
-        result = report_outcomes(
-            store, info.batch, info.index, attempt=info.attempt, claim_sha1=info.claim_sha1, outcomes=outcomes,
+        result = report_outcomes(store, outcome_report(
+            info.batch, info.index, attempt=info.attempt, claim_sha1=info.claim_sha1, outcomes=outcomes,
             claimed_items=claimed, non_retriable_exit_codes=info.non_retriable_exit_codes, results=info.results,
-        )  # fmt: skip
+        ))  # fmt: skip
     _write(directory / REPORTED_FILE, f"{time.time()}\n")
     return result
 

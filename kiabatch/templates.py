@@ -14,6 +14,7 @@ passes through a shell. Placeholders:
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -102,15 +103,46 @@ def checked_items(command: Sequence[str], values: Iterable[Any]) -> Iterator[Any
         yield value
 
 
+@functools.lru_cache(maxsize=64)
+def _compiled(command: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[tuple[str | None, ...], ...]]:
+    """(placeholder names, each argument as literal text and names (None-marked)) — parsed once per template."""
+    names = tuple(placeholders(command))
+    arguments = []
+    for argument in command:
+        parts: list[str | None] = []
+        position = 0
+        for match in _TOKEN.finditer(argument):
+            parts.append(argument[position : match.start()])
+            token = match.group(0)
+            if token in ("{{", "}}"):
+                parts.append(token[0])
+            else:
+                parts += [None, match.group(1)]  # None marks: the next part is a placeholder name
+            position = match.end()
+        parts.append(argument[position:])
+        arguments.append(tuple(parts))
+    return names, tuple(arguments)
+
+
 def fill(command: Sequence[str], item: Any, *, input_path: str, output_path: str, index: int) -> list[str]:
     """The argv for one item. Raises UsageError if a field is missing or a value holds a NUL byte."""
-    check_item(command, item)
-    known = {"item": items_mod.text(item), "input": input_path, "output": output_path, "index": str(index)}
-
-    def substitute(match: re.Match[str]) -> str:
-        if match.group(0) in ("{{", "}}"):
-            return match.group(0)[0]
-        name = match.group(1)
-        return known[name] if name in known else items_mod.text(item[name])
-
-    return [_TOKEN.sub(substitute, argument) for argument in command]
+    names, arguments = _compiled(tuple(command))
+    _substituted(names, item, "item")
+    known = {"item": items_mod.text(item) if "item" in names else "", "input": input_path, "output": output_path,
+             "index": str(index)}  # fmt: skip
+    argv = []
+    for parts in arguments:
+        if len(parts) == 1:
+            argv.append(parts[0])  # no placeholder: the common case, no work
+            continue
+        pieces, follows_marker = [], False
+        for part in parts:
+            if part is None:
+                follows_marker = True
+            elif follows_marker:
+                pieces.append(known[part] if part in known else items_mod.text(item[part]))
+                follows_marker = False
+            else:
+                pieces.append(part)
+        argv.append("".join(pieces))
+    return argv

@@ -28,16 +28,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import selectors
+import select
 import shutil
 import signal
 import socket
 import stat
-import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +45,15 @@ import redis
 
 from .. import items as items_mod
 from .. import settings, templates
-from ..errors import InterruptedBatchError, UnreachableError, UsageError
+from ..errors import InterruptedBatchError, NotFoundError, UnreachableError, UsageError
 from ..files import private_dir, write_private
 from ..model import FAILED, INTERRUPTED, BatchSpec, Status
 from ..results_store import ResultsPlan
-from ..store import LOG_TAIL, Claim, ItemOutcome, RedisFullError, Store
-from ..task import item_argv, item_dir, item_outcome, report_outcomes, task_env
+from ..store import LOG_TAIL, Claim, ItemOutcome, RedisFullError, Report, ReportResult, Store
+from ..task import item_argv, item_dir, item_outcome, outcome_report, task_env
 from .base import RunHooks
 from .local_state import make_runs_dir, runner_lock
+from .spawn import Worker, same_directory, spawn
 
 _GRACE = 5.0
 _TICK = 0.1
@@ -62,6 +62,8 @@ _SCALE_POLL = 0.5
 #: Least seconds between two progress reads for the hooks (each costs a Redis round trip).
 _NOTIFY_EVERY = 0.1
 _MARKER = "KIABATCH_LOCAL_WORKER_OF"
+#: Tasks a slot claims in one round trip when the batch has many per slot.
+_CLAIM_AHEAD = 4
 #: Indexes whose settled state is read from Redis at a time.
 _UNSETTLED_PAGE = 1000
 
@@ -103,6 +105,17 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def _alive(pid: int) -> bool:
+    """True while a child has not been reaped (a zombie still counts: its group may live on)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def worker_environment(batch_id: str) -> dict[str, str]:
     """What every worker of the batch inherits: this environment without kiabatch's own settings."""
     inherited = {name: value for name, value in os.environ.items() if not name.startswith("KIABATCH_")}
@@ -122,16 +135,86 @@ class _Feed:
         #: Nothing left to hand out (a slot that queues a retry takes it itself).
         self.dry = False
 
-    def take(self) -> int | None:
+    def take(self, count: int = 1) -> list[int]:
+        """Up to ``count`` indexes (empty: the feed is dry for now)."""
         with self._lock:
-            index = self._retries.popleft() if self._retries else next(self._source, None)
-            self.taken += index is not None
-            self.dry = index is None
-            return index
+            taken = []
+            while len(taken) < count:
+                index = self._retries.popleft() if self._retries else next(self._source, None)
+                if index is None:
+                    break
+                taken.append(index)
+            self.taken += len(taken)
+            self.dry = not taken
+            return taken
 
     def retry(self, index: int) -> None:
         with self._lock:
             self._retries.append(index)
+            self.dry = False
+
+
+class _Reporter:
+    """Sends finished tasks' reports from a thread of its own, many per round trip.
+
+    A slot hands over its report and starts its next task at once; the report is in
+    Redis a moment later. If the runner dies in between, ``resume`` runs that task
+    again and the idempotent REPORT counts it once, so nothing is lost or doubled.
+    """
+
+    #: Most reports sent in one pipeline.
+    _BATCH = 500
+
+    def __init__(self, store: Store, on_result: Callable[[Report, ReportResult], None]) -> None:
+        self._store = store
+        self._on_result = on_result
+        self._queue: deque[Report] = deque()
+        self._pending = 0
+        self._closed = False
+        self._changed = threading.Condition()
+        self.failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="kiabatch-reporter", daemon=True)
+        self._thread.start()
+
+    def put(self, report: Report) -> None:
+        with self._changed:
+            self._queue.append(report)
+            self._pending += 1
+            self._changed.notify_all()
+
+    def drain(self) -> None:
+        """Wait until every report handed over so far is in Redis (or sending failed)."""
+        with self._changed:
+            while self._pending and self.failure is None:
+                self._changed.wait(0.5)
+
+    def close(self) -> None:
+        self.drain()
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while not self._queue and not self._closed:
+                    self._changed.wait()
+                if not self._queue:
+                    return
+                batch = [self._queue.popleft() for _ in range(min(self._BATCH, len(self._queue)))]
+            try:
+                results = self._store.report_many(batch)
+                for report, result in zip(batch, results, strict=True):
+                    self._on_result(report, result)
+            except BaseException as exc:  # Redis lost for good: the runner stops and says so
+                with self._changed:
+                    self.failure = exc
+                    self._changed.notify_all()
+                return
+            with self._changed:
+                self._pending -= len(batch)
+                self._changed.notify_all()
 
 
 class LocalRunner:
@@ -156,15 +239,21 @@ class LocalRunner:
         self.scratch = scratch_dir(batch_id, self.home)
         names = templates.placeholders(self.spec.worker.command)
         self._writes_input = "input" in names
-        self._needs_dir = self._writes_input or "output" in names or self.spec.worker.stdin
+        self._output_file = "output" in names
+        self._needs_dir = self._writes_input or self._output_file or self.spec.worker.stdin
+        # Workers start in the batch's directory: posix_spawn (fast) when it is ours, else Popen.
+        self._cwd = None if same_directory(self.spec.cwd or None) else self.spec.cwd
         self._lock = threading.RLock()
-        self._workers: dict[int, subprocess.Popen[bytes]] = {}
+        self._workers: dict[int, Worker] = {}
         self._stop_reason: str | None = None  # "interrupted" or "deadline"
         self._stop_signal: int | None = None
         self._failure: BaseException | None = None
         self._parallelism = self.spec.parallelism
         self._active = 0  # slots running
         self._running_reported = False
+        self._feed = _Feed(iter(()))
+        # Tasks a slot claims per round trip: a few when there are many per slot, else one (fair spread).
+        self._claim_ahead = _CLAIM_AHEAD if self.spec.tasks >= 16 * _CLAIM_AHEAD * self.spec.parallelism else 1
         self._started_at: float | None = None
         self._notified = 0.0
         self._env = worker_environment(batch_id)
@@ -181,6 +270,7 @@ class LocalRunner:
         and UnreachableError when Redis stays away longer than the retry window.
         """
         with runner_lock(self.batch_id, self.home), self._signals(), self._scratch_removed():
+            self._reporter = _Reporter(self.store, self._reported)
             try:
                 return self._run()
             except RedisFullError:
@@ -194,6 +284,8 @@ class LocalRunner:
                     f"cannot reach Redis ({exc}); the workers were stopped and nothing is lost: "
                     f"`kiabatch resume {self.batch_id}` finishes the batch"
                 ) from None
+            finally:
+                self._reporter.close()
 
     def _run(self) -> Status:
         self.store.set_meta(self.batch_id, runner=f"pid {os.getpid()} on {socket.gethostname()}")
@@ -224,7 +316,8 @@ class LocalRunner:
     # -- slots --------------------------------------------------------------------------
 
     def _run_round(self, feed: _Feed) -> bool:
-        """Run slots until the feed is empty; False if there was nothing to run."""
+        """Run slots until the feed is empty and every report is in; False if there was nothing to run."""
+        self._feed = feed
         slots: list[threading.Thread] = []
         checked = 0.0
         while True:
@@ -241,9 +334,17 @@ class LocalRunner:
                 slot.start()
                 continue
             if not slots and (feed.dry or self._stop_reason is not None):
-                break
+                self._reporter.drain()  # its results may hand out retries: then the round goes on
+                if self._reporter.failure is not None:
+                    self._failure = self._failure or self._reporter.failure
+                if feed.dry or self._stop_reason is not None or self._failure is not None:
+                    break
+                continue
             slots[0].join(_TICK) if slots else time.sleep(_TICK)
             self._notify()  # keeps a progress display fresh between claims and reports
+            if self._reporter.failure is not None and self._failure is None:
+                self._failure = self._reporter.failure
+                self._stop("interrupted")
             if self._stop_signal is not None:
                 self._stop("interrupted")
             elif self._stop_reason is None and self._deadline_passed():
@@ -253,29 +354,52 @@ class LocalRunner:
             raise self._failure
         return feed.taken > 0
 
+    def _reported(self, report: Report, result: ReportResult) -> None:
+        """Called by the reporter thread: a failed attempt with retries left (or a stale claim) runs again."""
+        if result.status in ("retry", "stale"):
+            self._feed.retry(report.index)
+        elif result.status == "missing":  # the batch was deleted under us
+            self._failure = self._failure or NotFoundError(f"batch {self.batch_id} was deleted while it ran")
+            self._stop("interrupted")
+        self._notify()
+        self._watch_memory()
+
     def _slot(self, feed: _Feed) -> None:
         try:
-            while self._stop_reason is None:
-                with self._lock:
-                    if self._active > self._parallelism:  # scaled down: retire between tasks
-                        return
-                index = feed.take()
-                if index is None:
+            while self._stop_reason is None and not self._retiring():
+                indexes = feed.take(self._claim_ahead)
+                if not indexes:
                     return
-                if self._run_task(index):
-                    feed.retry(index)
+                # One round trip claims a few tasks; a claimed task counts as running until settled.
+                claims = self.store.claim_many(self.batch_id, indexes)
+                for position, (index, claim) in enumerate(zip(indexes, claims, strict=True)):
+                    if self._stop_reason is not None or (position and self._retiring()):
+                        self._release([i for i, c in zip(indexes[position:], claims[position:], strict=True)
+                                       if c.status == "ok"], feed)  # fmt: skip
+                        break
+                    if claim.status == "ok":  # else settled meanwhile
+                        self._run_task(index, claim)
         except BaseException as exc:  # Redis lost for good, or a bug: stop the batch
-            self._failure = exc
+            self._failure = self._failure or exc
             self._stop("interrupted")
         finally:
             with self._lock:
                 self._active -= 1
 
-    def _run_task(self, index: int) -> bool:
-        """One attempt of task ``index``; returns True if the index must run again."""
-        claim = self.store.claim(self.batch_id, index)
-        if claim.status != "ok":
-            return False  # settled meanwhile
+    def _retiring(self) -> bool:
+        """True when the batch was scaled down below the slots running: this slot retires between tasks."""
+        with self._lock:
+            return self._active > self._parallelism
+
+    def _release(self, indexes: list[int], feed: _Feed) -> None:
+        """Give back claimed tasks this slot will not run (their claims stay; another slot or run takes them)."""
+        for index in indexes:
+            self.store.release(self.batch_id, index)
+            if self._stop_reason is None:
+                feed.retry(index)
+
+    def _run_task(self, index: int, claim: Claim) -> None:
+        """One attempt of task ``index``; its report goes to the reporter thread."""
         self._notify()  # the running count changed
         directory = self.scratch / f"task-{index}-{claim.attempt}" if self._needs_dir else None
         env = {**self._env, **task_env(self.spec, index, directory)}
@@ -288,8 +412,12 @@ class LocalRunner:
                 if self._stop_reason is not None:
                     # Stopped: this attempt does not count; the claim stays for the next run.
                     self.store.release(self.batch_id, index)
-                    return False
-            return self._report(index, claim, outcomes, values)
+                    return
+            self._reporter.put(outcome_report(
+                self.batch_id, index, attempt=claim.attempt, claim_sha1=claim.sha1, outcomes=outcomes,
+                claimed_items=values, non_retriable_exit_codes=self.spec.worker.non_retriable_exit_codes,
+                results=self._results,  # large results are uploaded here, in the slot, before the report
+            ))  # fmt: skip
         finally:
             if directory is not None:
                 shutil.rmtree(directory, ignore_errors=True)
@@ -297,94 +425,81 @@ class LocalRunner:
     def _run_item(
         self, index: int, position: int, value: Any, directory: Path | None, env: dict[str, str], started: float
     ) -> ItemOutcome:
-        where = item_dir(directory, position) if directory is not None else self.scratch
+        where = item_dir(directory, position) if directory is not None else None
         try:
-            argv = item_argv(self.spec, value, index, where)
+            argv = item_argv(self.spec, value, index, where or self.scratch)
         except UsageError as exc:  # e.g. a missing field: a retry would fail the same way
             return item_outcome(exit_code=None, duration=0.0, stdout=b"", stderr=b"", invalid=str(exc))
-        stdin_path = where / "stdin"
-        if directory is not None:
+        stdin_path = None
+        if directory is not None and where is not None:
             for level in (directory, directory / "items", where):  # each one 0700, whatever the umask
                 level.mkdir(mode=0o700, exist_ok=True)
             if self._writes_input:
                 write_private(where / "item.json", items_mod.encode(value))
             if self.spec.worker.stdin:
+                stdin_path = where / "stdin"
                 write_private(stdin_path, items_mod.text(value))
         clock = time.monotonic()
-        with open(stdin_path if self.spec.worker.stdin else os.devnull, "rb") as stdin:
-            try:
-                process = subprocess.Popen(
-                    argv,
-                    cwd=self.spec.cwd or None,
-                    env=env,
-                    stdin=stdin,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    start_new_session=True,  # its own process group: stopping it stops its children
-                )
-            except (OSError, ValueError) as exc:  # ValueError: e.g. an environment value with a NUL byte
-                reason = f"cannot run {argv[0]!r}: {getattr(exc, 'strerror', None) or exc}"
-                return ItemOutcome(ok=False, exit_code=127, duration=0.0, reason=reason, stderr=reason.encode())
-        self._started(index, process)
         try:
-            stdout, err, timed_out = self._communicate(process, started)
+            worker = spawn(argv, env=env, cwd=self._cwd, stdin=stdin_path)
+        except (OSError, ValueError) as exc:  # ValueError: e.g. an environment value with a NUL byte
+            reason = f"cannot run {argv[0]!r}: {getattr(exc, 'strerror', None) or exc}"
+            return ItemOutcome(ok=False, exit_code=127, duration=0.0, reason=reason, stderr=reason.encode())
+        self._started(index, worker)
+        try:
+            stdout, err, timed_out = self._communicate(worker, started)
         finally:
             self._finished(index)
-        code = None if timed_out else exit_status(process.returncode)
+        code = None if timed_out else exit_status(worker.wait())
         return item_outcome(
             exit_code=code,
             duration=time.monotonic() - clock,
             stdout=stdout,
             stderr=err,
-            output=where / "output" if self.spec.worker.result_from_output_file else None,
+            output=where / "output" if self._output_file and where is not None else None,
             killed_reason=f"timed out after {self.spec.task_timeout:g}s" if timed_out else "",
         )
 
-    def _communicate(self, process: subprocess.Popen[bytes], started: float) -> tuple[bytes, bytes, bool]:
+    def _communicate(self, worker: Worker, started: float) -> tuple[bytes, bytes, bool]:
         """Read stdout fully and the last 64 KiB of stderr, within the attempt's time limit.
 
         Returns (stdout, stderr tail, timed_out). Unlike ``Popen.communicate`` the
         stderr kept in memory is bounded, however much a worker writes.
         """
-        assert process.stdout is not None and process.stderr is not None
         limit = self.spec.task_timeout
         deadline = None if not limit else started + limit
         out: list[bytes] = []
         err = bytearray()
         timed_out = False
-        with selectors.DefaultSelector() as selector:
-            selector.register(process.stdout, selectors.EVENT_READ, out)
-            selector.register(process.stderr, selectors.EVENT_READ, err)
-            while selector.get_map():
+        open_fds = {worker.stdout, worker.stderr}
+        poller = select.poll()
+        for fd in open_fds:
+            poller.register(fd, select.POLLIN)
+        try:
+            while open_fds:
                 timeout = None if deadline is None else deadline - time.monotonic()
                 if timeout is not None and timeout <= 0 and not timed_out:
                     timed_out = True
-                    self._signal_group(process, signal.SIGTERM)
-                    threading.Thread(target=self._kill_after_grace, args=([process],), daemon=True).start()
+                    worker.signal_group(signal.SIGTERM)
+                    threading.Thread(target=self._kill_after_grace, args=([worker],), daemon=True).start()
                     deadline = None
                     continue
-                for key, _ in selector.select(timeout):
-                    chunk = os.read(key.fd, 65536)
+                for fd, _event in poller.poll(None if timeout is None else max(0, timeout) * 1000):
+                    chunk = os.read(fd, 65536)
                     if not chunk:
-                        selector.unregister(key.fileobj)
-                        key.fileobj.close()
-                    elif key.data is out:
+                        poller.unregister(fd)
+                        open_fds.discard(fd)
+                        os.close(fd)
+                    elif fd == worker.stdout:
                         out.append(chunk)
                     else:
                         err += chunk
                         del err[:-LOG_TAIL]
-        process.wait()
+        finally:
+            for fd in open_fds:
+                os.close(fd)
+        worker.wait()
         return b"".join(out), bytes(err), timed_out
-
-    def _report(self, index: int, claim: Claim, outcomes: list[ItemOutcome], values: list[Any]) -> bool:
-        result = report_outcomes(
-            self.store, self.batch_id, index, attempt=claim.attempt, claim_sha1=claim.sha1, outcomes=outcomes,
-            claimed_items=values, non_retriable_exit_codes=self.spec.worker.non_retriable_exit_codes,
-            results=self._results,
-        )  # fmt: skip
-        self._notify()
-        self._watch_memory()
-        return result.status in ("retry", "stale")
 
     def _watch_memory(self) -> None:
         """Now and then (after 20, 200, 2000... reports) project the batch's inline results and warn once."""
@@ -401,24 +516,19 @@ class LocalRunner:
 
     # -- stopping -----------------------------------------------------------------------
 
-    def _started(self, index: int, process: subprocess.Popen[bytes]) -> None:
+    def _started(self, index: int, worker: Worker) -> None:
         with self._lock:
-            self._workers[index] = process
+            self._workers[index] = worker
             stopping = self._stop_reason is not None
             first, self._running_reported = not self._running_reported, True
         if first:
             self.hooks.running()
         if stopping:  # a stop raced with this start
-            self._signal_group(process, signal.SIGKILL)
+            worker.kill()
 
     def _finished(self, index: int) -> None:
         with self._lock:
             self._workers.pop(index, None)
-
-    @staticmethod
-    def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signum)
 
     def _stop(self, reason: str) -> None:
         """Stop every worker: SIGTERM to each process group, SIGKILL after the grace period."""
@@ -427,16 +537,17 @@ class LocalRunner:
                 return
             self._stop_reason = reason
             workers = list(self._workers.values())
-        for process in workers:
-            self._signal_group(process, signal.SIGTERM)
+        for worker in workers:
+            worker.signal_group(signal.SIGTERM)
         threading.Thread(target=self._kill_after_grace, args=(workers,), daemon=True).start()
 
-    def _kill_after_grace(self, workers: list[subprocess.Popen[bytes]]) -> None:
+    def _kill_after_grace(self, workers: list[Worker]) -> None:
+        # Only SIGKILL: reaping is the reading thread's (a second waitpid could take another's pid).
         deadline = time.monotonic() + self.grace
-        while time.monotonic() < deadline and any(p.poll() is None for p in workers):
+        while time.monotonic() < deadline and any(_alive(w.pid) for w in workers):
             time.sleep(0.02)
-        for process in workers:
-            self._signal_group(process, signal.SIGKILL)
+        for worker in workers:
+            worker.kill()
 
     def _deadline_passed(self) -> bool:
         if not self.spec.deadline:
