@@ -44,10 +44,13 @@ TEXT = st.one_of(
 
 
 def leaf_commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], click.Command]]:
+    # Through list_commands/get_command: the root group loads its commands lazily (its .commands is empty).
+    context = click.Context(group)
     found = []
-    for name, command in sorted(group.commands.items()):
+    for name in sorted(group.list_commands(context)):
+        command = group.get_command(context, name)
         path = (*prefix, name)
-        if path in SKIPPED:
+        if path in SKIPPED or command is None:
             continue
         if isinstance(command, click.Group):
             found += leaf_commands(command, path)
@@ -57,6 +60,7 @@ def leaf_commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tupl
 
 
 COMMANDS = leaf_commands(cli)
+assert len(COMMANDS) > 30, "the command tree was not found: nothing would be fuzzed"
 
 
 def value_strategy(param: click.Parameter, files: dict[str, Path]) -> st.SearchStrategy[str]:
