@@ -213,6 +213,10 @@ class Status:
     started_at: float | None
     finished_at: float | None
     source: str = "items"
+    #: Who runs a local batch (``pid N on HOST``), as its runner recorded it ("" if none ever ran).
+    runner: str = ""
+    #: The schedule that started it ("" for a one-off submit).
+    schedule: str = ""
     detail: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -25,15 +25,15 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 from redis.client import Pipeline
 
-from . import keys
+from . import settings
 from .batch import Batch
 from .connection import connect
-from .errors import NotFoundError, UsageError
+from .errors import UsageError
 from .kube.options import PRIMARY_SERVICE, REPLICAS_SERVICE
 from .model import Status
 from .store import Store
 
-ENV_REPLICA_URL = "KIABATCH_REDIS_REPLICA_URL"
+ENV_REPLICA_URL = settings.ENV_REPLICA_URL
 #: Calls that may write whatever the server's flags say.
 _SCRIPT_CALLS = frozenset({"EVAL", "EVALSHA", "FCALL"})
 
@@ -121,16 +121,10 @@ def read_only_client(url: str | None) -> ReadOnlyRedis:
 class ReadOnlyStore(Store):
     """A Store whose reads never write (``list_batches`` leaves expired ids in place)."""
 
-    def list_batches(self, limit: int = 100) -> list[Status]:
-        """Recent batches, newest first (expired ids are skipped, not pruned)."""
-        ids = [i.decode() for i in self.redis.zrevrange(keys.BATCH_INDEX, 0, limit - 1)]
-        statuses = []
-        for batch_id in ids:
-            try:
-                statuses.append(self.status(batch_id))
-            except NotFoundError:
-                continue  # expired; pruning the index is a write, left to a writable client
-        return statuses
+    def list_batches(self, limit: int = 100, *, prune: bool = False) -> list[Status]:
+        """Recent batches, newest first (expired ids are skipped, not pruned: that is a write)."""
+        del prune
+        return super().list_batches(limit, prune=False)
 
 
 class ReadOnlyBatch(Batch):

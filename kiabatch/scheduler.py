@@ -38,7 +38,7 @@ from . import keys, settings
 from .backends.local_state import runner_alive, stop_runner
 from .errors import NotFoundError, UsageError
 from .model import TERMINAL_STATES
-from .schedules import Schedule, ScheduleRow, StartedRun, run_batch_id, submit_argv
+from .schedules import Schedule, ScheduleRow, StartedRun, run_batch_id, submit_argv, validate_schedule_name
 from .store import Store
 from .text import when
 
@@ -65,10 +65,12 @@ class ScheduleStore:
 
     def exists(self, name: str) -> bool:
         """True if a schedule called ``name`` is stored (even one that cannot be evaluated)."""
+        validate_schedule_name(name)
         return bool(self.redis.hexists(keys.SCHEDULES, name))
 
     def get(self, name: str) -> Schedule:
         """The schedule called ``name``; NotFoundError if there is none."""
+        validate_schedule_name(name)
         raw = self.redis.hget(keys.SCHEDULES, name)
         if raw is None:
             raise NotFoundError(f"no schedule {name!r}")
@@ -97,6 +99,7 @@ class ScheduleStore:
 
     def delete(self, name: str) -> bool:
         """Remove a schedule and its state and history."""
+        validate_schedule_name(name)
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.hdel(keys.SCHEDULES, name)
             pipe.delete(*(keys.schedule_key(name, part) for part in ("state", "runs", "history")))
@@ -121,6 +124,7 @@ class ScheduleStore:
 
     def history(self, name: str, limit: int = 50) -> list[dict[str, Any]]:
         """Recent runs, newest first."""
+        validate_schedule_name(name)
         runs = [r.decode() for r in self.redis.zrevrange(keys.schedule_key(name, "runs"), 0, limit - 1)]
         raw = self.redis.hmget(keys.schedule_key(name, "history"), runs) if runs else []
         return [json.loads(r) for r in raw if r]

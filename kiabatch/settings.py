@@ -20,6 +20,8 @@ ENV_EMBEDDED_WAIT = "KIABATCH_EMBEDDED_WAIT"
 ENV_REDIS_SERVER = "KIABATCH_REDIS_SERVER"
 #: Seconds a worker-side step (claim, report, runner) keeps retrying a lost Redis.
 ENV_REDIS_RETRY_SECONDS = "KIABATCH_REDIS_RETRY_SECONDS"
+#: The Redis that ``--read-only`` commands read (a replica); see kiabatch/readonly.py.
+ENV_REPLICA_URL = "KIABATCH_REDIS_REPLICA_URL"
 #: Default backend for ``submit`` ("local" or "kubernetes").
 ENV_BACKEND = "KIABATCH_BACKEND"
 #: Kubernetes namespace (default: the kubeconfig context's).

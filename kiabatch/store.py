@@ -87,6 +87,24 @@ class ItemOutcome:
 
 
 @dataclass(frozen=True)
+class OutcomePage:
+    """One page of settled outcomes as Redis holds them (see :meth:`Store.iter_pages`).
+
+    ``results``, ``outcomes`` and ``failed`` hold one entry per item of ``chosen``'s
+    tasks, in order (None where an item has none of that kind).
+    """
+
+    #: (index, item count) of each task on the page.
+    chosen: list[tuple[int, int]]
+    #: Each task's claim (a JSON array of its items).
+    claims: list[bytes | None]
+    results: list[bytes | None]
+    #: Exit code, duration and attempt of each result (None: not asked for).
+    outcomes: list[bytes | None] | None
+    failed: list[bytes | None]
+
+
+@dataclass(frozen=True)
 class Report:
     """One attempt of a task, ready to be recorded by REPORT."""
 
@@ -508,25 +526,23 @@ class Store:
         )
 
     def status(self, batch_id: str) -> Status:
-        """State and progress of one batch."""
-        meta = self.meta(batch_id)
+        """State and progress of one batch: one round trip, whatever the batch's size."""
+        validate_batch_id(batch_id)
+        [status] = self.statuses([batch_id])
+        if status is None:
+            raise NotFoundError(f"no batch {batch_id!r} (it may have expired or been deleted)")
+        return status
 
-        def when(name: str) -> float | None:
-            return float(meta[name]) if meta.get(name) else None
-
-        return Status(
-            id=batch_id,
-            state=State(meta.get("state", QUEUED)),
-            progress=self.progress(batch_id),
-            workload=meta.get("workload", ""),
-            backend=meta.get("backend", "local"),
-            tasks=int(meta.get("tasks", 0)),
-            parallelism=int(meta.get("parallelism", 0)),
-            created_at=float(meta.get("created_at", 0)),
-            started_at=when("started_at"),
-            finished_at=when("finished_at"),
-            source=meta.get("source", "items"),
-        )
+    def statuses(self, batch_ids: Sequence[str]) -> list[Status | None]:
+        """Status of each batch (None for one that is gone), all in one round trip."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for batch_id in batch_ids:
+                k = keys.batch_keys(batch_id)
+                pipe.hgetall(k.meta)
+                pipe.hgetall(k.progress)
+            replies = pipe.execute()
+        return [_status(batch_id, meta, progress)
+                for batch_id, meta, progress in zip(batch_ids, replies[::2], replies[1::2], strict=True)]  # fmt: skip
 
     def unsettled_indexes(self, batch_id: str) -> list[int]:
         """Task indexes whose outcome is not settled yet, in order."""
@@ -546,65 +562,75 @@ class Store:
         """Failed attempts reported for task ``index``."""
         return int(self.redis.hget(keys.batch_keys(batch_id).failures, index) or 0)
 
-    def iter_outcomes(
-        self, batch_id: str, *, results: bool = True, failed: bool = True, page: int = 1000
-    ) -> Iterator[ItemResult | FailedItem]:
-        """Every settled item, in (index, position) order: its result or its dead-letter entry.
+    def iter_pages(
+        self, batch_id: str, *, results: bool = True, failed: bool = True, details: bool = True, page: int = 1000
+    ) -> Iterator[OutcomePage]:
+        """The raw outcomes of the settled items, a page at a time, in (index, position) order.
 
-        Streams: memory and each Redis reply stay bounded by ``page`` items (plus one
-        task's claim), whatever the batch's size, so a million results print at once.
+        Memory and each Redis reply stay bounded by ``page`` items (plus one task's
+        claim), whatever the batch's size: two round trips a page (one when every task
+        holds one item). See :meth:`iter_outcomes` for the decoded form.
         """
         k = keys.batch_keys(batch_id)
         meta = self.meta(batch_id)
-        tasks = int(meta.get("tasks", 0))
-        store = _results_store(meta)
+        tasks, one_each = int(meta.get("tasks", 0)), meta.get("chunk") == "1"
         start = 0
         while start < tasks:
-            window = list(range(start, min(tasks, start + page)))
-            sizes = self.redis.hmget(k.sizes, window)
-            # Take indexes until ``page`` items (at least one index, however large its chunk).
-            chosen, total = [], 0
-            for index, size in zip(window, sizes, strict=True):
-                count = int(size or 0)
-                if chosen and total + count > page:
-                    break
-                chosen.append((index, count))
-                total += count
-            start = chosen[-1][0] + 1
-            fields = [keys.result_field(i, p) for i, n in chosen for p in range(n)]
-            if not fields:
-                continue
-            with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hmget(k.claims, [i for i, n in chosen if n])
-                pipe.hmget(k.results, fields) if results else pipe.echo("")
-                pipe.hmget(k.outcomes, fields) if results else pipe.echo("")
-                pipe.hmget(k.failed, fields) if failed else pipe.echo("")
-                claims, values, outcomes, dead = pipe.execute()
-            claimed = iter(claims)
-            position = 0
-            for index, count in chosen:
-                if not count:
+            window = range(start, min(tasks, start + page))
+            if one_each:  # the common case: no sizes to read, one field per task
+                chosen = [(index, 1) for index in window]
+                fields = [f"{index}:0" for index in window]
+                start = window.stop
+            else:
+                chosen, fields, total = [], [], 0
+                for index, size in zip(window, self.redis.hmget(k.sizes, list(window)), strict=True):
+                    count = int(size or 0)
+                    if chosen and total + count > page:
+                        break  # at least one task a page, however large its chunk
+                    if count:
+                        chosen.append((index, count))
+                        fields += [f"{index}:{position}" for position in range(count)]
+                    total += count
+                    start = index + 1
+                if not chosen:
                     continue
-                raw_claim = next(claimed)
-                claim_items = json.loads(raw_claim) if raw_claim else [None] * count
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hmget(k.claims, [index for index, _ in chosen])
+                for key, wanted in ((k.results, results), (k.outcomes, results and details), (k.failed, failed)):
+                    if wanted:
+                        pipe.hmget(key, fields)
+                replies = iter(pipe.execute())
+            claims = next(replies)
+            none = [None] * len(fields)
+            values = next(replies) if results else none
+            outcomes = next(replies) if results and details else None
+            yield OutcomePage(chosen, claims, values, outcomes, next(replies) if failed else none)
+
+    def iter_outcomes(
+        self, batch_id: str, *, results: bool = True, failed: bool = True, details: bool = True, page: int = 1000
+    ) -> Iterator[ItemResult | FailedItem]:
+        """Every settled item, in (index, position) order: its result or its dead-letter entry.
+
+        Streams (see :meth:`iter_pages`), so a million results print at once.
+        ``details=False`` skips each result's exit code, duration and attempt (left 0:
+        cheaper, for output that shows only the item and its result).
+        """
+        store = _results_store(self.meta(batch_id)) if results else None
+        for chunk in self.iter_pages(batch_id, results=results, failed=failed, details=details, page=page):
+            at = 0
+            for (index, count), raw_claim in zip(chunk.chosen, chunk.claims, strict=True):
+                claim_items = claimed_items(raw_claim, count)
                 for offset in range(count):
-                    at = position + offset
-                    if results and values[at] is not None:
-                        info = json.loads(outcomes[at] or b"{}")
-                        yield ItemResult(
-                            index=index,
-                            position=offset,
-                            item=claim_items[offset],
-                            inline=values[at],
-                            exit_code=info.get("exit_code", 0),
-                            duration=info.get("duration", 0.0),
-                            attempt=info.get("attempt", 0),
-                            ref=ObjectRef.from_dict(info["ref"]) if info.get("ref") else None,
-                            store=store,
-                        )
-                    elif failed and dead[at] is not None:
-                        yield _failed_item(index, offset, dead[at])
-                position += count
+                    value = chunk.results[at]
+                    if value is not None:
+                        raw_info = chunk.outcomes[at] if chunk.outcomes is not None else None
+                        info = _decode(raw_info.decode()) if raw_info else _NO_DETAILS
+                        ref = ObjectRef.from_dict(info["ref"]) if "ref" in info else None
+                        yield ItemResult(index, offset, claim_items[offset], value, info.get("exit_code", 0),
+                                         info.get("duration", 0.0), info.get("attempt", 0), ref, store)  # fmt: skip
+                    elif chunk.failed[at] is not None:
+                        yield failed_item(index, offset, chunk.failed[at])
+                    at += 1
 
     def results(self, batch_id: str) -> list[ItemResult]:
         """Results of the successful items, in (index, position) order (see :meth:`iter_outcomes`)."""
@@ -614,7 +640,7 @@ class Store:
         """The dead-letter set, in (index, position) order."""
         self.meta(batch_id)
         raw = self.redis.hgetall(keys.batch_keys(batch_id).failed)
-        entries = [_failed_item(*keys.parse_result_field(field), value) for field, value in raw.items()]
+        entries = [failed_item(*keys.parse_result_field(field), value) for field, value in raw.items()]
         return sorted(entries, key=lambda f: (f.index, f.position))
 
     def failed_count(self, batch_id: str) -> int:
@@ -632,18 +658,15 @@ class Store:
                 entries.append((task, attempt, value))
         return sorted(entries)
 
-    def list_batches(self, limit: int = 100) -> list[Status]:
-        """Recent batches, newest first; ids whose keys expired are pruned."""
+    def list_batches(self, limit: int = 100, *, prune: bool = True) -> list[Status]:
+        """Recent batches, newest first (two round trips); ids whose keys expired are pruned
+        unless ``prune`` is false (a read-only client)."""
         ids = [i.decode() for i in self.redis.zrevrange(keys.BATCH_INDEX, 0, limit - 1)]
-        statuses, gone = [], []
-        for batch_id in ids:
-            try:
-                statuses.append(self.status(batch_id))
-            except NotFoundError:
-                gone.append(batch_id)
-        if gone:
+        found = self.statuses(ids)
+        gone = [batch_id for batch_id, status in zip(ids, found, strict=True) if status is None]
+        if gone and prune:
             self.redis.zrem(keys.BATCH_INDEX, *gone)
-        return statuses
+        return [status for status in found if status is not None]
 
     def result_references(self, batch_id: str) -> tuple[str, set[int], set[str]] | None:
         """For ``kiabatch gc``: (object prefix, settled indexes, referenced keys); None if the batch is gone."""
@@ -679,6 +702,37 @@ class Store:
                 pipe.zrem(keys.BATCH_INDEX, batch_id)
             existed = pipe.execute()[0]
         return bool(existed)
+
+
+def _status(batch_id: str, raw_meta: dict[bytes, bytes], raw_progress: dict[bytes, bytes]) -> Status | None:
+    if not raw_meta:
+        return None
+    meta = {key.decode(): value.decode() for key, value in raw_meta.items()}
+    counts = {key.decode(): int(value) for key, value in raw_progress.items()}
+
+    def when(name: str) -> float | None:
+        return float(meta[name]) if meta.get(name) else None
+
+    return Status(
+        id=batch_id,
+        state=State(meta.get("state", QUEUED)),
+        progress=Progress(
+            total=counts.get("total", 0),
+            done=counts.get("done", 0),
+            failed=counts.get("failed", 0),
+            running=max(0, counts.get("running", 0)),
+        ),
+        workload=meta.get("workload", ""),
+        backend=meta.get("backend", "local"),
+        tasks=int(meta.get("tasks", 0)),
+        parallelism=int(meta.get("parallelism", 0)),
+        created_at=float(meta.get("created_at", 0)),
+        started_at=when("started_at"),
+        finished_at=when("finished_at"),
+        source=meta.get("source", "items"),
+        runner=meta.get("runner", ""),
+        schedule=meta.get("schedule", ""),
+    )
 
 
 def _report_call(report: Report) -> lua.Call:
@@ -717,13 +771,26 @@ def _results_store(meta: dict[str, str]) -> ResultsStore | None:
     return ResultsStore(meta["results_to"], endpoint=meta.get("s3_endpoint", ""))
 
 
+_NO_DETAILS: dict[str, Any] = {}
+
+
+def claimed_items(raw: bytes | None, count: int) -> list[Any]:
+    """The items of one stored claim (a JSON array); ``count`` placeholders if it is gone."""
+    return _decode(raw.decode()) if raw else [None] * count
+
+
+#: json.loads without its per-call set-up (it adds up over a million results).
+_decode = json.JSONDecoder().decode
+
+
 def _rounds(values: Iterable[Any], size: int) -> Iterator[list[Any]]:
     iterator = iter(values)
     while chunk := list(itertools.islice(iterator, size)):
         yield chunk
 
 
-def _failed_item(index: int, position: int, raw: bytes) -> FailedItem:
+def failed_item(index: int, position: int, raw: bytes) -> FailedItem:
+    """The dead-letter entry stored for item ``position`` of task ``index``."""
     entry = json.loads(raw)
     return FailedItem(
         index=index,

@@ -29,7 +29,7 @@ def printable(value: object) -> str:
     text (paths, URLs) reads as it is.
     """
     text = str(value)
-    if not _UNSAFE.search(text.replace("\\", "")):
+    if text.isprintable() or not _UNSAFE.search(text.replace("\\", "")):
         return text
     return _UNSAFE.sub(_escape, text)
 

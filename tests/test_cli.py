@@ -244,3 +244,19 @@ def test_a_terminal_gets_a_live_progress_bar_and_a_pipe_gets_none(redis_url):
     piped = subprocess.run(args, capture_output=True, text=True, timeout=60)
     assert "running 0, failed" not in piped.stderr and "#" not in piped.stderr  # no bar in a pipe
     assert [line.split(":")[0].split()[0] for line in piped.stderr.strip().splitlines()] == ["batch", "batch"]
+
+
+def test_json_results_are_exactly_the_outcome_dicts_for_chunks_binary_text_and_failures(redis_url, client, home):
+    from kiabatch import submit
+    from kiabatch.batch import open_store
+    from kiabatch.cli.output import json_lines, outcome_dict, outcome_line, table_lines
+
+    script = 'case "$1" in bad) exit 3;; bin) printf "\\377\\376";; *) printf "%s ✓\\n" "$1";; esac'
+    values = ["a", "bin", {"k": [1, "é"]}, "bad", "x\ty", 7, "last"]
+    batch = submit(items=values, command=["sh", "-c", script, "sh", "{item}"], chunk=3, retries=0, wait=True,
+                   home=home)  # fmt: skip
+    store = open_store(client)
+    outcomes = list(store.iter_outcomes(batch.id))
+    assert [json.loads(line) for line in json_lines(store, batch.id)] == [outcome_dict(o) for o in outcomes]
+    assert list(table_lines(store, batch.id)) == [outcome_line(o) for o in outcomes]
+    assert len(outcomes) == len(values) and [o.item for o in outcomes if hasattr(o, "reason")] == ["bad"]

@@ -89,7 +89,7 @@ class LocalBackend:
         del read_only
         if status.finished:
             return status
-        runner = store.meta(status.id).get("runner", "")
+        runner = status.runner
         if not runner or not this_host(runner):
             return status  # never started here, or runs on another machine whose lock we cannot see
         alive = runner_alive(status.id, self.home)

@@ -95,6 +95,9 @@ def _run(invoke: Callable[[], Any]) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return 0
+    except UnicodeEncodeError:  # a name or value with bytes the terminal could not decode, caught late
+        return _error("an argument holds bytes that are not valid text (UTF-8); names and values must be text",
+                      EXIT_USAGE)  # fmt: skip
     except Exception as exc:  # a Redis error (imported only now: --version must not load redis)
         import redis
 

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import click
 
-from .. import backends, limits
+from .. import backends, limits, settings
 from ..errors import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_OK
 from ..model import INTERRUPTED, TERMINAL_STATES, Status
 from ..progress import ProgressBar
-from ..readonly import ENV_REPLICA_URL, open_read_only
 from ..store import Store
 from ..text import printable
 from .context import CliError, Session, emit_json, note, open_batch, pass_session, user_errors
@@ -23,7 +22,7 @@ from .output import conclude, status_block, status_rows
 def _read_only_options(func):  # noqa: ANN001 - a click decorator
     func = click.option(
         "--replica-url",
-        envvar=ENV_REPLICA_URL,
+        envvar=settings.ENV_REPLICA_URL,
         metavar="URL",
         help="With --read-only: the Redis to read (default: kiabatch-redis-replicas when --redis-url names "
         "kiabatch-redis-primary, else --redis-url). Env: KIABATCH_REDIS_REPLICA_URL.",
@@ -66,7 +65,12 @@ def status_command(
     """Show a batch's state and progress (without BATCH_ID: every unfinished batch)."""
     if batch_id is None:
         with user_errors():
-            store = open_read_only(session.redis_url, replica_url) if read_only else session.store()
+            if read_only:
+                from ..readonly import open_read_only
+
+                store = open_read_only(session.redis_url, replica_url)
+            else:
+                store = session.store()
             statuses = [_augment(store, s) for s in store.list_batches(limit=1000) if s.state not in TERMINAL_STATES]
         if session.json:
             emit_json([s.to_dict() for s in statuses])
@@ -178,11 +182,17 @@ def results_command(
         raise click.exceptions.Exit(EXIT_ITEMS_FAILED if failed else EXIT_OK)
     if raw:
         with user_errors():
-            for result in batch.store.iter_outcomes(batch_id, failed=False):
+            out = sys.stdout.buffer
+            # Stored results need their references (the details); inline ones are written as they come.
+            stored = bool(batch.store.meta(batch_id).get("results_to"))
+            for result in batch.store.iter_outcomes(batch_id, failed=False, details=stored):
+                if result.ref is None:  # type: ignore[union-attr]
+                    out.write(result.inline)  # type: ignore[union-attr]
+                    continue
                 with result.open() as stream:  # type: ignore[union-attr]
                     while chunk := stream.read(1024 * 1024):
-                        sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
+                        out.write(chunk)
+            out.flush()
             raise click.exceptions.Exit(EXIT_ITEMS_FAILED if batch.store.failed_count(batch_id) else EXIT_OK)
     with user_errors():
         status = batch.status()

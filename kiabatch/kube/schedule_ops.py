@@ -8,7 +8,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..errors import NotFoundError, UsageError
-from ..schedules import Schedule, ScheduleRow, StartedRun
+from ..schedules import Schedule, ScheduleRow, StartedRun, validate_schedule_name
 from ..store import Store
 from .api import Cluster
 from .batch_job import KubeOptions
@@ -56,6 +56,7 @@ class KubeSchedules:
 
     def cron_job(self, name: str) -> dict[str, Any]:
         """The CronJob of schedule ``name``."""
+        validate_schedule_name(name)
         found = self.cluster.get(CRONJOB, name)
         if found is None:
             raise NotFoundError(f"no schedule {name!r} in namespace {self.cluster.namespace!r}")

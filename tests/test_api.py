@@ -1,0 +1,47 @@
+"""The Python API's shape: every batch option is an explicit keyword, and a typo fails at once, naming it."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+
+import kiabatch
+from kiabatch import Queue, submit
+from kiabatch.submission import BatchOptions
+
+
+def test_submit_lists_every_batch_option_by_name():
+    parameters = inspect.signature(kiabatch.submit).parameters
+    options = {f.name for f in dataclasses.fields(BatchOptions)} - {"workload_options"}
+    assert options <= set(parameters), options - set(parameters)
+    assert all(parameters[name].kind is inspect.Parameter.KEYWORD_ONLY for name in options)
+    assert parameters["workload_options"].kind is inspect.Parameter.VAR_KEYWORD  # only the workload's own
+
+
+def test_queue_submit_takes_the_same_keywords_as_submit():
+    queue_parameters = set(inspect.signature(Queue.submit).parameters) - {"self"}
+    assert queue_parameters <= set(inspect.signature(submit).parameters)
+
+
+@pytest.mark.parametrize(
+    ("workload", "options", "named", "hint"),
+    [
+        ("exec", {"items": [1], "command": ["true"], "paralel": 2}, "paralel", "parallel"),
+        ("exec", {"items": [1], "command": ["true"], "digits": 5}, "digits", "digits"),  # a pi option on exec
+        ("pi", {"digits": 5, "retrys": 1}, "retrys", "retries"),
+    ],
+)
+def test_a_misspelt_keyword_fails_at_once_naming_it(redis_url, client, workload, options, named, hint):
+    with pytest.raises(TypeError, match=f"'{named}'") as failure:
+        submit(workload, **options)
+    assert f"did you mean '{hint}'" in str(failure.value) or hint == named
+    assert client.keys("*") == []  # nothing was written
+
+
+def test_the_public_names_load_lazily_and_all_resolve():
+    for name in kiabatch.__all__:
+        assert getattr(kiabatch, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        kiabatch.nope  # noqa: B018
