@@ -97,12 +97,12 @@ def through_kiabatch(server: S3Process, paths: list[Path], parallel: int, home: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="100 results, one repetition (a smoke run)")
+    parser.add_argument("--quick", action="store_true", help="300 results, one repetition (a smoke run)")
     parser.add_argument("--count", type=int, default=1000, help="results of 1 MiB (default 1000)")
     parser.add_argument("--parallel", type=int, default=4, help="tasks (and upload threads) at once")
     parser.add_argument("--repeat", type=int, default=3, help="measurements per side (medians compared)")
     args = parser.parse_args()
-    count = 100 if args.quick else args.count
+    count = 300 if args.quick else args.count
     repeat = 1 if args.quick else args.repeat
     work = Path(tempfile.mkdtemp(prefix="kb-bench-rs-"))
     server = S3Process(work / "weed").start()
