@@ -86,3 +86,11 @@ def test_a_report_redis_refuses_as_out_of_memory_is_one_error_and_is_counted_onc
     assert run_cli("task", "report", "--dir", str(directory)).returncode == 0
     assert [(r.item, r.text, r.attempt) for r in batch.results()] == [("x", "x\n", 1)]
     assert batch.status().state == "succeeded"
+
+
+def test_the_embedded_servers_maxmemory_is_shown_and_a_bad_setting_is_one_error_line(tiny_embedded, monkeypatch):
+    shown = kb("server", "status")
+    assert shown.exit_code == 0 and "maxmemory human" in shown.stdout and "3.00M" in shown.stdout
+    kb("server", "stop", "--force")
+    monkeypatch.setenv("KIABATCH_EMBEDDED_MAXMEMORY", "lots")
+    one_line_error(kb("list"), 2, "KIABATCH_EMBEDDED_MAXMEMORY", "is not a size")
