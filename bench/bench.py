@@ -123,7 +123,10 @@ def bench_enqueue(count: int, repeat: int, rq_sample: int) -> None:
     from kiabatch.connection import connect
 
     client = connect()
-    socket_path = client.connection_pool.connection_kwargs["path"]
+    client.ping()
+    connection = client.connection_pool.get_connection()
+    socket_path = connection.path  # the embedded server's socket, for redis-benchmark
+    client.connection_pool.release(connection)
     queue = Queue("bench-enqueue", client)
 
     def ours() -> None:

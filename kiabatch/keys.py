@@ -20,10 +20,13 @@ key                                    type    holds
 ``kiabatch:{B}:outcomes``              hash    ``index:pos`` -> JSON exit code, duration, attempt
 ``kiabatch:{B}:failed``                hash    ``index:pos`` -> JSON dead-letter entry
 ``kiabatch:{B}:logs``                  hash    ``index:attempt`` -> tail of the worker's stderr
+``kiabatch:{B}:stats``                 hash    item-duration histogram (``d:<le>``, ``d_sum``,
+                                               ``d_count``, ``d_max``) and ``retries`` (for /metrics)
 ``kiabatch:{B}:staging``               list    items being written by submit (renamed to queue
                                                once all are in; expires if submit dies)
 ``kiabatch:batches``                   zset    batch id -> creation time (for ``list``)
 ``kiabatch:queue:{Q}``                 list    named queue Q
+``kiabatch:queue:{Q}:since``           string  when Q last became non-empty (its oldest item's age)
 ``kiabatch:queues``                    set     names of named queues ever used
 ``kiabatch:schedules``                 hash    schedule name -> JSON definition
 ``kiabatch:schedule:{S}:state``        hash    last tick handled, active run and batch
@@ -65,6 +68,7 @@ class BatchKeys:
     outcomes: str
     failed: str
     logs: str
+    stats: str
     staging: str
 
     def all(self) -> list[str]:
@@ -82,9 +86,19 @@ def batch_keys(batch_id: str) -> BatchKeys:
     return BatchKeys(**{name: f"{tag}:{name}" for name in _FIELDS})
 
 
+def batch_key(batch_id: str, part: str) -> str:
+    """One key of a batch (``part`` is a :class:`BatchKeys` field), without building them all (hot loops)."""
+    return f"{PREFIX}:{{{batch_id}}}:{part}"
+
+
 def queue_key(name: str) -> str:
     """The list holding the items of named queue ``name``."""
     return f"{PREFIX}:queue:{{{name}}}"
+
+
+def queue_since_key(name: str) -> str:
+    """When named queue ``name`` last went from empty to non-empty (unix seconds): its oldest item's enqueue time."""
+    return f"{PREFIX}:queue:{{{name}}}:since"
 
 
 def schedule_key(name: str, part: str) -> str:

@@ -10,10 +10,40 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .keys import BATCH_INDEX, BatchKeys, queue_key
+from .keys import BATCH_INDEX, BatchKeys, queue_key, queue_since_key
 
 #: What a wrapper returns: the script's KEYS and ARGV, in its documented order.
 Call = tuple[list[str], list[Any]]
+
+#: Upper bounds (seconds) of the item-duration histogram REPORT keeps in a batch's ``stats``
+#: hash (``/metrics`` exposes it as ``kiabatch_item_duration_seconds``).
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
+
+
+def duration_field(bound: float) -> str:
+    """The ``stats`` field counting durations in the bucket ending at ``bound`` (``d:+Inf`` for the last)."""
+    return f"d:{bound:g}" if bound != float("inf") else "d:+Inf"
+
+
+# Shared by REPORT: count one item's run in the batch's duration histogram (one bucket, not
+# cumulative: the reader adds them up), its sum, count and maximum.
+_OBSERVE = (
+    "local duration_buckets = {"
+    + ", ".join(f"{{{bound!r}, '{duration_field(bound)}'}}" for bound in DURATION_BUCKETS)
+    + """}
+local function observe(stats, seconds)
+  local field = 'd:+Inf'
+  for _, bucket in ipairs(duration_buckets) do
+    if seconds <= bucket[1] then field = bucket[2]; break end
+  end
+  redis.call('HINCRBY', stats, field, 1)
+  redis.call('HINCRBY', stats, 'd_count', 1)
+  redis.call('HINCRBYFLOAT', stats, 'd_sum', seconds)
+  local max = tonumber(redis.call('HGET', stats, 'd_max'))
+  if not max or seconds > max then redis.call('HSET', stats, 'd_max', seconds) end
+end
+"""
+)
 
 # Shared by REPORT: once every index is settled, mark the batch finished and let
 # all of its keys expire together after the batch's TTL.
@@ -91,18 +121,21 @@ def claim_call(k: BatchKeys, index: int, now: float) -> Call:
 #:
 #: KEYS[1] meta, KEYS[2] claims, KEYS[3] sizes, KEYS[4] failures, KEYS[5] reported,
 #: KEYS[6] final, KEYS[7] running, KEYS[8] progress, KEYS[9] results,
-#: KEYS[10] outcomes, KEYS[11] failed, KEYS[12] logs,
-#: KEYS[13..] every key of the batch (they expire together when it finishes)
+#: KEYS[10] outcomes, KEYS[11] failed, KEYS[12] logs, KEYS[13] stats,
+#: KEYS[14..] every key of the batch (they expire together when it finishes)
 #: ARGV[1] index, ARGV[2] attempt, ARGV[3] SHA-1 of the claim the worker ran,
 #: ARGV[4] now, ARGV[5] "1" if every item succeeded, ARGV[6] "1" if the failure
 #: must not be retried, ARGV[7] stderr tail (kept per attempt), ARGV[8] n items,
-#: then for each item 4 values: ok ("1"/"0"), result bytes, outcome JSON,
-#: dead-letter JSON.
+#: then for each item 5 values: ok ("1"/"0"), result bytes, outcome JSON,
+#: dead-letter JSON, duration in seconds.
+#: Every attempt counted adds its items' durations to the ``stats`` histogram, and
+#: each retry to its ``retries`` field (what ``/metrics`` reads, in O(1)).
 #: Returns {status, finished}: status "done", "failed" (dead-lettered), "retry",
 #: "duplicate", "stale" or "missing"; finished is 1 when this report settled the
 #: last index of the batch.
 REPORT = (
     _FINISH_IF_COMPLETE
+    + _OBSERVE
     + """
 local index = ARGV[1]
 if not redis.call('HGET', KEYS[1], 'tasks') then return {'missing', 0} end
@@ -122,6 +155,11 @@ if ARGV[5] ~= '1' then
   local retries = tonumber(redis.call('HGET', KEYS[1], 'retries'))
   if ARGV[6] == '1' or failures > retries then status = 'failed' else status = 'retry' end
 end
+for i = 0, n - 1 do
+  local seconds = tonumber(ARGV[8 + i * 5 + 5])
+  if seconds then observe(KEYS[13], seconds) end
+end
+if status == 'retry' then redis.call('HINCRBY', KEYS[13], 'retries', 1) end
 
 local running = redis.call('HGET', KEYS[7], index)
 if running then
@@ -132,7 +170,7 @@ if status == 'retry' then return {'retry', 0} end
 
 local succeeded, failed = 0, 0
 for i = 0, n - 1 do
-  local base = 8 + i * 4
+  local base = 8 + i * 5
   local field = index .. ':' .. i
   if ARGV[base + 1] == '1' then
     redis.call('HSET', KEYS[9], field, ARGV[base + 2])
@@ -146,7 +184,7 @@ end
 redis.call('SADD', KEYS[6], index)
 redis.call('HINCRBY', KEYS[8], 'done', succeeded)
 redis.call('HINCRBY', KEYS[8], 'failed', failed)
-return {status, finish_if_complete(KEYS[1], KEYS[6], KEYS[8], ARGV[4], 13)}
+return {status, finish_if_complete(KEYS[1], KEYS[6], KEYS[8], ARGV[4], 14)}
 """
 )
 
@@ -163,11 +201,12 @@ def report_call(
     stderr_tail: bytes,
     per_item: Sequence[Any],
 ) -> Call:
-    """KEYS and ARGV of :data:`REPORT`; ``per_item`` holds 4 values per item (ok, result, outcome, dead letter)."""
+    """KEYS and ARGV of :data:`REPORT`; ``per_item`` holds 5 values per item (ok, result, outcome, dead letter,
+    duration)."""
     keys = [k.meta, k.claims, k.sizes, k.failures, k.reported, k.final, k.running, k.progress, k.results,
-            k.outcomes, k.failed, k.logs, *k.all()]  # fmt: skip
+            k.outcomes, k.failed, k.logs, k.stats, *k.all()]  # fmt: skip
     args = [index, attempt, claim_sha1, now, "1" if all_ok else "0", "1" if non_retriable else "0", stderr_tail,
-            len(per_item) // 4, *per_item]  # fmt: skip
+            len(per_item) // 5, *per_item]  # fmt: skip
     return keys, args
 
 
@@ -198,7 +237,8 @@ def release_call(k: BatchKeys, index: int) -> Call:
 #: Cluster batches are created from explicit items instead.)
 #:
 #: KEYS[1] named queue, KEYS[2] batch queue, KEYS[3] batch meta,
-#: KEYS[4] batch progress, KEYS[5] batch index (zset)
+#: KEYS[4] batch progress, KEYS[5] batch index (zset), KEYS[6] the named queue's
+#: ``since`` key (moved to the meta's ``queue_since``: the queue is empty now)
 #: ARGV[1] batch id, ARGV[2] created_at, ARGV[3] chunk (0: derive from tasks),
 #: ARGV[4] tasks wanted (0: one per chunk), ARGV[5..] meta field/value pairs
 #: Returns the number of items taken; 0 means the queue was empty and nothing
@@ -217,6 +257,11 @@ end
 local tasks = math.ceil(n / chunk)
 redis.call('RENAME', KEYS[1], KEYS[2])
 redis.call('HSET', KEYS[3], unpack(ARGV, 5))
+local since = redis.call('GET', KEYS[6])
+if since then
+  redis.call('HSET', KEYS[3], 'queue_since', since)
+  redis.call('DEL', KEYS[6])
+end
 redis.call('HSET', KEYS[3], 'chunk', chunk, 'tasks', tasks, 'total', n)
 redis.call('HSET', KEYS[4], 'total', n, 'done', 0, 'failed', 0, 'running', 0)
 redis.call('ZADD', KEYS[5], ARGV[2], ARGV[1])
@@ -228,7 +273,8 @@ def snapshot_call(
     queue: str, k: BatchKeys, batch_id: str, created_at: float, chunk: int, tasks: int, fields: Sequence[str]
 ) -> Call:
     """KEYS and ARGV of :data:`SNAPSHOT` (``fields``: flat meta field/value pairs; 0 means "derive")."""
-    return [queue_key(queue), k.queue, k.meta, k.progress, BATCH_INDEX], [batch_id, created_at, chunk, tasks, *fields]
+    keys = [queue_key(queue), k.queue, k.meta, k.progress, BATCH_INDEX, queue_since_key(queue)]
+    return keys, [batch_id, created_at, chunk, tasks, *fields]
 
 
 #: UNSNAPSHOT — undo SNAPSHOT for a batch that never started (its Job could not be
@@ -236,14 +282,21 @@ def snapshot_call(
 #: the batch is deleted. Refused (-1) once any task has claimed items.
 #:
 #: KEYS[1] batch queue, KEYS[2] named queue, KEYS[3] batch claims, KEYS[4] batch
-#: index (zset), KEYS[5..] every key of the batch
+#: index (zset), KEYS[5] the named queue's ``since`` key, KEYS[6] batch meta,
+#: KEYS[7..] every key of the batch
 #: ARGV[1] batch id
-#: Returns the number of items returned, or -1.
+#: Returns the number of items returned, or -1. The returned items are the queue's
+#: oldest again, so its ``since`` goes back to theirs.
 UNSNAPSHOT = """
 if redis.call('HLEN', KEYS[3]) > 0 then return -1 end
 local items = redis.call('LRANGE', KEYS[1], 0, -1)
 for i = #items, 1, -1 do redis.call('LPUSH', KEYS[2], items[i]) end
-for i = 5, #KEYS do redis.call('DEL', KEYS[i]) end
+local since = tonumber(redis.call('HGET', KEYS[6], 'queue_since'))
+if since and #items > 0 then
+  local current = tonumber(redis.call('GET', KEYS[5]))
+  if not current or since < current then redis.call('SET', KEYS[5], since) end
+end
+for i = 7, #KEYS do redis.call('DEL', KEYS[i]) end
 redis.call('ZREM', KEYS[4], ARGV[1])
 return #items
 """
@@ -251,7 +304,7 @@ return #items
 
 def unsnapshot_call(k: BatchKeys, queue: str, batch_id: str) -> Call:
     """KEYS and ARGV of :data:`UNSNAPSHOT`."""
-    return [k.queue, queue_key(queue), k.claims, BATCH_INDEX, *k.all()], [batch_id]
+    return [k.queue, queue_key(queue), k.claims, BATCH_INDEX, queue_since_key(queue), k.meta, *k.all()], [batch_id]
 
 
 #: REOPEN — give a settled index another run because its items failed through no fault

@@ -2,10 +2,16 @@
 
 Producers ``enqueue`` at any time; ``submit`` atomically takes everything queued
 at that instant as a new batch. Items enqueued a moment later wait for the next.
+
+Since a batch takes a whole queue, the oldest item in a queue is always the first
+one pushed since it was last empty: each push sets ``kiabatch:queue:{Q}:since``
+unless it exists, in the same transaction, and taking or purging the queue removes
+it. So the oldest item's age costs one GET (:func:`oldest_age`).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import islice
 from pathlib import Path
@@ -33,6 +39,7 @@ class Queue:
         self.store = open_store(redis)
         self.redis = self.store.redis
         self.key = keys.queue_key(name)
+        self.since_key = keys.queue_since_key(name)
 
     def __repr__(self) -> str:
         return f"Queue({self.name!r})"
@@ -43,7 +50,8 @@ class Queue:
     def enqueue(self, item: Any, pipeline: redis.client.Pipeline | None = None) -> None:
         """Append one item (any JSON value)."""
         encoded = items_mod.encode(item)
-        target = pipeline or self.redis.pipeline(transaction=False)
+        target = pipeline or self.redis.pipeline(transaction=True)
+        target.set(self.since_key, time.time(), nx=True)
         target.rpush(self.key, encoded)
         target.sadd(keys.QUEUE_INDEX, self.name)
         if pipeline is None:
@@ -59,6 +67,7 @@ class Queue:
         encoded = items_mod.encode_many(values)
         count = 0
         if pipeline is not None:
+            pipeline.set(self.since_key, time.time(), nx=True)
             for batch in _chunks(encoded, _PUSH_ARGS):
                 pipeline.rpush(self.key, *batch)
                 count += len(batch)
@@ -69,7 +78,9 @@ class Queue:
             round_items = list(islice(encoded, _PIPELINE_ITEMS))
             if not round_items:
                 return count
-            with self.redis.pipeline(transaction=False) as pipe:
+            # A transaction: a snapshot between the pushes and ``since`` would leave a wrong age.
+            with self.redis.pipeline(transaction=True) as pipe:
+                pipe.set(self.since_key, time.time(), nx=True)
                 for start in range(0, len(round_items), _PUSH_ARGS):
                     pipe.rpush(self.key, *round_items[start : start + _PUSH_ARGS])
                 pipe.execute()
@@ -83,7 +94,7 @@ class Queue:
         """Remove every queued item; returns how many there were."""
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.llen(self.key)
-            pipe.delete(self.key)
+            pipe.delete(self.key, self.since_key)
             count, _ = pipe.execute()
         return int(count)
 
@@ -127,6 +138,17 @@ class Queue:
 def queue_names(client: redis.Redis) -> list[str]:
     """Names of named queues that have been used, sorted."""
     return sorted(name.decode() for name in client.smembers(keys.QUEUE_INDEX))
+
+
+def oldest_age(client: redis.Redis, name: str, now: float | None = None) -> float | None:
+    """Seconds the oldest item of named queue ``name`` has waited; None when it is empty (or its age unknown)."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.llen(keys.queue_key(name))
+        pipe.get(keys.queue_since_key(name))
+        length, since = pipe.execute()
+    if not length or since is None:
+        return None
+    return max(0.0, (time.time() if now is None else now) - float(since))
 
 
 def _chunks(values: Iterable[str], size: int) -> Iterable[list[str]]:

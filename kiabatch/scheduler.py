@@ -37,7 +37,7 @@ import redis
 from . import keys, settings
 from .backends.local_state import runner_alive, stop_runner
 from .errors import NotFoundError, UsageError
-from .model import TERMINAL_STATES
+from .model import SUCCEEDED, TERMINAL_STATES
 from .schedules import Schedule, ScheduleRow, StartedRun, run_batch_id, submit_argv, validate_schedule_name
 from .store import Store
 from .text import when
@@ -352,6 +352,18 @@ class LocalSchedules:
                          "state": state + (f" ({entry['note']})" if entry.get("note") else ""),
                          "batches": [batch] if batch else [], "done": done, "failed": failed})  # fmt: skip
         return rows
+
+    def last_success(self, name: str) -> float | None:
+        """The end of the newest run that succeeded (an empty queue's run succeeds at once), from the last 50."""
+        for entry in self.schedules.history(name, 50):
+            if entry["outcome"] == EMPTY:
+                return float(entry.get("recorded_at") or entry["tick"])
+            batch = entry.get("batch") or ""
+            if entry["outcome"] == LAUNCHED and batch and self.store.exists(batch):
+                status = self.store.status(batch)
+                if status.state == SUCCEEDED and status.finished_at:
+                    return status.finished_at
+        return None
 
 
 def serve_until_signalled(scheduler: LocalScheduler, poll: float = 1.0) -> None:

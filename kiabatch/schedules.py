@@ -227,3 +227,7 @@ class Schedules(Protocol):
     def history(self, name: str, limit: int) -> list[dict[str, Any]]:
         """Recent runs, newest first: run, started, finished, state, batches, done, failed."""
         ...
+
+    def last_success(self, name: str) -> float | None:
+        """When a run of ``name`` last succeeded (unix seconds); None if none did (or it is no longer known)."""
+        ...

@@ -342,11 +342,14 @@ class Store:
         stderr_tail: bytes = b"",
     ) -> ReportResult:
         """Record one attempt of task ``index``; safe to call again with the same values (see :meth:`report_many`)."""
-        report = Report(batch_id, index, attempt, claim_sha1, tuple(outcomes), tuple(claimed_items), non_retriable,
-                        stderr_tail)  # fmt: skip
+        return self.record(Report(batch_id, index, attempt, claim_sha1, tuple(outcomes), tuple(claimed_items),
+                                  non_retriable, stderr_tail))  # fmt: skip
+
+    def record(self, report: Report) -> ReportResult:
+        """Send one :class:`Report`; NotFoundError if its batch is gone."""
         [result] = self.report_many([report])
         if result.status == "missing":
-            raise NotFoundError(f"no batch {batch_id!r} (it may have expired or been deleted)")
+            raise NotFoundError(f"no batch {report.batch_id!r} (it may have expired or been deleted)")
         return result
 
     def report_many(self, reports: Sequence[Report]) -> list[ReportResult]:
@@ -563,18 +566,28 @@ class Store:
         return int(self.redis.hget(keys.batch_keys(batch_id).failures, index) or 0)
 
     def iter_pages(
-        self, batch_id: str, *, results: bool = True, failed: bool = True, details: bool = True, page: int = 1000
+        self,
+        batch_id: str,
+        *,
+        results: bool = True,
+        failed: bool = True,
+        details: bool = True,
+        page: int = 1000,
+        start: int = 0,
+        stop: int | None = None,
     ) -> Iterator[OutcomePage]:
         """The raw outcomes of the settled items, a page at a time, in (index, position) order.
 
         Memory and each Redis reply stay bounded by ``page`` items (plus one task's
         claim), whatever the batch's size: two round trips a page (one when every task
-        holds one item). See :meth:`iter_outcomes` for the decoded form.
+        holds one item). ``start``/``stop`` limit it to the tasks (completion indexes) in
+        that range. See :meth:`iter_outcomes` for the decoded form.
         """
         k = keys.batch_keys(batch_id)
         meta = self.meta(batch_id)
         tasks, one_each = int(meta.get("tasks", 0)), meta.get("chunk") == "1"
-        start = 0
+        if stop is not None:
+            tasks = min(tasks, stop)
         while start < tasks:
             window = range(start, min(tasks, start + page))
             if one_each:  # the common case: no sizes to read, one field per task
@@ -607,7 +620,15 @@ class Store:
             yield OutcomePage(chosen, claims, values, outcomes, next(replies) if failed else none)
 
     def iter_outcomes(
-        self, batch_id: str, *, results: bool = True, failed: bool = True, details: bool = True, page: int = 1000
+        self,
+        batch_id: str,
+        *,
+        results: bool = True,
+        failed: bool = True,
+        details: bool = True,
+        page: int = 1000,
+        start: int = 0,
+        stop: int | None = None,
     ) -> Iterator[ItemResult | FailedItem]:
         """Every settled item, in (index, position) order: its result or its dead-letter entry.
 
@@ -616,7 +637,9 @@ class Store:
         cheaper, for output that shows only the item and its result).
         """
         store = _results_store(self.meta(batch_id)) if results else None
-        for chunk in self.iter_pages(batch_id, results=results, failed=failed, details=details, page=page):
+        pages = self.iter_pages(batch_id, results=results, failed=failed, details=details, page=page, start=start,
+                                stop=stop)  # fmt: skip
+        for chunk in pages:
             at = 0
             for (index, count), raw_claim in zip(chunk.chosen, chunk.claims, strict=True):
                 claim_items = claimed_items(raw_claim, count)
@@ -648,9 +671,19 @@ class Store:
         return int(self.redis.hlen(keys.batch_keys(batch_id).failed))
 
     def logs(self, batch_id: str, index: int | None = None) -> list[tuple[int, int, bytes]]:
-        """Stored stderr tails as (index, attempt, bytes), oldest attempt first."""
+        """Stored stderr tails as (index, attempt, bytes), oldest attempt first.
+
+        With ``index``, only that task's attempts are read (its attempt count says which),
+        so one task's logs cost the same in a batch of ten tasks or of a million.
+        """
         self.meta(batch_id)
-        raw = self.redis.hgetall(keys.batch_keys(batch_id).logs)
+        k = keys.batch_keys(batch_id)
+        if index is not None:
+            attempts = int(self.redis.hget(k.attempts, index) or 0)
+            numbers = list(range(1, attempts + 1))
+            values = self.redis.hmget(k.logs, [keys.result_field(index, n) for n in numbers]) if numbers else []
+            return [(index, n, value) for n, value in zip(numbers, values, strict=True) if value is not None]
+        raw = self.redis.hgetall(k.logs)
         entries = []
         for field, value in raw.items():
             task, attempt = keys.parse_result_field(field)
@@ -692,7 +725,9 @@ class Store:
         validate_batch_id(batch_id)
         k = keys.batch_keys(batch_id)
         keep = (
-            {k.meta, k.progress, k.results, k.outcomes, k.failed, k.claims, k.sizes, k.logs} if keep_results else set()
+            {k.meta, k.progress, k.results, k.outcomes, k.failed, k.claims, k.sizes, k.logs, k.stats}
+            if keep_results
+            else set()
         )
         doomed = [key for key in k.all() if key not in keep]
         with self.redis.pipeline(transaction=True) as pipe:
@@ -756,7 +791,8 @@ def _report_call(report: Report) -> lua.Call:
                 },
                 ensure_ascii=False,
             )
-        per_item += ["1" if outcome.ok else "0", outcome.result, outcome_json, dead_letter]
+        per_item += ["1" if outcome.ok else "0", outcome.result, outcome_json, dead_letter,
+                     repr(max(0.0, round(outcome.duration, 6)))]  # fmt: skip
     return lua.report_call(
         keys.batch_keys(report.batch_id), report.index, report.attempt, report.claim_sha1, time.time(),
         all_ok=all(outcome.ok for outcome in report.outcomes), non_retriable=report.non_retriable,

@@ -326,14 +326,6 @@ def outcome_report(
                   non_retriable(outcomes, non_retriable_exit_codes), stderr_log(outcomes))  # fmt: skip
 
 
-def report_outcomes(store: Store, report: Report) -> ReportResult:
-    """Record one attempt in Redis (idempotent); NotFoundError if the batch is gone."""
-    return store.report(
-        report.batch_id, report.index, report.attempt, report.claim_sha1, report.outcomes,
-        claimed_items=report.claimed_items, non_retriable=report.non_retriable, stderr_tail=report.stderr_tail,
-    )  # fmt: skip
-
-
 def collect(directory: Path, info: TaskInfo, *, killed_reason: str = "") -> list[ItemOutcome]:
     """Read the outcome of every item run.sh ran in ``directory``."""
     outcomes: list[ItemOutcome] = []
@@ -380,7 +372,7 @@ def report_from(store: Store, directory: Path, *, killed_reason: str = "") -> Re
         claimed = [
             items_mod.decode(item_dir(directory, p).joinpath("item.json").read_bytes()) for p in range(info.items)
         ]
-        result = report_outcomes(store, outcome_report(
+        result = store.record(outcome_report(
             info.batch, info.index, attempt=info.attempt, claim_sha1=info.claim_sha1, outcomes=outcomes,
             claimed_items=claimed, non_retriable_exit_codes=info.non_retriable_exit_codes, results=info.results,
         ))  # fmt: skip

@@ -72,6 +72,27 @@ def run_cli(
     )
 
 
+def terminal_stderr(*args: str, timeout: float = 60) -> str:
+    """What ``kiabatch ARGS`` writes to stderr when stderr is a terminal (a pseudo-terminal)."""
+    import pty
+
+    primary, replica = pty.openpty()
+    process = subprocess.Popen(kiabatch_cmd(*args), stdout=subprocess.PIPE, stderr=replica, env=os.environ)
+    os.close(replica)
+    chunks = []
+    while True:
+        try:
+            data = os.read(primary, 4096)
+        except OSError:  # the terminal closed with the process
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(primary)
+    process.wait(timeout=timeout)
+    return b"".join(chunks).decode(errors="replace")
+
+
 def one_line_error(result: Result | subprocess.CompletedProcess[str], code: int, *fragments: str,
                    alone: bool = True) -> str:  # fmt: skip
     """The ``kiabatch: error:`` line of a refused command: exit ``code``, no traceback, ``fragments`` in it.
@@ -259,3 +280,52 @@ class S3Process:
         if self.process and self.process.poll() is None:
             os.killpg(self.process.pid, sig)
             self.process.wait(timeout=30)
+
+
+class DashboardProcess:
+    """``kiabatch dashboard --port 0 ARGS`` as a real server process; ``url`` is what it printed."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None, drop_env: tuple[str, ...] = ()) -> None:
+        environment = {key: value for key, value in os.environ.items() if key not in drop_env}
+        self.process = subprocess.Popen(
+            kiabatch_cmd("dashboard", "--port", "0", *args),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**environment, **(env or {})},
+        )
+        line = self.process.stdout.readline() if self.process.stdout else ""
+        if "http://" not in line:
+            self.stop()
+            raise AssertionError(f"the dashboard did not start: {line!r} {self.stderr}")
+        self.url = line.split()[2]
+        self.stderr = ""
+
+    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        """GET ``path``: (status, headers by lower-case name, body); error statuses are returned, not raised."""
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(self.url.rstrip("/") + path, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process.stderr:
+            self.stderr = self.process.stderr.read()
+
+    def __enter__(self) -> DashboardProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

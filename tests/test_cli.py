@@ -219,28 +219,14 @@ def test_help_lists_every_command_and_exit_codes_are_documented(runner):
 
 
 def test_a_terminal_gets_a_live_progress_bar_and_a_pipe_gets_none(redis_url):
-    import os
-    import pty
     import subprocess
 
-    from tests.helpers import kiabatch_cmd
+    from tests.helpers import kiabatch_cmd, terminal_stderr
 
-    args = kiabatch_cmd("submit", "--item", "1", "--item", "2", "--item", "3", "-p", "2", "--", "sh", "-c", "sleep 0.3")
-    primary, replica = pty.openpty()
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=replica, env=os.environ)
-    os.close(replica)
-    chunks = []
-    while True:
-        try:
-            data = os.read(primary, 4096)
-        except OSError:
-            break
-        if not data:
-            break
-        chunks.append(data)
-    process.wait(timeout=60)
-    terminal = b"".join(chunks).decode(errors="replace")
+    args = ["submit", "--item", "1", "--item", "2", "--item", "3", "-p", "2", "--", "sh", "-c", "sleep 0.3"]
+    terminal = terminal_stderr(*args)
     assert "running" in terminal and "0 failed" in terminal and "3/3" in terminal  # the live bar
+    args = kiabatch_cmd(*args)
     piped = subprocess.run(args, capture_output=True, text=True, timeout=60)
     assert "running 0, failed" not in piped.stderr and "#" not in piped.stderr  # no bar in a pipe
     assert [line.split(":")[0].split()[0] for line in piped.stderr.strip().splitlines()] == ["batch", "batch"]

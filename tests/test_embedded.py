@@ -28,7 +28,11 @@ def embedded_home(home: Path, monkeypatch: pytest.MonkeyPatch):
 
 
 def record(home: Path) -> dict:
-    return json.loads((home / "redis" / "server.json").read_text())
+    """The supervisor's server.json ({} while a restart rewrites it)."""
+    try:
+        return json.loads((home / "redis" / "server.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
 
 
 def test_the_server_listens_on_a_unix_socket_only_and_persists_with_aof(embedded_home):
@@ -131,7 +135,7 @@ def test_a_crashed_server_is_restarted_with_its_data(embedded_home):
     time.sleep(1.5)  # appendfsync everysec
     info = record(embedded_home)
     os.kill(info["server_pid"], signal.SIGKILL)
-    assert wait_for(lambda: record(embedded_home)["server_pid"] != info["server_pid"])
+    assert wait_for(lambda: record(embedded_home).get("server_pid") not in (None, info["server_pid"]))
     fresh = connect()
     assert fresh.get("survivor") == b"yes"
     fresh.close()

@@ -30,7 +30,7 @@ from kiabatch.cli.options import Duration, Interval
 EXAMPLES = int(os.environ.get("KIABATCH_FUZZ_EXAMPLES", "12"))
 DOCUMENTED_EXIT_CODES = {0, 1, 2, 3, 130}
 #: Commands that serve until stopped, or replace this process: fuzzed elsewhere or not at all.
-SKIPPED = {("scheduler",), ("task", "run-batch"), ("dashboard",)}
+SKIPPED = {("scheduler",), ("task", "run-batch"), ("dashboard", "serve")}
 #: A worker that finishes at once, so valid submits stay fast.
 FAST_COMMAND = ["--", "true"]
 

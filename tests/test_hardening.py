@@ -20,7 +20,7 @@ import redis
 
 from kiabatch import Batch, submit
 from kiabatch.connection import redact
-from tests.helpers import RedisProcess, kb, kiabatch_cmd, one_line_error, run_cli
+from tests.helpers import RedisProcess, kb, kiabatch_cmd, one_line_error, run_cli, terminal_stderr
 
 
 def keyspace(client: redis.Redis) -> list[bytes]:
@@ -85,23 +85,7 @@ def test_running_counts_what_is_claimed_and_not_settled_while_it_runs(redis_url,
 
 
 def test_the_live_progress_line_shows_running_tasks(redis_url):
-    import pty
-
-    args = kiabatch_cmd("submit", "--item", "1", "--item", "2", "-p", "2", "--", *sleeper(1.5))
-    primary, replica = pty.openpty()
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=replica, env=os.environ)
-    os.close(replica)
-    chunks = []
-    while True:
-        try:
-            data = os.read(primary, 4096)
-        except OSError:
-            break
-        if not data:
-            break
-        chunks.append(data)
-    process.wait(timeout=60)
-    assert "2 running" in b"".join(chunks).decode(errors="replace")
+    assert "2 running" in terminal_stderr("submit", "--item", "1", "--item", "2", "-p", "2", "--", *sleeper(1.5))
 
 
 def test_every_result_is_shown_with_the_failed_ones_marked(redis_url):

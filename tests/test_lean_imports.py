@@ -15,8 +15,10 @@ import pytest
 
 from kiabatch import submit
 
-#: Packages only some commands need: the Kubernetes client, YAML, π's arithmetic, cron, process tables.
-HEAVY = ("kubernetes", "urllib3", "yaml", "mpmath", "gmpy2", "croniter", "psutil")
+#: Packages only some commands need: the Kubernetes client, YAML, π's arithmetic, cron, process tables,
+#: and the dashboard's web stack.
+HEAVY = ("kubernetes", "urllib3", "yaml", "mpmath", "gmpy2", "croniter", "psutil", "starlette", "uvicorn", "jinja2",
+         "prometheus_client", "anyio")  # fmt: skip
 
 PROBE = """
 import atexit, json, sys
@@ -67,6 +69,11 @@ def test_the_task_steps_load_neither_the_kubernetes_client_nor_yaml(redis_url, h
                    check=True)  # fmt: skip
     assert loaded("task", "report", "--dir", str(directory)) == set()
     assert [r.text for r in batch.results()] == ["x\n"]
+
+
+def test_only_the_dashboard_loads_the_web_stack(home):
+    # The check above would pass vacuously if the probe never saw imports; here it must.
+    assert {"starlette", "jinja2"} <= loaded("dashboard", "serve", "--host", "not-an-address")
 
 
 def test_a_kubernetes_command_does_load_the_client(home):

@@ -60,7 +60,7 @@ def report(store: Store, batch: str, index: int, outcomes, **kw):
 
 def test_every_key_of_a_batch_shares_one_hash_tag():
     names = keys.batch_keys("pi-x7k2p").all()
-    assert len(set(names)) == len(names) == 15
+    assert len(set(names)) == len(names) == 16
     assert all(name.startswith("kiabatch:{pi-x7k2p}:") for name in names)
 
 

@@ -27,6 +27,7 @@ from ..kube.jobs import (
     job_states,
     job_summary,
     parse_indexes,
+    pending_reasons,
     pod_problems,
 )
 from ..kube.objects import BATCH_LABEL, COMPLETION_INDEX_LABEL
@@ -250,9 +251,13 @@ class KubernetesBackend:
             detail["problem"] = (f"the Job completed but Redis has no outcome for {missing} task(s); "
                                  f"run them again with: kiabatch resume {status.id}")  # fmt: skip
         if job is not None and job_outcome(job) is None:
-            problems = pod_problems(cluster.pods(f"{BATCH_LABEL}={status.id}"))
+            pods = cluster.pods(f"{BATCH_LABEL}={status.id}")
+            problems = pod_problems(pods)
             if problems:
                 detail["problem"] = problems[0]
+            waiting = problems + pending_reasons(pods)
+            if waiting:
+                detail["pod_problems"] = waiting
         return replace(status, detail=detail)
 
     def list_detail(self, store: Store, status: Status) -> Status:

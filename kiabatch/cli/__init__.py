@@ -24,6 +24,7 @@ from .context import CliError, Session, user_errors
 #: imported only when that command runs (or its help is shown), so ``kiabatch status``
 #: never loads the Kubernetes client and ``--version`` loads nothing at all.
 COMMANDS = {
+    "dashboard": "dashboard:dashboard_group",
     "delete": "manage:delete_command",
     "gc": "manage:gc_command",
     "list": "inspect:list_command",

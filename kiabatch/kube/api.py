@@ -46,6 +46,7 @@ _KINDS: dict[tuple[str, str], tuple[str, str]] = {
     ("batch/v1", "Job"): ("BatchV1Api", "job"),
     ("batch/v1", "CronJob"): ("BatchV1Api", "cron_job"),
     ("apps/v1", "StatefulSet"): ("AppsV1Api", "stateful_set"),
+    ("apps/v1", "Deployment"): ("AppsV1Api", "deployment"),
     ("rbac.authorization.k8s.io/v1", "Role"): ("RbacAuthorizationV1Api", "role"),
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): ("RbacAuthorizationV1Api", "role_binding"),
     ("policy/v1", "PodDisruptionBudget"): ("PolicyV1Api", "pod_disruption_budget"),

@@ -79,6 +79,33 @@ def pod_problems(pods: list[dict[str, Any]]) -> list[str]:
     return problems
 
 
+#: Waiting reasons every starting container passes through (not problems).
+_STARTING = frozenset({"ContainerCreating", "PodInitializing"})
+
+
+def pending_reasons(pods: list[dict[str, Any]]) -> list[str]:
+    """Why Pending pods wait, besides image and configuration problems: an unschedulable pod
+    (``PodScheduled`` False: resources, taints, affinity) or a container waiting for another reason."""
+    reasons = []
+    for pod in pods:
+        status = pod.get("status", {})
+        if status.get("phase") != "Pending":
+            continue
+        name = pod["metadata"]["name"]
+        for condition in status.get("conditions") or []:
+            if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+                message = (condition.get("message") or "").splitlines()[0][:200] if condition.get("message") else ""
+                reasons.append(f"pod {name} is not scheduled: {condition.get('reason', 'Pending')}"
+                               + (f": {message}" if message else ""))  # fmt: skip
+        statuses = (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or [])
+        for container in statuses:
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            reason = waiting.get("reason")
+            if reason and reason not in PULL_PROBLEMS and reason not in _STARTING:
+                reasons.append(f"pod {name} container {container['name']} is waiting: {reason}")
+    return reasons
+
+
 def job_summary(job: dict[str, Any] | None) -> dict[str, Any]:
     """The Job fields ``status`` shows."""
     if job is None:

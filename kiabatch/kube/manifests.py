@@ -19,6 +19,7 @@ from .. import settings, workloads
 from ..model import BatchSpec
 from ..schedules import Schedule
 from .batch_job import IMAGE_RUNTIME, KubeOptions, job, worker_service_account
+from .dashboard_objects import DashboardOptions, dashboard_objects
 from .objects import to_yaml
 from .redis_manifests import redis_deployment_objects
 from .redis_objects import RedisOptions
@@ -106,8 +107,24 @@ def redis_set() -> dict[str, str]:
     return {"kustomization.yaml": kustomization(list(files)), **files}
 
 
+def dashboard_set() -> dict[str, str]:
+    """manifests/dashboard: the read-only dashboard (:mod:`kiabatch.kube.dashboard_objects`), one file per object."""
+    objects = dashboard_objects(DashboardOptions(namespace=NAMESPACE))
+    note = (
+        "Reads the Secret kiabatch-redis (key: url), as batch pods do. kiabatch dashboard deploy applies the\n"
+        "same objects; --allow-actions and --token-secret change them (kiabatch dashboard render shows how)."
+    )
+    files = {file_name(obj): document([obj], note) for obj in objects}
+    return {"kustomization.yaml": kustomization(list(files)), **files}
+
+
 #: Directory under manifests/ -> generator of its files.
-SETS: dict[str, Callable[[], dict[str, str]]] = {"batch": batch_set, "schedule": schedule_set, "redis": redis_set}
+SETS: dict[str, Callable[[], dict[str, str]]] = {
+    "batch": batch_set,
+    "schedule": schedule_set,
+    "redis": redis_set,
+    "dashboard": dashboard_set,
+}
 
 
 def drifted(root: Path) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 from ..errors import NotFoundError, UsageError
@@ -113,6 +114,13 @@ class KubeSchedules:
             rows.append({"run": run, "started": status.get("startTime"), "finished": status.get("completionTime"),
                          "state": job_state(job), "batches": batches, "done": done, "failed": failed})  # fmt: skip
         return rows[-limit:][::-1]
+
+    def last_success(self, name: str) -> float | None:
+        """The CronJob's ``status.lastSuccessfulTime`` (unix seconds), None if no Job of it completed yet."""
+        stamp = self.cron_job(name).get("status", {}).get("lastSuccessfulTime")
+        if not stamp:
+            return None
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
     def delete(self, name: str, *, cascade: bool) -> list[str]:
         """Delete the CronJob; with ``cascade`` also its Jobs and their batches. Returns the batches deleted."""

@@ -58,6 +58,7 @@ RESOURCES = {
     "services": ("v1", "Service"),
     "persistentvolumeclaims": ("v1", "PersistentVolumeClaim"),
     "statefulsets": ("apps/v1", "StatefulSet"),
+    "deployments": ("apps/v1", "Deployment"),
     "roles": ("rbac.authorization.k8s.io/v1", "Role"),
     "rolebindings": ("rbac.authorization.k8s.io/v1", "RoleBinding"),
     "poddisruptionbudgets": ("policy/v1", "PodDisruptionBudget"),
