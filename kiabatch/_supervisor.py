@@ -61,6 +61,7 @@ class Supervisor:
         self.lock_fd: int = args.lock_fd
         self.binary = args.redis_server
         self.idle_timeout: float = args.idle_timeout
+        self.maxmemory: int = args.maxmemory
         self.pidfile = self.directory / "server.json"
         self.lockfile = self.directory / "server.lock"
         self.joinlock = self.directory / "join.lock"
@@ -254,6 +255,9 @@ class Supervisor:
             "--save", "",
             "--daemonize", "no",
             "--logfile", "",
+            # Full means refused writes, never evicted data: kiabatch reports "Redis is full" instead.
+            "--maxmemory", str(self.maxmemory),
+            "--maxmemory-policy", "noeviction",
         ]  # fmt: skip
         parent = os.getpid()
         # Our socket path is ours alone: remove what a killed server left, so that the
@@ -378,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lock-fd", type=int, required=True)
     parser.add_argument("--redis-server", required=True)
     parser.add_argument("--idle-timeout", type=float, required=True)
+    parser.add_argument("--maxmemory", type=int, default=0)
     args = parser.parse_args(argv)
     args.parent_pid = os.getpid()
     # Detach from whoever started us (a CLI run, or a long-lived program using the

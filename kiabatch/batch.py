@@ -4,18 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from . import backends, workloads
+from . import backends, limits, workloads
 from .backends import Backend, LogChunk, RunHooks
 from .connection import connect
 from .errors import BatchFailedError, KiabatchError, UsageError
 from .model import FAILED, FailedItem, ItemResult, Progress, Status
 from .progress import ProgressBar
-from .store import Store
+from .results_store import MAX_INLINE_LIMIT, ResultsStore, batch_prefix, validate_endpoint
+from .results_store import validate_url as validate_results_url
+from .store import Store, human_bytes
 
 
 def open_store(client: redis.Redis | str | None = None, *, retry_seconds: float = 0.0) -> Store:
@@ -46,7 +49,26 @@ class Batch:
         Redis the indexes the Job gave up on).
         """
         status = self.store.status(self.id)
-        return self._backend(status.backend).status_detail(self.store, status, read_only=read_only)
+        status = self._backend(status.backend).status_detail(self.store, status, read_only=read_only)
+        return replace(status, detail={**status.detail, **self._memory_detail()})
+
+    def _memory_detail(self) -> dict[str, str]:
+        """What ``status`` shows about Redis's memory: its use, and warnings (half full, or refused reports)."""
+        outlook = self.store.memory_outlook(self.id)
+        meta = self.store.meta(self.id)
+        detail = {}
+        if outlook is not None:
+            detail["redis_memory"] = outlook.summary()
+            if outlook.projected:
+                detail["inline_results"] = (
+                    f"{human_bytes(outlook.results)}, ~{human_bytes(outlook.projected)} projected"
+                )
+        warning = (outlook.warning() if outlook is not None else "") or meta.get("memory_warning", "")
+        if warning:
+            detail["warning"] = warning
+        if meta.get("redis_full"):
+            detail["redis_full"] = f"{meta['redis_full']} (`kiabatch resume {self.id} --results-to URL` reruns them)"
+        return detail
 
     def progress(self) -> Progress:
         """Item counters: total, done, failed, running (O(1))."""
@@ -65,6 +87,19 @@ class Batch:
     def iter_outcomes(self) -> Iterator[ItemResult | FailedItem]:
         """Every settled item in index order, streamed: an :class:`ItemResult` or a :class:`FailedItem`."""
         return self.store.iter_outcomes(self.id)
+
+    def download(self, directory: Path | str, *, name_from: str | None = None) -> int:
+        """Write every successful item's result to its own file in ``directory``; returns how many.
+
+        Files are named by position: ``INDEX`` (``INDEX-POSITION`` when tasks hold several
+        items), or by field ``name_from`` of each (object) item. Names are checked, and
+        must be distinct, before anything is written. Stored results are streamed and
+        checked against their sha256: a file appears only once its bytes are verified.
+        """
+        from .download import download_results
+
+        chunked = int(self.store.meta(self.id).get("chunk") or 1) > 1
+        return download_results(self.iter_results, Path(directory), name_from=name_from, chunked=chunked)
 
     def failed(self) -> list[FailedItem]:
         """The dead-letter set: items that failed for good, with exit code and stderr tail."""
@@ -117,6 +152,27 @@ class Batch:
 
     # -- managing ---------------------------------------------------------------------
 
+    def reopen(
+        self, *, results_to: str | None = None, s3_endpoint: str | None = None, inline_limit: int | None = None
+    ) -> int:
+        """Before a resume: optionally point the batch at a results store, and reopen the items that
+        failed only because Redis was full (returns how many tasks were reopened).
+
+        ``results_to`` / ``s3_endpoint`` / ``inline_limit`` apply to the reports made
+        from now on; results already reported stay where they are.
+        """
+        fields: dict[str, Any] = {}
+        if results_to is not None:
+            fields["results_to"] = validate_results_url(results_to) if results_to else ""
+        if s3_endpoint is not None:
+            fields["s3_endpoint"] = validate_endpoint(s3_endpoint) if s3_endpoint else ""
+        if inline_limit is not None:
+            fields["inline_limit"] = limits.check_int("inline_limit", inline_limit, 0, MAX_INLINE_LIMIT)
+        self.store.meta(self.id)
+        if fields:
+            self.store.set_meta(self.id, **fields)
+        return self.store.reopen_redis_full(self.id)
+
     def resume(
         self,
         wait: bool = False,
@@ -143,6 +199,11 @@ class Batch:
         except KiabatchError:
             return False
         self._backend(spec.backend).delete(self.store, spec)
+        results = ResultsStore.of(spec)
+        if results is not None and not keep_results:
+            # The objects go first: if the store cannot be reached, Redis still knows them and delete can be repeated.
+            prefix = batch_prefix(spec.id, spec.created_at)
+            results.delete(entry["path"] for entry in results.list(prefix + "/"))
         return self.store.delete(self.id, keep_results=keep_results)
 
     def logs(self, index: int | None = None) -> list[tuple[int, int, bytes]]:

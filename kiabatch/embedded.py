@@ -433,6 +433,7 @@ class EmbeddedServer:
         self._make_private()
         binary = redis_server_binary()
         idle_timeout = settings.float_env(settings.ENV_IDLE_TIMEOUT, settings.DEFAULT_IDLE_TIMEOUT)
+        maxmemory = settings.embedded_maxmemory()
         env = {k: v for k, v in os.environ.items() if k != _WORKER_MARKER}
         env[MARKER] = str(self.paths.directory)
         log = os.open(self.paths.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -453,6 +454,8 @@ class EmbeddedServer:
                     str(binary),
                     "--idle-timeout",
                     str(idle_timeout),
+                    "--maxmemory",
+                    str(maxmemory),
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -625,6 +628,7 @@ def status(home: Path | None = None) -> dict[str, Any]:
         clients=int(info.get("connected_clients", 2)) - 2,
         uptime_seconds=info.get("uptime_in_seconds"),
         used_memory_human=info.get("used_memory_human"),
+        maxmemory_human=info.get("maxmemory_human") if info.get("maxmemory") else "none",
     )
     return result
 

@@ -8,6 +8,8 @@ Kubernetes ones follow the API server's own validation of Indexed Jobs.
 from __future__ import annotations
 
 import math
+import os
+import re
 
 from .errors import UsageError
 
@@ -98,3 +100,22 @@ def check_indexed_job(tasks: int, parallelism: int, max_failed_indexes: int, job
 def task_limit(parallelism: int) -> int:
     """Most tasks an Indexed Job may have at ``parallelism``: 100,000 above 10,000 at once, else MAX_TASKS."""
     return COMPLETIONS_SOFT_LIMIT if parallelism > MAX_PARALLEL_HIGH_COMPLETIONS else MAX_TASKS
+
+
+_SIZE = re.compile(r"^\s*(\d{1,20})\s*(b|k|kb|kib|m|mb|mib|g|gb|gib|t|tb|tib)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
+               "g": 1024**3, "gb": 1000**3, "gib": 1024**3, "t": 1024**4, "tb": 1000**4, "tib": 1024**4}  # fmt: skip
+
+
+def parse_size(text: str) -> int | None:
+    """Bytes from ``65536``, ``64KiB``, ``1MiB``, ``2GB`` (case-insensitive); None if it is not a size."""
+    match = _SIZE.match(text)
+    return int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()] if match else None
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM on this machine, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

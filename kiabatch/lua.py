@@ -316,3 +316,38 @@ return #items
 def unsnapshot_call(k: BatchKeys, queue: str, batch_id: str) -> Call:
     """KEYS and ARGV of :data:`UNSNAPSHOT`."""
     return [k.queue, queue_key(queue), k.claims, BATCH_INDEX, queue_since_key(queue), k.meta, *k.all()], [batch_id]
+
+
+#: REOPEN — give a settled index another run because its items failed through no fault
+#: of theirs (Redis had no room for their results): its dead-letter entries and any
+#: results are removed, its failure count reset, the counters corrected, and the
+#: batch's keys no longer expire. The claim stays, so the same items run again.
+#:
+#: KEYS[1] meta, KEYS[2] final, KEYS[3] failures, KEYS[4] progress, KEYS[5] sizes,
+#: KEYS[6] failed, KEYS[7] results, KEYS[8] outcomes, KEYS[9..] every key of the batch
+#: ARGV[1] index
+#: Returns 1 if the index was reopened, 0 if it was not settled.
+REOPEN = """
+local index = ARGV[1]
+if redis.call('SREM', KEYS[2], index) == 0 then return 0 end
+local n = tonumber(redis.call('HGET', KEYS[5], index) or '0')
+local failed, done = 0, 0
+for i = 0, n - 1 do
+  local field = index .. ':' .. i
+  failed = failed + redis.call('HDEL', KEYS[6], field)
+  done = done + redis.call('HDEL', KEYS[7], field)
+  redis.call('HDEL', KEYS[8], field)
+end
+redis.call('HDEL', KEYS[3], index)
+redis.call('HINCRBY', KEYS[4], 'failed', 0 - failed)  -- never '-0', which is no integer
+redis.call('HINCRBY', KEYS[4], 'done', 0 - done)
+redis.call('HSET', KEYS[1], 'state', 'interrupted')
+redis.call('HDEL', KEYS[1], 'finished_at', 'redis_full')
+for i = 9, #KEYS do redis.call('PERSIST', KEYS[i]) end
+return 1
+"""
+
+
+def reopen_call(k: BatchKeys, index: int) -> Call:
+    """KEYS and ARGV of :data:`REOPEN`."""
+    return [k.meta, k.final, k.failures, k.progress, k.sizes, k.failed, k.results, k.outcomes, *k.all()], [index]

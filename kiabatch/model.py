@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import secrets
 import string
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from typing import Any
+from functools import cached_property
+from typing import IO, TYPE_CHECKING, Any
 
-from .errors import UsageError
+from .errors import KiabatchError, UsageError
+
+if TYPE_CHECKING:
+    from .results_store import ObjectRef, ResultsStore
 
 #: Batch ids are DNS-1123 labels short enough to name a Job (and a CronJob's Jobs).
 MAX_BATCH_ID = 52
@@ -125,6 +130,12 @@ class BatchSpec:
     #: The schedule and run that started this batch ("" for a one-off submit).
     schedule: str = ""
     run: str = ""
+    #: Results store URL (``s3://bucket/prefix``, ``file:///path``; "" keeps every result in Redis).
+    results_to: str = ""
+    #: S3 endpoint of a non-AWS store ("" for AWS's own).
+    s3_endpoint: str = ""
+    #: With a results store, results larger than this many bytes (and every {output} file) go to it.
+    inline_limit: int = 64 * 1024
 
     def to_fields(self) -> dict[str, str]:
         """Flat string fields for HSET (None values are left out)."""
@@ -161,6 +172,9 @@ class BatchSpec:
             namespace=data.get("namespace", ""),
             schedule=data.get("schedule", ""),
             run=data.get("run", ""),
+            results_to=data.get("results_to", ""),
+            s3_endpoint=data.get("s3_endpoint", ""),
+            inline_limit=number("inline_limit") if data.get("inline_limit") else 64 * 1024,
         )
 
 
@@ -219,20 +233,63 @@ class Status:
 
 @dataclass(frozen=True)
 class ItemResult:
-    """The result of one successful item."""
+    """The result of one successful item.
+
+    A result kept in Redis is in ``inline``; one in the batch's results store is
+    described by ``ref`` and fetched (and checked against its sha256) by
+    :meth:`read`, :meth:`open` or the first use of :attr:`result`.
+    """
 
     index: int
     position: int
     item: Any
-    result: bytes
+    inline: bytes
     exit_code: int
     duration: float
     attempt: int
+    #: Where the result is stored, when it is an object (else None).
+    ref: ObjectRef | None = None
+    store: ResultsStore | None = field(default=None, repr=False, compare=False)
+
+    @cached_property
+    def result(self) -> bytes:
+        """The result's bytes (downloaded and verified once, for a stored result)."""
+        return self.read()
 
     @property
     def text(self) -> str:
         """The result decoded as UTF-8 (undecodable bytes replaced)."""
         return self.result.decode("utf-8", errors="replace")
+
+    @property
+    def size(self) -> int:
+        """The result's size in bytes (without downloading it)."""
+        return self.ref.size if self.ref is not None else len(self.inline)
+
+    @property
+    def url(self) -> str | None:
+        """The stored object's URL (``s3://bucket/prefix/...``), or None for a result kept in Redis."""
+        if self.ref is None:
+            return None
+        return self.store.object_url(self.ref.key) if self.store is not None else self.ref.key
+
+    def read(self) -> bytes:
+        """The result's bytes; a stored object is downloaded and its size and sha256 checked."""
+        if self.ref is None:
+            return self.inline
+        return self._store().read(self.ref)
+
+    def open(self) -> IO[bytes]:
+        """A binary file object with the result (streamed and checked for a stored object)."""
+        if self.ref is None:
+            return io.BytesIO(self.inline)
+        return self._store().open(self.ref)
+
+    def _store(self) -> ResultsStore:
+        if self.store is None:
+            raise KiabatchError(f"item {self.index}:{self.position} is stored as {self.ref.key!r} "  # type: ignore[union-attr]
+                                "but its batch names no results store")  # fmt: skip
+        return self.store
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,12 @@ ENV_BACKEND = "KIABATCH_BACKEND"
 ENV_NAMESPACE = "KIABATCH_NAMESPACE"
 #: Container image for Kubernetes pods.
 ENV_IMAGE = "KIABATCH_IMAGE"
+#: Results store for new batches (``s3://bucket/prefix`` or ``file:///path``); unset keeps results in Redis.
+ENV_RESULTS_URL = "KIABATCH_RESULTS_URL"
+#: Endpoint of an S3-compatible store that is not AWS (MinIO, SeaweedFS, Ceph RGW, GCS's S3 endpoint).
+ENV_S3_ENDPOINT = "KIABATCH_S3_ENDPOINT_URL"
+#: maxmemory of the embedded Redis: bytes or a size (``512MiB``, ``2GiB``), 0 for none; default a quarter of RAM.
+ENV_EMBEDDED_MAXMEMORY = "KIABATCH_EMBEDDED_MAXMEMORY"
 
 DEFAULT_IDLE_TIMEOUT = 30.0
 DEFAULT_EMBEDDED_WAIT = 30.0
@@ -56,3 +62,24 @@ def float_env(name: str, default: float) -> float:
 def worker_retry_seconds() -> float:
     """How long worker-side steps keep retrying a lost Redis (``KIABATCH_REDIS_RETRY_SECONDS``)."""
     return float_env(ENV_REDIS_RETRY_SECONDS, DEFAULT_WORKER_RETRY_SECONDS)
+
+
+#: Share of the machine's memory the embedded Redis may use by default (a runaway batch cannot eat the laptop).
+EMBEDDED_MEMORY_SHARE = 0.25
+
+
+def embedded_maxmemory() -> int:
+    """The embedded Redis's ``maxmemory`` in bytes (0: no limit): ``$KIABATCH_EMBEDDED_MAXMEMORY``, else a
+    quarter of the machine's memory. UsageError if the variable is not a size."""
+    from .errors import UsageError
+    from .limits import parse_size, physical_memory
+
+    raw = os.environ.get(ENV_EMBEDDED_MAXMEMORY, "").strip()
+    if raw:
+        value = parse_size(raw)
+        if value is None:
+            raise UsageError(f"{ENV_EMBEDDED_MAXMEMORY}={raw[:40]!r} is not a size; use bytes, or a number with "
+                             "KiB, MiB or GiB (e.g. 2GiB), or 0 for no limit")  # fmt: skip
+        return value if value == 0 else max(value, 1024 * 1024)  # Redis needs about a MiB to run at all
+    total = physical_memory()
+    return int(total * EMBEDDED_MEMORY_SHARE) if total else 0

@@ -21,7 +21,7 @@ from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 
 from . import keys, limits, lua
-from .errors import NotFoundError, UsageError
+from .errors import NotFoundError, UnreachableError, UsageError
 from .model import (
     QUEUED,
     BatchSpec,
@@ -32,6 +32,12 @@ from .model import (
     Status,
     validate_batch_id,
 )
+from .results_store import ObjectRef, ResultsStore
+
+#: Redis counts as full for a report when it would be left with less than this share of maxmemory.
+_FULL_RESERVE = 0.05
+#: Reports carrying fewer result bytes than this skip the memory check (one INFO round trip).
+_CHECK_ABOVE = 1024
 
 #: Items per RPUSH, and per pipelined round of RPUSHes, when a batch is written.
 _PUSH_CHUNK = 1000
@@ -75,6 +81,10 @@ class ItemOutcome:
     reason: str = ""
     #: False when running it again cannot help (e.g. the item lacks a field).
     retriable: bool = True
+    #: The result is the worker's ``{output}`` file (which always goes to a results store, when there is one).
+    from_file: bool = False
+    #: Where the result was stored as an object (then ``result`` is empty).
+    ref: ObjectRef | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +126,65 @@ class ReportResult:
 
     status: str  # done, failed, retry, duplicate, stale
     finished: bool
+    #: Why the results were not recorded, when Redis had no room for them (the attempt failed instead).
+    redis_full: str = ""
+
+
+@dataclass(frozen=True)
+class MemoryOutlook:
+    """Redis's memory (bytes) and a batch's inline results: what they take now and are projected to take."""
+
+    used: int
+    limit: int
+    results: int
+    projected: int
+    #: Items whose results the projection is based on.
+    done: int
+
+    def summary(self) -> str:
+        """``used 1.2 MiB of 64.0 MiB (2%)``."""
+        return f"used {human_bytes(self.used)} of {human_bytes(self.limit)} ({100 * self.used // self.limit}%)"
+
+    def warning(self) -> str:
+        """A warning when Redis is, or this batch's inline results are projected to bring it, past half of maxmemory."""
+        half = self.limit // 2
+        if self.used > half:
+            return (f"Redis is over half full ({self.summary()}); large results belong in a results store "
+                    "(--results-to)")  # fmt: skip
+        if self.done and self.used - self.results + self.projected > half:
+            return (
+                f"this batch's results are projected to take {human_bytes(self.projected)} of Redis's "
+                f"{human_bytes(self.limit)} maxmemory (from its first {self.done} results): use --results-to"
+            )
+        return ""
+
+
+class RedisFullError(UnreachableError):
+    """Redis refused a write because it reached its ``maxmemory`` (nothing was written)."""
+
+
+#: How every "Redis is full" reason starts.
+REDIS_FULL = "Redis is full"
+
+
+def redis_full_reason(used: int | None, limit: int | None) -> str:
+    """The reason an attempt fails when Redis has no room for its results."""
+    if used is None or not limit:
+        return "Redis is full (it refused the write: maxmemory reached): use --results-to"
+    return f"Redis is full (used {human_bytes(used)} of {human_bytes(limit)}): use --results-to"
+
+
+def human_bytes(count: float) -> str:
+    """``1.5 MiB``-style sizes."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+def _is_oom(exc: redis.RedisError) -> bool:
+    return isinstance(exc, redis.ResponseError) and "OOM command not allowed" in str(exc)
 
 
 class Store:
@@ -128,6 +197,7 @@ class Store:
         self._release = client.register_script(lua.RELEASE)
         self._snapshot = client.register_script(lua.SNAPSHOT)
         self._unsnapshot = client.register_script(lua.UNSNAPSHOT)
+        self._reopen = client.register_script(lua.REOPEN)
 
     # -- creating batches -------------------------------------------------------------
 
@@ -242,7 +312,13 @@ class Store:
         """Claim several tasks in one round trip (each its own atomic CLAIM)."""
         k = keys.batch_keys(batch_id)
         now = time.time()
-        replies = self._pipelined(self._claim, [lua.claim_call(k, index, now) for index in indexes])
+        try:
+            replies = self._pipelined(self._claim, [lua.claim_call(k, index, now) for index in indexes])
+        except redis.ResponseError as exc:
+            if not _is_oom(exc):
+                raise
+            raise RedisFullError(f"{redis_full_reason(*self.memory())}: cannot claim tasks of {batch_id}; "
+                                 "free memory in Redis, or delete finished batches") from None  # fmt: skip
         claims = []
         for index, (status, attempt, raw) in zip(indexes, replies, strict=True):
             status = status.decode()
@@ -285,7 +361,7 @@ class Store:
         non_retriable: bool = False,
         stderr_tail: bytes = b"",
     ) -> ReportResult:
-        """Record one attempt of task ``index``; safe to call again with the same values."""
+        """Record one attempt of task ``index``; safe to call again with the same values (see :meth:`report_many`)."""
         return self.record(Report(batch_id, index, attempt, claim_sha1, tuple(outcomes), tuple(claimed_items),
                                   non_retriable, stderr_tail))  # fmt: skip
 
@@ -300,9 +376,93 @@ class Store:
         """Send several attempts' reports in one round trip (each is its own atomic REPORT).
 
         A report for a batch that no longer exists comes back with status "missing".
+        Results Redis has no room for (past 95% of its ``maxmemory``) are not sent:
+        that attempt fails instead, with the reason "Redis is full (used X of Y): use
+        --results-to", and its index is retried by the usual rules. If Redis itself
+        refuses a report as out of memory, RedisFullError is raised (that report wrote
+        nothing; its claim stays, so ``resume`` runs the index again).
         """
-        replies = self._pipelined(self._report, [_report_call(report) for report in reports])
-        return [ReportResult(status=status.decode(), finished=bool(finished)) for status, finished in replies]
+        reports, full = self._fit_in_memory(reports)
+        try:
+            replies = self._pipelined(self._report, [_report_call(report) for report in reports])
+        except redis.ResponseError as exc:
+            if not _is_oom(exc):
+                raise
+            raise RedisFullError(
+                f"{redis_full_reason(*self.memory())}; a report was refused, and no item is lost: "
+                f"`kiabatch resume {reports[0].batch_id} --results-to URL` finishes the batch"
+            ) from None
+        results = [ReportResult(status=status.decode(), finished=bool(finished), redis_full=reason)
+                   for (status, finished), reason in zip(replies, full, strict=True)]  # fmt: skip
+        for report, reason in zip(reports, full, strict=True):
+            if reason:
+                with contextlib.suppress(redis.RedisError):
+                    self.redis.hset(keys.batch_keys(report.batch_id).meta, "redis_full", reason)
+        return results
+
+    def _fit_in_memory(self, reports: Sequence[Report]) -> tuple[list[Report], list[str]]:
+        """The reports with the results Redis has no room for turned into failures, and why (or "") for each."""
+        payloads = [sum(len(o.result) for o in r.outcomes if o.ok) + len(r.stderr_tail) for r in reports]
+        if sum(payloads) < _CHECK_ABOVE:
+            return list(reports), [""] * len(reports)
+        used, limit = self.memory()
+        if used is None or not limit:
+            return list(reports), [""] * len(reports)
+        fitted, reasons = [], []
+        for report, payload in zip(reports, payloads, strict=True):
+            # While a script runs, its arguments sit in Redis's memory too (query buffer and argv), besides
+            # the values it stores: count them several times over, and keep a reserve.
+            if payload >= _CHECK_ABOVE and used + payload * 4 > limit * (1 - _FULL_RESERVE):
+                reason = redis_full_reason(used, limit)
+                outcomes = tuple(replace(o, ok=False, result=b"", ref=None, reason=reason) if o.ok else o
+                                 for o in report.outcomes)  # fmt: skip
+                fitted.append(replace(report, outcomes=outcomes))
+                reasons.append(reason)
+            else:
+                used += payload
+                fitted.append(report)
+                reasons.append("")
+        return fitted, reasons
+
+    def memory(self) -> tuple[int | None, int | None]:
+        """(used_memory, maxmemory) in bytes; maxmemory 0 means no limit; (None, None) if INFO is refused."""
+        try:
+            info = self.redis.info("memory")
+        except redis.ResponseError:  # INFO not allowed by an ACL
+            return None, None
+        return int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+
+    def memory_outlook(self, batch_id: str) -> MemoryOutlook | None:
+        """Redis's memory and what the batch's inline results take and will take (None: no limit or no INFO).
+
+        The projection scales the memory the results hash uses so far (``MEMORY
+        USAGE``, sampled: O(1)) by total items over succeeded items: the estimate of the
+        batch's inline result volume once a few items have reported.
+        """
+        used, limit = self.memory()
+        if used is None or not limit:
+            return None
+        k = keys.batch_keys(batch_id)
+        progress = self.progress(batch_id)
+        try:
+            so_far = int(self.redis.memory_usage(k.results) or 0)
+        except redis.ResponseError:
+            so_far = 0
+        projected = so_far * progress.total // progress.done if progress.done else 0
+        return MemoryOutlook(used=used, limit=limit, results=so_far, projected=projected, done=progress.done)
+
+    def check_memory(self, batch_id: str) -> str:
+        """A warning (also kept in the batch's meta, for ``status``) when Redis would pass half its maxmemory.
+
+        Half, because Redis needs room to rewrite its append-only file and feed
+        replicas; past 95% reports are refused ("Redis is full").
+        """
+        outlook = self.memory_outlook(batch_id)
+        warning = outlook.warning() if outlook is not None else ""
+        if warning:
+            with contextlib.suppress(redis.RedisError):
+                self.redis.hset(keys.batch_keys(batch_id).meta, "memory_warning", warning)
+        return warning
 
     def abandon(self, batch_id: str, indexes: Iterable[int], reason: str) -> int:
         """Settle ``indexes`` as failed without a worker report (a deadline passed, the Job
@@ -320,6 +480,19 @@ class Store:
             )
             settled += result.status == "failed"
         return settled
+
+    def reopen_redis_full(self, batch_id: str) -> int:
+        """Give every index whose items were dead-lettered because Redis was full another run; returns how many.
+
+        They failed through no fault of the worker: once the batch has a results
+        store (or Redis has room), ``resume`` runs them again (same claims).
+        """
+        k = keys.batch_keys(batch_id)
+        indexes = set()
+        for field, entry in self.redis.hscan_iter(k.failed, count=1000):
+            if json.loads(entry).get("reason", "").startswith(REDIS_FULL):
+                indexes.add(keys.parse_result_field(field)[0])
+        return sum(int(self._reopen(*lua.reopen_call(k, index))) for index in sorted(indexes))
 
     def release(self, batch_id: str, index: int, pipeline: redis.client.Pipeline | None = None) -> None:
         """Mark task ``index`` as no longer running (its worker was stopped)."""
@@ -483,6 +656,7 @@ class Store:
         ``details=False`` skips each result's exit code, duration and attempt (left 0:
         cheaper, for output that shows only the item and its result).
         """
+        store = _results_store(self.meta(batch_id)) if results else None
         pages = self.iter_pages(batch_id, results=results, failed=failed, details=details, page=page, start=start,
                                 stop=stop)  # fmt: skip
         for chunk in pages:
@@ -494,8 +668,9 @@ class Store:
                     if value is not None:
                         raw_info = chunk.outcomes[at] if chunk.outcomes is not None else None
                         info = _decode(raw_info.decode()) if raw_info else _NO_DETAILS
+                        ref = ObjectRef.from_dict(info["ref"]) if "ref" in info else None
                         yield ItemResult(index, offset, claim_items[offset], value, info.get("exit_code", 0),
-                                         info.get("duration", 0.0), info.get("attempt", 0))  # fmt: skip
+                                         info.get("duration", 0.0), info.get("attempt", 0), ref, store)  # fmt: skip
                     elif chunk.failed[at] is not None:
                         yield failed_item(index, offset, chunk.failed[at])
                     at += 1
@@ -545,6 +720,23 @@ class Store:
         if gone and prune:
             self.redis.zrem(keys.BATCH_INDEX, *gone)
         return [status for status in found if status is not None]
+
+    def result_references(self, batch_id: str) -> tuple[str, set[int], set[str]] | None:
+        """For ``kiabatch gc``: (object prefix, settled indexes, referenced keys); None if the batch is gone."""
+        from .results_store import batch_prefix
+
+        try:
+            spec = self.spec(batch_id)
+        except (NotFoundError, UsageError):
+            return None
+        k = keys.batch_keys(batch_id)
+        settled = {int(i) for i in self.redis.smembers(k.final)}
+        referenced: set[str] = set()
+        for _field, entry in self.redis.hscan_iter(k.outcomes, count=1000):
+            data = json.loads(entry)
+            if data.get("ref"):
+                referenced.add(data["ref"]["key"])
+        return batch_prefix(spec.id, spec.created_at), settled, referenced
 
     # -- removing ---------------------------------------------------------------------
 
@@ -602,9 +794,11 @@ def _report_call(report: Report) -> lua.Call:
     """REPORT's KEYS and ARGV for ``report``: each item's result, outcome JSON and dead-letter entry."""
     per_item: list[Any] = []
     for position, outcome in enumerate(report.outcomes):
-        outcome_json = json.dumps(
-            {"exit_code": outcome.exit_code, "duration": round(outcome.duration, 6), "attempt": report.attempt}
-        )
+        entry: dict[str, Any] = {"exit_code": outcome.exit_code, "duration": round(outcome.duration, 6),
+                                 "attempt": report.attempt}  # fmt: skip
+        if outcome.ref is not None:
+            entry["ref"] = outcome.ref.to_dict()
+        outcome_json = json.dumps(entry)
         dead_letter = ""
         if not outcome.ok:
             dead_letter = json.dumps(
@@ -624,6 +818,13 @@ def _report_call(report: Report) -> lua.Call:
         all_ok=all(outcome.ok for outcome in report.outcomes), non_retriable=report.non_retriable,
         stderr_tail=report.stderr_tail[-LOG_TAIL:], per_item=per_item,
     )  # fmt: skip
+
+
+def _results_store(meta: dict[str, str]) -> ResultsStore | None:
+    """The results store a batch's meta names (opened lazily), or None."""
+    if not meta.get("results_to"):
+        return None
+    return ResultsStore(meta["results_to"], endpoint=meta.get("s3_endpoint", ""))
 
 
 _NO_DETAILS: dict[str, Any] = {}

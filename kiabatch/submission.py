@@ -25,6 +25,8 @@ from .backends import RunHooks
 from .batch import Batch, open_store
 from .errors import UsageError
 from .model import BatchSpec, Progress, new_batch_id, validate_batch_id, validate_queue_name
+from .results_store import DEFAULT_INLINE_LIMIT, MAX_INLINE_LIMIT, validate_endpoint
+from .results_store import validate_url as validate_results_url
 from .schedules import run_batch_id, validate_run_name, validate_schedule_name
 
 if TYPE_CHECKING:
@@ -73,6 +75,13 @@ class BatchOptions:
     #: The schedule and run that start this batch (set by launchers; the run fixes the batch id).
     schedule: str | None = None
     run: str | None = None
+    #: Where results that leave Redis go: ``s3://bucket/prefix`` or ``file:///path`` (None: $KIABATCH_RESULTS_URL,
+    #: "" or unset: every result stays in Redis).
+    results_to: str | None = None
+    #: Endpoint of an S3-compatible store other than AWS (None: $KIABATCH_S3_ENDPOINT_URL).
+    s3_endpoint: str | None = None
+    #: With a results store, results larger than this many bytes (and every {output} file) are stored there.
+    inline_limit: int = DEFAULT_INLINE_LIMIT
     #: Options of the workload itself (e.g. ``{"digits": 5000}``).
     workload_options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -103,6 +112,20 @@ class BatchOptions:
             validate_queue_name(self.from_queue)
             if self.items is not None:
                 raise UsageError("from_queue takes its items from the queue; give no items")
+        limits.check_int("inline_limit", self.inline_limit, 0, MAX_INLINE_LIMIT)
+        if self.results_to:
+            validate_results_url(self.results_to)
+        if self.s3_endpoint:
+            validate_endpoint(self.s3_endpoint)
+
+    def results_location(self) -> tuple[str, str]:
+        """(results URL, S3 endpoint) with the environment's defaults applied, validated; "" for none."""
+        url = self.results_to if self.results_to is not None else os.environ.get(settings.ENV_RESULTS_URL, "")
+        endpoint = self.s3_endpoint if self.s3_endpoint is not None else os.environ.get(settings.ENV_S3_ENDPOINT, "")
+        url = validate_results_url(url, settings.ENV_RESULTS_URL if self.results_to is None else "results_to") \
+            if url else ""  # fmt: skip
+        endpoint = validate_endpoint(endpoint) if endpoint else ""
+        return url, endpoint
 
 
 def cut_tasks(total: int, *, tasks: int | None, chunk: int | None, limit: int = limits.MAX_TASKS) -> tuple[int, int]:
@@ -196,6 +219,7 @@ def plan_batch(workload: str = "exec", options: BatchOptions | None = None, **wo
     plan = chosen.plan(target.runtime(), parallel=options.parallel, tasks=options.tasks, **extra)
     task_limit = target.task_limit(options.parallel)
     batch_id = options.batch_id or (run_batch_id(options.run) if options.run else None)
+    results_to, s3_endpoint = options.results_location()
     spec = BatchSpec(
         id=batch_id or new_batch_id(workload if options.from_queue is None else options.from_queue),
         workload=chosen.name,
@@ -215,6 +239,9 @@ def plan_batch(workload: str = "exec", options: BatchOptions | None = None, **wo
         cwd=os.getcwd(),
         schedule=options.schedule or "",
         run=options.run or "",
+        results_to=results_to,
+        s3_endpoint=s3_endpoint,
+        inline_limit=options.inline_limit,
     )
     if options.from_queue is not None:
         return PlannedBatch(spec, None, options.from_queue, plan.chunk, plan.tasks, task_limit)
@@ -259,6 +286,9 @@ def submit(
     backend: str = backends.LOCAL,
     schedule: str | None = None,
     run: str | None = None,
+    results_to: str | None = None,
+    s3_endpoint: str | None = None,
+    inline_limit: int = DEFAULT_INLINE_LIMIT,
     redis: redis.Redis | str | None = None,
     wait: bool = False,
     start: bool = True,
@@ -277,7 +307,11 @@ def submit(
     running at once, ``tasks`` / ``chunk`` cut the items (default one item per
     task), ``retries`` is the per-task retry limit, ``timeout`` / ``task_timeout``
     the batch deadline and per-attempt limit in seconds, ``ttl`` how long results
-    stay, ``backend`` "local" or "kubernetes".
+    stay, ``backend`` "local" or "kubernetes". ``results_to`` (default
+    ``$KIABATCH_RESULTS_URL``) names a results store, ``s3://bucket/prefix`` (with
+    ``s3_endpoint`` for a store that is not AWS) or ``file:///path``: results above
+    ``inline_limit`` bytes and every ``{output}`` file are stored there, and Redis
+    keeps a reference (``ItemResult.url``, ``.read()``, ``.open()``).
 
     ``redis`` is a client or URL (default ``$KIABATCH_REDIS_URL``, else the embedded
     server). With ``wait`` the batch runs to its end before this returns (locally, in
@@ -295,7 +329,8 @@ def submit(
         items=items, command=command, from_queue=from_queue, stdin=stdin, env=env, image=image,
         non_retriable_exit_codes=non_retriable_exit_codes, parallel=parallel, tasks=tasks, chunk=chunk,
         retries=retries, timeout=timeout, task_timeout=task_timeout, ttl=ttl, batch_id=batch_id, backend=backend,
-        schedule=schedule, run=run, workload_options=workload_options,
+        schedule=schedule, run=run, results_to=results_to, s3_endpoint=s3_endpoint, inline_limit=inline_limit,
+        workload_options=workload_options,
     )  # fmt: skip
     return submit_options(workload, options, redis=redis, wait=wait, start=start, home=home, on_update=on_update,
                           on_created=on_created, on_warning=on_warning, kube=kube)  # fmt: skip
@@ -352,6 +387,9 @@ def submit_options(
     batch = Batch(spec.id, store.redis, home=home)
     if on_created is not None:
         on_created(batch)
+    warning = store.check_memory(spec.id)  # Redis already past half its maxmemory: say so before it fills up
+    if warning:
+        hooks.update(store.progress(spec.id), f"warning: {warning}")
     if not start:
         return batch
     # The workload's prepare step (e.g. π's square root) overlaps the map step; it

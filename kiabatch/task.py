@@ -34,7 +34,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from . import items as items_mod
 from . import templates
 from .errors import KiabatchError, UnreachableError, UsageError
 from .model import BatchSpec
+from .results_store import ResultsPlan, ResultsStore, ResultsStoreError
 from .store import LOG_TAIL, Claim, ItemOutcome, Report, ReportResult, Store
 
 RUNNER_NAME = "run.sh"
@@ -76,6 +77,18 @@ class TaskInfo:
     items: int
     output_file: bool
     non_retriable_exit_codes: tuple[int, ...]
+    #: The batch's results store (see :class:`~kiabatch.results_store.ResultsPlan`); "" for none.
+    results_to: str = ""
+    s3_endpoint: str = ""
+    inline_limit: int = 0
+    results_prefix: str = ""
+
+    @property
+    def results(self) -> ResultsPlan | None:
+        """Where large results of this task go, or None."""
+        if not self.results_to:
+            return None
+        return ResultsPlan(self.results_to, self.s3_endpoint, self.inline_limit, self.results_prefix)
 
     @classmethod
     def load(cls, directory: Path) -> TaskInfo:
@@ -137,6 +150,10 @@ def prepare(directory: Path, spec: BatchSpec, index: int, claim: Claim) -> TaskI
         output_file=spec.worker.result_from_output_file,
         non_retriable_exit_codes=tuple(spec.worker.non_retriable_exit_codes),
     )
+    plan = ResultsPlan.of(spec)
+    if plan is not None:
+        info = replace(info, results_to=plan.url, s3_endpoint=plan.endpoint, inline_limit=plan.inline_limit,
+                       results_prefix=plan.prefix)  # fmt: skip
     _write(directory / TASK_FILE, json.dumps(info.__dict__))
     if claim.status != "ok":
         _write(directory / DONE_FILE, "0\n")
@@ -245,7 +262,8 @@ def item_outcome(
             result = read_result_file(output, "{output}")
         except OutputError as exc:
             return ItemOutcome(ok=False, exit_code=0, duration=duration, reason=str(exc), stderr=stderr)
-    return ItemOutcome(ok=True, exit_code=0, duration=duration, result=result, stderr=stderr)
+    return ItemOutcome(ok=True, exit_code=0, duration=duration, result=result, stderr=stderr,
+                       from_file=output is not None)  # fmt: skip
 
 
 def non_retriable(outcomes: Sequence[ItemOutcome], codes: Iterable[int]) -> bool:
@@ -261,6 +279,43 @@ def stderr_log(outcomes: Sequence[ItemOutcome]) -> bytes:
     return b"".join(f"--- item {p} ---\n".encode() + o.stderr for p, o in enumerate(outcomes))
 
 
+#: Results stores opened by this process, by (url, endpoint): one HTTP client each, shared by threads.
+_OPEN_STORES: dict[tuple[str, str], ResultsStore] = {}
+
+
+def open_results_store(plan: ResultsPlan) -> ResultsStore:
+    """The (cached) store of ``plan``."""
+    key = (plan.url, plan.endpoint)
+    if key not in _OPEN_STORES:
+        _OPEN_STORES[key] = ResultsStore(plan.url, endpoint=plan.endpoint)
+    return _OPEN_STORES[key]
+
+
+def store_results(
+    plan: ResultsPlan | None, index: int, attempt: int, outcomes: Sequence[ItemOutcome]
+) -> list[ItemOutcome]:
+    """Upload the results that leave Redis, before the report, so Redis only references stored objects.
+
+    Every ``{output}`` file and every result above the inline limit goes to the
+    results store under its deterministic key (an upload retried after a crash
+    replaces the same object). An upload that fails fails its item's attempt (the
+    index is retried by the usual rules), with the store's reason.
+    """
+    if plan is None:
+        return list(outcomes)
+    stored: list[ItemOutcome] = []
+    for position, outcome in enumerate(outcomes):
+        if outcome.ok and plan.offloads(len(outcome.result), outcome.from_file):
+            try:
+                ref = open_results_store(plan).put(plan.key(index, position, attempt), outcome.result)
+            except ResultsStoreError as exc:
+                outcome = replace(outcome, ok=False, result=b"", reason=f"cannot store the result: {exc}")
+            else:
+                outcome = replace(outcome, result=b"", ref=ref)
+        stored.append(outcome)
+    return stored
+
+
 def outcome_report(
     batch_id: str,
     index: int,
@@ -270,8 +325,16 @@ def outcome_report(
     outcomes: Sequence[ItemOutcome],
     claimed_items: Sequence[Any],
     non_retriable_exit_codes: Iterable[int],
+    results: ResultsPlan | None = None,
 ) -> Report:
-    """One attempt's outcomes as a :class:`~kiabatch.store.Report`, with the non-retriable rule and the log join."""
+    """One attempt's outcomes as a :class:`~kiabatch.store.Report`, its large results already stored.
+
+    With a results ``plan``, every ``{output}`` file and every result above the inline
+    limit is uploaded first (:func:`store_results`), so Redis only ever references
+    stored objects. Applies the non-retriable rule and the log join. Both backends
+    build their reports here: the local runner and a pod's reporter.
+    """
+    outcomes = store_results(results, index, attempt, outcomes)
     return Report(batch_id, index, attempt, claim_sha1, tuple(outcomes), tuple(claimed_items),
                   non_retriable(outcomes, non_retriable_exit_codes), stderr_log(outcomes))  # fmt: skip
 
@@ -324,7 +387,7 @@ def report_from(store: Store, directory: Path, *, killed_reason: str = "") -> Re
         ]
         result = store.record(outcome_report(
             info.batch, info.index, attempt=info.attempt, claim_sha1=info.claim_sha1, outcomes=outcomes,
-            claimed_items=claimed, non_retriable_exit_codes=info.non_retriable_exit_codes,
+            claimed_items=claimed, non_retriable_exit_codes=info.non_retriable_exit_codes, results=info.results,
         ))  # fmt: skip
     _write(directory / REPORTED_FILE, f"{time.time()}\n")
     return result

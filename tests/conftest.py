@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from tests.helpers import RedisProcess
+from tests.helpers import RedisProcess, S3Process
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,3 +52,22 @@ def client(redis_url: str, redis_server: RedisProcess) -> Iterator[redis.Redis]:
     connection = redis_server.client()
     yield connection
     connection.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Process]:
+    """One SeaweedFS S3 server for the whole session (tests use their own buckets)."""
+    directory = Path(tempfile.mkdtemp(prefix="kbs3-"))
+    server = S3Process(directory).start()
+    yield server
+    server.stop(signal.SIGKILL)  # its data goes with it: no need for a graceful (slow) shutdown
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def s3(s3_server: S3Process, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> str:
+    """A fresh ``s3://`` results URL (its own bucket), with the endpoint and credentials in the environment."""
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    bucket = "kbt-" + uuid.uuid4().hex[:16]
+    return f"s3://{bucket}/results"

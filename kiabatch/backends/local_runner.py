@@ -48,7 +48,8 @@ from .. import settings, templates
 from ..errors import InterruptedBatchError, NotFoundError, UnreachableError, UsageError
 from ..files import private_dir, write_private
 from ..model import FAILED, INTERRUPTED, BatchSpec, Status
-from ..store import LOG_TAIL, Claim, ItemOutcome, Report, ReportResult, Store
+from ..results_store import ResultsPlan
+from ..store import LOG_TAIL, Claim, ItemOutcome, RedisFullError, Report, ReportResult, Store
 from ..task import item_argv, item_dir, item_outcome, outcome_report, task_env
 from .base import RunHooks
 from .local_state import make_runs_dir, runner_lock
@@ -234,6 +235,7 @@ class LocalRunner:
         self.hooks = hooks or RunHooks()
         self.grace = grace
         self.spec: BatchSpec = store.spec(batch_id)
+        self._results = ResultsPlan.of(self.spec)
         self.scratch = scratch_dir(batch_id, self.home)
         names = templates.placeholders(self.spec.worker.command)
         self._writes_input = "input" in names
@@ -255,6 +257,9 @@ class LocalRunner:
         self._started_at: float | None = None
         self._notified = 0.0
         self._env = worker_environment(batch_id)
+        self._reports = 0
+        self._next_memory_check = 20
+        self._memory_warned = False
 
     # -- public -------------------------------------------------------------------------
 
@@ -268,6 +273,11 @@ class LocalRunner:
             self._reporter = _Reporter(self.store, self._reported)
             try:
                 return self._run()
+            except RedisFullError:
+                self._stop("interrupted")  # nothing of the refused report was written; its claim stays
+                with contextlib.suppress(redis.RedisError):
+                    self.store.set_state(self.batch_id, INTERRUPTED)
+                raise
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 self._stop("interrupted")
                 raise UnreachableError(
@@ -352,6 +362,7 @@ class LocalRunner:
             self._failure = self._failure or NotFoundError(f"batch {self.batch_id} was deleted while it ran")
             self._stop("interrupted")
         self._notify()
+        self._watch_memory()
 
     def _slot(self, feed: _Feed) -> None:
         try:
@@ -405,6 +416,7 @@ class LocalRunner:
             self._reporter.put(outcome_report(
                 self.batch_id, index, attempt=claim.attempt, claim_sha1=claim.sha1, outcomes=outcomes,
                 claimed_items=values, non_retriable_exit_codes=self.spec.worker.non_retriable_exit_codes,
+                results=self._results,  # large results are uploaded here, in the slot, before the report
             ))  # fmt: skip
         finally:
             if directory is not None:
@@ -488,6 +500,19 @@ class LocalRunner:
                 os.close(fd)
         worker.wait()
         return b"".join(out), bytes(err), timed_out
+
+    def _watch_memory(self) -> None:
+        """Now and then (after 20, 200, 2000... reports) project the batch's inline results and warn once."""
+        with self._lock:
+            self._reports += 1
+            due = self._reports == self._next_memory_check
+            if due:
+                self._next_memory_check *= 10
+        if due and not self._memory_warned:
+            warning = self.store.check_memory(self.batch_id)
+            if warning:
+                self._memory_warned = True
+                self.hooks.update(self.store.progress(self.batch_id), f"warning: {warning}")
 
     # -- stopping -----------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from .context import CliError, Session, user_errors
 COMMANDS = {
     "dashboard": "dashboard:dashboard_group",
     "delete": "manage:delete_command",
+    "gc": "manage:gc_command",
     "list": "inspect:list_command",
     "logs": "inspect:logs_command",
     "queue": "queue:queue_group",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -13,7 +14,7 @@ from ..model import INTERRUPTED, TERMINAL_STATES, Status
 from ..progress import ProgressBar
 from ..store import Store
 from ..text import printable
-from .context import CliError, Session, emit_json, open_batch, pass_session, user_errors
+from .context import CliError, Session, emit_json, note, open_batch, pass_session, user_errors
 from .options import LIMIT, Interval, count
 from .output import conclude, status_block, status_rows
 
@@ -143,6 +144,11 @@ def _augment(store: Store, status: Status) -> Status:
 )
 @click.option("--json", "as_json", is_flag=True, help="Same as the global --output json.")
 @click.option("--raw", is_flag=True, help="Write the raw result bytes of every item, in order, to stdout.")
+@click.option("--download", "download_dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Write each successful item's result to its own file in DIR (named INDEX, or INDEX-POSITION "
+                   "when tasks hold several items); stored results are checked against their sha256.")  # fmt: skip
+@click.option("--name-from", metavar="FIELD",
+              help="With --download: name each file after this field of its (object) item.")  # fmt: skip
 @_read_only_options
 @pass_session
 def results_command(
@@ -151,21 +157,42 @@ def results_command(
     reduce: bool | None,
     as_json: bool,
     raw: bool,
+    download_dir: Path | None,
+    name_from: str | None,
     read_only: bool,
     replica_url: str | None,
 ) -> None:
     """Print a batch's per-item results (or its reduced answer) and list failed items.
 
-    Exits 1 if any item failed.
+    Results kept in a results store (--results-to) are streamed back and checked
+    against their sha256. Exits 1 if any item failed.
     """
     if as_json:
         session.output = "json"
+    if name_from is not None and download_dir is None:
+        raise CliError("--name-from names the files of --download DIR; give --download too")
+    if raw and download_dir is not None:
+        raise CliError("give either --raw or --download, not both")
     batch = open_batch(session, batch_id, read_only=read_only, replica_url=replica_url)
+    if download_dir is not None:
+        with user_errors():
+            written = batch.download(download_dir, name_from=name_from)
+            failed = batch.store.failed_count(batch_id)
+        note(f"wrote {written} result file(s) to {printable(str(download_dir))}"
+             + (f"; {failed} item(s) failed (kiabatch results {batch_id})" if failed else ""))  # fmt: skip
+        raise click.exceptions.Exit(EXIT_ITEMS_FAILED if failed else EXIT_OK)
     if raw:
         with user_errors():
             out = sys.stdout.buffer
-            for result in batch.store.iter_outcomes(batch_id, failed=False, details=False):
-                out.write(result.result)  # type: ignore[union-attr]
+            # Stored results need their references (the details); inline ones are written as they come.
+            stored = bool(batch.store.meta(batch_id).get("results_to"))
+            for result in batch.store.iter_outcomes(batch_id, failed=False, details=stored):
+                if result.ref is None:  # type: ignore[union-attr]
+                    out.write(result.inline)  # type: ignore[union-attr]
+                    continue
+                with result.open() as stream:  # type: ignore[union-attr]
+                    while chunk := stream.read(1024 * 1024):
+                        out.write(chunk)
             out.flush()
             raise click.exceptions.Exit(EXIT_ITEMS_FAILED if batch.store.failed_count(batch_id) else EXIT_OK)
     with user_errors():

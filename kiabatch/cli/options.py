@@ -16,6 +16,7 @@ from .. import items as items_mod
 from ..errors import UsageError
 from ..kube import validation
 from ..kube.options import DEFAULT_GPU_RESOURCE, DEFAULT_TTL_AFTER_FINISHED, REDIS_SECRET, KubeOptions
+from ..results_store import DEFAULT_INLINE_LIMIT, MAX_INLINE_LIMIT
 
 _DURATION = re.compile(r"^\s*(\d{1,20}(?:\.\d{1,9})?)\s*([smhd]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -78,6 +79,37 @@ class Interval(click.ParamType):
         if not math.isfinite(seconds) or not self.minimum <= seconds <= self.maximum:
             self.fail(f"{str(value)!r:.60} is out of range: allowed {self.minimum:g} to {self.maximum:g}", param, ctx)
         return seconds
+
+
+def human_size(count: int) -> str:
+    """``64KiB``-style text for a byte count that is a whole number of units."""
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if count >= size and count % size == 0:
+            return f"{count // size}{unit}"
+    return str(count)
+
+
+class Size(click.ParamType):
+    """Bytes, or a number with a unit (``65536``, ``64KiB``, ``1MiB``, ``2GB``), within a range."""
+
+    name = "size"
+
+    def __init__(self, minimum: int = 0, maximum: int = 2**40) -> None:
+        self.minimum = minimum
+        self.maximum = maximum
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            count_ = value
+        else:
+            parsed = limits.parse_size(str(value))
+            if parsed is None:
+                self.fail(f"{str(value)!r:.60} is not a size; use bytes or a number with KiB, MiB or GiB", param, ctx)
+            count_ = parsed
+        if not self.minimum <= count_ <= self.maximum:
+            allowed = f"allowed {human_size(self.minimum)} to {human_size(self.maximum)}"
+            self.fail(f"{str(value)!r:.60} is out of range: {allowed}", param, ctx)
+        return count_
 
 
 def count(minimum: int, maximum: int) -> click.IntRange:
@@ -146,6 +178,20 @@ def read_items(params: dict[str, Any], *, where: str = "--item") -> Iterator[Any
         sources.append(items_mod.iter_lines(lines_file))
     return itertools.chain.from_iterable(sources)
 
+
+#: ``--results-to``, ``--s3-endpoint-url``, ``--inline-limit``: where results that leave Redis go.
+results_options = stack(
+    click.option("--results-to", "results_to", envvar=settings.ENV_RESULTS_URL, metavar="URL",
+                 help="Store results larger than --inline-limit, and every {output} file, in s3://BUCKET/PREFIX "
+                      "or file:///PATH; Redis keeps a reference (URL, size, sha256). Credentials come from "
+                      "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or the pod's identity). Env: KIABATCH_RESULTS_URL."),
+    click.option("--s3-endpoint-url", "s3_endpoint", envvar=settings.ENV_S3_ENDPOINT, metavar="URL",
+                 help="Endpoint of an S3-compatible store that is not AWS (MinIO, SeaweedFS, Ceph RGW, GCS), "
+                      "e.g. http://minio:9000. Env: KIABATCH_S3_ENDPOINT_URL."),
+    click.option("--inline-limit", "inline_limit", type=Size(0, MAX_INLINE_LIMIT),
+                 default=human_size(DEFAULT_INLINE_LIMIT), show_default=True,
+                 help="With --results-to: results up to this size stay in Redis (0: every result is stored)."),
+)  # fmt: skip
 
 #: ``--image``: the kiabatch image pods (and schedule launchers) run.
 image_option = click.option("--image", "kube_image", envvar=settings.ENV_IMAGE, metavar="IMAGE",
@@ -279,6 +325,11 @@ kube_options = stack(
     click.option("--allow-privileged-template", "kube_allow_privileged_template", is_flag=True,
                  help="Accept a --pod-template that breaks the restricted Pod Security Standard "
                       "(a security decision: the pods may then run privileged, as root, on the host...)."),
+    click.option("--results-secret", "kube_results_secret", metavar="SECRET",
+                 help="Secret with the results store's AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and optional "
+                      "AWS_SESSION_TOKEN) for the reporter (default: the pod's identity, e.g. IRSA)."),
+    click.option("--results-volume", "kube_results_volume", metavar="CLAIM",
+                 help="PersistentVolumeClaim (ReadWriteMany) the reporter mounts at a file:// --results-to path."),
 )  # fmt: skip
 
 

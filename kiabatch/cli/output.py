@@ -95,9 +95,11 @@ def result_value(result: bytes) -> dict[str, Any]:
 
 
 def result_dict(r: ItemResult) -> dict[str, Any]:
-    """JSON form of one item result."""
+    """JSON form of one item result (a stored one is downloaded, checked, and its URL, size and sha256 added)."""
+    stored = {} if r.ref is None else {"url": r.url, "size": r.ref.size, "sha256": r.ref.sha256,
+                                       "content_type": r.ref.content_type}  # fmt: skip
     return {"index": r.index, "position": r.position, "item": r.item, "failed": False, "exit_code": r.exit_code,
-            "duration": r.duration, "attempt": r.attempt, **result_value(r.result)}  # fmt: skip
+            "duration": r.duration, "attempt": r.attempt, **stored, **result_value(r.read())}  # fmt: skip
 
 
 def failed_dict(f: FailedItem) -> dict[str, Any]:
@@ -124,7 +126,12 @@ def outcome_line(outcome: ItemResult | FailedItem) -> str:
     """``ITEM<TAB>RESULT``, or ``ITEM<TAB>FAILED (exit N, attempts M): reason`` for a dead-lettered item."""
     item = printable(items_mod.text(outcome.item))
     if isinstance(outcome, ItemResult):
-        return f"{item}\t{result_text(outcome.result)}"
+        ref = outcome.ref
+        if ref is not None and not ref.content_type.startswith(("text/", "application/json")):
+            return (
+                f"{item}\t<{ref.size} bytes, {ref.content_type} at {printable(outcome.url)}; use --raw or --download>"
+            )
+        return f"{item}\t{result_text(outcome.read())}"
     code = "-" if outcome.exit_code is None else outcome.exit_code
     return f"{item}\tFAILED (exit {code}, attempts {outcome.attempts}): {printable(outcome.reason)}"
 
@@ -225,7 +232,14 @@ def conclude(session: Session, batch: Batch, *, reduce: bool | None, quiet: bool
             else:
                 click.echo(answer)
             return EXIT_OK
-        write_lines(json_lines(batch.store, batch.id) if session.json else table_lines(batch.store, batch.id))
+        if batch.store.meta(batch.id).get("results_to"):
+            # Stored results are read (and checked) through their references: one object per item.
+            encode = json.JSONEncoder(ensure_ascii=False, default=str).encode
+            lines: Iterator[str] = (encode(outcome_dict(o)) if session.json else outcome_line(o)
+                                    for o in batch.iter_outcomes())  # fmt: skip
+        else:
+            lines = json_lines(batch.store, batch.id) if session.json else table_lines(batch.store, batch.id)
+        write_lines(lines)
         if failed:
             print_failed(itertools.islice(batch.store.iter_outcomes(batch.id, results=False), _FAILED_SHOWN))
             if failed > _FAILED_SHOWN:

@@ -24,7 +24,7 @@ from ..kube.redis_backup import validate_snapshot
 from ..kube.redis_manifests import redis_deployment_objects
 from ..kube.redis_objects import AUTH_SECRET, AUTH_SECRET_KEY, DEFAULT_IMAGE, RedisOptions, validate
 from ..kube.redis_ops import RedisOps
-from ..kube.redis_status import HEADERS, statefulset_line, table_cells
+from ..kube.redis_status import HEADERS, memory_warnings, statefulset_line, table_cells
 from .context import CliError, Session, emit_json, note, pass_session, user_errors
 from .options import Duration, cluster_options
 from .output import table
@@ -177,6 +177,8 @@ def status_command(session: Session, namespace: str | None, context: str | None,
     else:
         click.echo(statefulset_line(status.statefulset))
         click.echo(table([table_cells(row) for row in status.pods], HEADERS))
+    for warning in memory_warnings(status.pods):
+        note(f"kiabatch: {warning}")
     if status.problem:
         raise CliError(status.problem, EXIT_UNREACHABLE)
 

@@ -44,6 +44,7 @@ def status_command(session: Session) -> None:
         "clients",
         "uptime_seconds",
         "used_memory_human",
+        "maxmemory_human",
         "idle_timeout",
     ):
         click.echo(f"{key.replace('_', ' '):<18} {info.get(key)}")

@@ -34,6 +34,7 @@ from .options import (
     kube_options,
     kube_options_from,
     read_items,
+    results_options,
     stack,
 )
 from .output import conclude
@@ -115,6 +116,7 @@ common_options = stack(
                       "finishes that batch instead of starting another (set by launchers). Env: KIABATCH_RUN."),
     click.option("--dry-run", is_flag=True,
                  help="Print the Kubernetes objects submit would create (as YAML) and exit."),
+    results_options,
     cluster_options,
     kube_options,
 )  # fmt: skip
@@ -211,6 +213,7 @@ def run_submit(session: Session, request: SubmitRequest) -> None:
     wait, quiet = request.wait, request.quiet
     with contextlib.ExitStack() as stack_:
         bars: list[ProgressBar] = []
+        warned: set[str] = set()
 
         def created(batch: Batch) -> None:
             spec = batch.store.spec(batch.id)
@@ -222,6 +225,11 @@ def run_submit(session: Session, request: SubmitRequest) -> None:
                 bars.append(stack_.enter_context(ProgressBar(spec.total, batch.id)))
 
         def update(progress: Any, note_text: str = "") -> None:
+            if note_text.startswith("warning: "):  # a line of its own, once: not a progress note that passes
+                if note_text not in warned and not quiet:
+                    warned.add(note_text)
+                    note(f"kiabatch: {note_text}")
+                note_text = ""
             for bar in bars:
                 bar.update(progress, note_text)
 

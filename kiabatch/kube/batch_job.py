@@ -46,10 +46,13 @@ An index that is already settled lays out nothing, and its pod succeeds at once.
 
 from __future__ import annotations
 
+import copy
 import math
+import re
 from typing import Any
 
 from .. import limits
+from ..errors import UsageError
 from ..model import BatchSpec
 from ..workloads.base import Runtime
 from . import pod_template
@@ -164,6 +167,56 @@ def task_sidecar(spec: BatchSpec, options: KubeOptions) -> dict[str, Any]:
     )
 
 
+#: Variables the reporter reads from ``--results-secret`` (the names AWS SDKs and obstore read), and
+#: whether the Secret must have them.
+RESULTS_SECRET_KEYS = (("AWS_ACCESS_KEY_ID", True), ("AWS_SECRET_ACCESS_KEY", True), ("AWS_SESSION_TOKEN", False),
+                       ("AWS_REGION", False))  # fmt: skip
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+
+
+def with_results_store(
+    container: dict[str, Any], spec: BatchSpec, options: KubeOptions
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The reporter ``container`` given what it needs to upload to the batch's results store, and the pod volumes.
+
+    The store's URL, endpoint and inline limit travel in the batch's meta (the claim
+    writes them to task.json); here only what must come from the cluster is added:
+    credentials from ``--results-secret`` through ``secretKeyRef`` (never inlined),
+    or nothing, so the pod's identity (IRSA, Workload Identity) signs; and for a
+    ``file://`` store the ``--results-volume`` claim mounted at its path. Only this
+    container gets them: the worker never sees the credentials.
+    """
+    for name in (options.results_secret, options.results_volume):
+        if name is not None and not _DNS_SUBDOMAIN.match(name):
+            raise UsageError(f"bad Kubernetes object name {name!r}: expected lower case letters, digits, '-' or '.'")
+    if not spec.results_to:
+        if options.results_secret or options.results_volume:
+            raise UsageError("--results-secret and --results-volume need --results-to")
+        return container, []
+    container = copy.deepcopy(container)
+    volumes: list[dict[str, Any]] = []
+    if spec.results_to.startswith("file://"):
+        if options.results_secret:
+            raise UsageError("--results-secret is for s3:// stores; a file:// store needs --results-volume")
+        if not options.results_volume:
+            raise UsageError("a file:// --results-to on Kubernetes needs --results-volume CLAIM (a ReadWriteMany "
+                             "PersistentVolumeClaim mounted at that path)")  # fmt: skip
+        volumes.append({"name": "results", "persistentVolumeClaim": {"claimName": options.results_volume}})
+        mount = {"name": "results", "mountPath": spec.results_to.removeprefix("file://")}
+        container["volumeMounts"] = [*container.get("volumeMounts", []), mount]
+        return container, volumes
+    if options.results_volume:
+        raise UsageError("--results-volume is for a file:// --results-to; an s3:// store needs no volume")
+    if options.results_secret:
+        extra = [
+            {"name": key, "valueFrom": {"secretKeyRef": {"name": options.results_secret, "key": key,
+                                                         **({} if required else {"optional": True})}}}
+            for key, required in RESULTS_SECRET_KEYS
+        ]  # fmt: skip
+        container["env"] = [*container.get("env", []), *extra]
+    return container, volumes
+
+
 def pod_failure_policy(spec: BatchSpec) -> dict[str, Any]:
     """Evictions and preemptions do not count; declared exit codes fail the index at once."""
     rules: list[dict[str, Any]] = [
@@ -211,6 +264,8 @@ def job(spec: BatchSpec, options: KubeOptions) -> dict[str, Any]:
         "volumeMounts": [_task_mount(), {"name": "tmp", "mountPath": "/tmp"}],  # noqa: S108
         "securityContext": container_security(read_only_root=options.read_only_root),
     }
+    # The sidecar reports, so it alone gets what the results store needs (credentials, a volume).
+    sidecar, results_volumes = with_results_store(task_sidecar(spec, options), spec, options)
     template = prune(
         {
             "metadata": {"labels": {**batch_labels(spec), REDIS_CLIENT_LABEL: "true"}},
@@ -224,9 +279,9 @@ def job(spec: BatchSpec, options: KubeOptions) -> dict[str, Any]:
                 "nodeSelector": dict(options.node_selector) or None,
                 "tolerations": [dict(t) for t in options.tolerations] or None,
                 "securityContext": pod_security(),
-                "initContainers": [task_sidecar(spec, options)],
+                "initContainers": [sidecar],
                 "containers": [worker],
-                "volumes": [{"name": "task", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
+                "volumes": [{"name": "task", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}, *results_volumes],
             },
         }
     )

@@ -70,6 +70,10 @@ class KubeOptions:
     report_timeout: int = 600
     #: Seconds pods may fail to start (image pull, missing Secret) before ``--wait`` gives up. Not rendered.
     pull_grace: float = DEFAULT_PULL_GRACE
+    #: Secret holding the results store's AWS_* credentials for the reporter (None: the pod's identity).
+    results_secret: str | None = None
+    #: PersistentVolumeClaim mounted by the reporter at a ``file://`` results path.
+    results_volume: str | None = None
     #: Kueue: the LocalQueue to queue the Job in (label kueue.x-k8s.io/queue-name). The Job is then
     #: created suspended, and Kueue starts it when it admits it.
     queue_name: str | None = None

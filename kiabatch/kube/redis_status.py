@@ -159,6 +159,8 @@ def pod_rows(
             row["role"] = {"master": "primary", "slave": "replica"}.get(info.get("role", ""), info.get("role"))
             row["used_memory"] = info.get("used_memory_human")
             row["maxmemory"] = info.get("maxmemory_human")
+            row["used_memory_bytes"] = _int(info.get("used_memory"))
+            row["maxmemory_bytes"] = _int(info.get("maxmemory"))
             row["persistence"] = persistence_summary(info)
             row["persistence_fields"] = {k: info[k] for k in PERSISTENCE_FIELDS if k in info}
             if row["role"] == "primary":
@@ -211,6 +213,20 @@ def table_cells(row: dict[str, Any]) -> list[str]:
 
 
 HEADERS = ["POD", "STATUS", "ROLE", "OFFSET", "LAG", "MEMORY", "PERSISTENCE", "VOLUME"]
+
+
+def memory_warnings(rows: list[dict[str, Any]]) -> list[str]:
+    """A warning for every pod past half of its maxmemory (past 95%, reports fail with "Redis is full")."""
+    warnings = []
+    for row in rows:
+        used, limit = row.get("used_memory_bytes"), row.get("maxmemory_bytes")
+        if used and limit and used > limit // 2:
+            warnings.append(
+                f"warning: {row['pod']} uses {100 * used // limit}% of its maxmemory ({row.get('used_memory')} of "
+                f"{row.get('maxmemory')}); store large results with --results-to, delete finished batches, or give "
+                "Redis more --memory"
+            )
+    return warnings
 
 
 def statefulset_line(statefulset: dict[str, Any]) -> str:

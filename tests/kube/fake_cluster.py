@@ -877,7 +877,7 @@ class JobEmulator:
         for container in spec.get("initContainers", []) + spec["containers"]:
             for variable in container.get("env", []):
                 ref = (variable.get("valueFrom") or {}).get("secretKeyRef")
-                if ref and self._secret_value(namespace, ref) is None:
+                if ref and not ref.get("optional") and self._secret_value(namespace, ref) is None:
                     return f'secret "{ref["name"]}" not found'
         return None
 
@@ -902,7 +902,9 @@ class JobEmulator:
             elif "fieldRef" in variable["valueFrom"]:
                 env[variable["name"]] = self._field(namespace, pod, variable["valueFrom"]["fieldRef"]["fieldPath"])
             else:
-                env[variable["name"]] = self._secret_value(namespace, variable["valueFrom"]["secretKeyRef"]) or ""
+                value = self._secret_value(namespace, variable["valueFrom"]["secretKeyRef"])
+                if value is not None or not variable["valueFrom"]["secretKeyRef"].get("optional"):
+                    env[variable["name"]] = value or ""  # an optional key that is missing sets nothing
         env.update(self._service_account_env(namespace, pod))
         if container["image"] == self.kiabatch_image:
             # The kiabatch image: entrypoint `kiabatch`, worker programs on PATH.

@@ -152,7 +152,20 @@ def every_rendered_object() -> list[dict]:
         "exec", items=["a", "b"], command=["convert", "{item}"], backend="kubernetes", batch_id="ex-abcde",
         non_retriable_exit_codes=[3], image="me/tool:1", env={"MODE": "fast"}, timeout=60, task_timeout=10,
     ).counted()  # fmt: skip
+    to_s3 = plan_batch(
+        "exec",
+        items=["a"],
+        command=["convert", "{item}", "{output}"],
+        backend="kubernetes",
+        batch_id="s3-abcde",
+        results_to="s3://thumbs/out",
+        s3_endpoint="http://minio:9000",
+    ).counted()
+    to_pvc = plan_batch("exec", items=["a"], command=["convert", "{item}", "{output}"], backend="kubernetes",
+                        batch_id="pvc-abcde", results_to="file:///results").counted()  # fmt: skip
     return [
+        *batch_objects(to_s3, KubeOptions(namespace="batch", results_secret="store-creds")),
+        *batch_objects(to_pvc, KubeOptions(namespace="batch", results_volume="shared-results")),
         *batch_objects(pi, KubeOptions(namespace="batch")),
         *batch_objects(exec_spec, KubeOptions(namespace="batch", image_pull_policy="Always", read_only_root=False)),
         redis_secret("redis://:pw@kiabatch-redis-primary:6379/0", "batch"),
@@ -196,3 +209,40 @@ def test_prune_drops_none_recursively():
         "b": {"d": 1},
         "e": [{}],
     }
+
+
+def test_only_the_reporter_gets_the_results_stores_credentials_and_only_through_secret_key_refs():
+    to_s3 = spec(results_to="s3://thumbs/out", s3_endpoint="http://minio:9000")
+    pod = job(to_s3, KubeOptions(results_secret="store-creds"))["spec"]["template"]["spec"]
+    [reporter] = pod["initContainers"]  # the task sidecar: it claims and reports
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in reporter["env"] if "valueFrom" in e}
+    assert refs["AWS_ACCESS_KEY_ID"] == {"name": "store-creds", "key": "AWS_ACCESS_KEY_ID"}
+    assert refs["AWS_SECRET_ACCESS_KEY"] == {"name": "store-creds", "key": "AWS_SECRET_ACCESS_KEY"}
+    assert refs["AWS_SESSION_TOKEN"]["optional"] is True
+    assert not any(e["name"].startswith("AWS_") for e in pod["containers"][0]["env"])  # the worker: none
+    # Without a Secret the pod's own identity signs (IRSA, Workload Identity): nothing is added.
+    plain = job(to_s3, KubeOptions())["spec"]["template"]["spec"]["initContainers"][0]
+    assert not any(e["name"].startswith("AWS_") for e in plain["env"])
+
+
+def test_a_file_results_store_mounts_its_claim_in_the_reporter_only():
+    pod = job(spec(results_to="file:///results"), KubeOptions(results_volume="shared"))["spec"]["template"]["spec"]
+    assert {"name": "results", "persistentVolumeClaim": {"claimName": "shared"}} in pod["volumes"]
+    [reporter] = pod["initContainers"]
+    assert {"name": "results", "mountPath": "/results"} in reporter["volumeMounts"]
+    assert all(m["name"] != "results" for m in pod["containers"][0]["volumeMounts"])
+
+
+@pytest.mark.parametrize(
+    ("results_to", "options", "fragment"),
+    [
+        ("file:///r", KubeOptions(), "needs --results-volume"),
+        ("file:///r", KubeOptions(results_volume="v", results_secret="s"), "--results-secret is for s3://"),
+        ("s3://bkt/p", KubeOptions(results_volume="v"), "--results-volume is for a file://"),
+        ("", KubeOptions(results_secret="s"), "need --results-to"),
+        ("s3://bkt/p", KubeOptions(results_secret="Bad_Name"), "bad Kubernetes object name"),
+    ],
+)
+def test_results_store_options_that_do_not_fit_are_refused(results_to, options, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        job(spec(results_to=results_to), options)

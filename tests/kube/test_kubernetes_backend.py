@@ -544,3 +544,49 @@ def test_resume_reruns_in_a_new_job_only_what_redis_is_missing(secret, cluster, 
     new_pods = cluster.store.list("pods", "batch", "batch.kubernetes.io/job-name=ex-resume-r1", None)
     assert len(new_pods) == 2  # both indexes ran; index 0 found its outcome settled and exited at once
     assert Batch("ex-resume").status().progress.done == 2
+
+
+def store_secret(cluster, name: str, **values: str) -> None:
+    cluster.store.create("secrets", "batch", {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
+                                              "type": "Opaque", "stringData": values})  # fmt: skip
+
+
+def test_the_pods_reporter_uploads_results_with_credentials_from_a_secret_and_redis_keeps_references(
+    secret, cluster, s3, s3_server, client
+):
+    from tests.helpers import S3_ACCESS_KEY, S3_SECRET_KEY
+
+    store_secret(cluster, "store-creds", AWS_ACCESS_KEY_ID=S3_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET_KEY)
+    done = kb("submit", "--backend", "kubernetes", "-n", "batch", "-p", "2", "--batch-id", "thumbs",
+              "--results-to", s3, "--results-secret", "store-creds", "--item", '"a"', "--item", '"b"', "--",
+              "sh", "-c", 'head -c 300000 /dev/zero | tr "\\0" "$1" > "$2"', "sh", "{item}", "{output}")  # fmt: skip
+    assert done.exit_code == 0, done.stderr
+    results = Batch("thumbs").results()
+    # Pods claim in the order they start: which index holds which item is not fixed.
+    assert sorted((r.item, r.read()) for r in results) == [("a", b"a" * 300_000), ("b", b"b" * 300_000)]
+    assert all(r.url.startswith(f"{s3}/thumbs/") for r in results)
+    logs = b"".join(cluster.store.logs.values()).decode("utf-8", "replace")
+    assert S3_SECRET_KEY not in logs + done.stdout + done.stderr
+    job = jobs(cluster)[0]
+    assert S3_SECRET_KEY not in json.dumps(job) and S3_SECRET_KEY not in repr(client.hgetall("kiabatch:{thumbs}:meta"))
+
+
+def test_a_store_refusing_the_pods_credentials_fails_the_items_with_its_reason_and_never_shows_them(
+    secret, cluster, s3, s3_server
+):
+    store_secret(cluster, "bad-creds", AWS_ACCESS_KEY_ID="AKIAWRONGKEY", AWS_SECRET_ACCESS_KEY="WRONG-SECRET-VALUE")
+    done = kb("submit", "--backend", "kubernetes", "-n", "batch", "--retries", "0", "--batch-id", "denied",
+              "--results-to", s3, "--inline-limit", "0", "--results-secret", "bad-creds", "--item", '"a"', "--",
+              "echo", "{item}")  # fmt: skip
+    assert done.exit_code == 1
+    [failed] = Batch("denied").failed()
+    assert "cannot store the result" in failed.reason
+    logs = b"".join(cluster.store.logs.values()).decode("utf-8", "replace")
+    assert "WRONG-SECRET-VALUE" not in logs + done.stdout + done.stderr + failed.reason
+
+
+def test_a_missing_results_secret_is_refused_before_anything_is_written(secret, cluster, s3, client):
+    done = kb("submit", "--backend", "kubernetes", "-n", "batch", "--results-to", s3, "--results-secret", "nope",
+              "--item", '"a"', "--", "echo", "{item}")  # fmt: skip
+    error_line(done, 3, "Secret 'nope'", "results store's credentials")
+    assert client.keys("kiabatch:{*") == [] and jobs(cluster) == []

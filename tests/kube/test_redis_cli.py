@@ -281,6 +281,21 @@ def test_status_without_the_probe_reads_the_primary_through_redis_url(redis_pods
     assert jobs(cluster) == []  # no Job with --no-probe
 
 
+@needs_redis_tools
+def test_status_warns_when_the_primary_is_past_half_its_maxmemory(redis_pods, cluster):
+    primary = redis_pods(0)
+    redis_pods(1, run=False)
+    client = primary.client()
+    client.set("big", "x" * 2_000_000)
+    url = f"redis://:{primary.password}@127.0.0.1:{primary.port}/0"
+    quiet = kb("--redis-url", url, "redis", "status", "--no-probe", "-n", NS)
+    assert "warning" not in quiet.stderr
+    client.config_set("maxmemory", 5_000_000)  # the 2 MB value and Redis's own ~1 MB: over half of it
+    done = kb("--redis-url", url, "redis", "status", "--no-probe", "-n", NS)
+    [warning] = [line for line in done.stderr.splitlines() if "warning" in line]
+    assert "kiabatch-redis-0 uses " in warning and "% of its maxmemory" in warning and "--results-to" in warning
+
+
 # -- restore ------------------------------------------------------------------------------------
 
 
