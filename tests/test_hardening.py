@@ -66,7 +66,7 @@ def _workers_of(batch_id: str) -> list:
     found = []
     for process in psutil.process_iter():
         try:
-            if process.environ().get("KIABATCH_LOCAL_WORKER_OF") == batch_id:
+            if process.environ().get("KIABATCH_LOCAL_WORKER_OF", "").split("@")[0] == batch_id:
                 found.append(process)
         except psutil.Error:
             pass
@@ -362,7 +362,8 @@ def test_everything_kiabatch_creates_is_private(redis_url, home, tmp_path, monke
     os.umask(0o022)
     slow = submit(items=["s"], command=["sh", "-c", "sleep 1; cat {input} > {output}"], wait=False, home=home)
     time.sleep(0.5)
-    during = _modes(scratch / slow.id)
+    [batch_scratch] = scratch.glob(f"{slow.id}.*")  # BATCH.HOMEHASH: batches of two homes never share one
+    during = _modes(batch_scratch)
     slow.wait(timeout=30)
     modes = _modes(home)
     assert modes["."] == 0o700 and modes["runs"] == 0o700
@@ -411,3 +412,21 @@ def test_tables_escape_control_characters_from_items(redis_url):
     assert len(lines) == 3 and all(line.count("\t") == 1 for line in lines)
     assert "\x1b" not in done.stdout and "\\x1b[31mred" in done.stdout and "x\\ny" in done.stdout
     assert "\x1b" not in kb("results", "ctl-chars").stdout
+
+
+def test_batches_of_the_same_id_in_two_homes_never_touch_each_others_workers(redis_url, home, tmp_path, monkeypatch):
+    # Two state directories (two Redis servers) may hold a batch of the same id; a runner that starts
+    # reaps its own dead predecessor's workers and scratch, never the other home's.
+    monkeypatch.setenv("KIABATCH_SCRATCH", str(tmp_path / "scratch"))
+    other = RedisProcess(tmp_path / "other-redis").start()
+    try:
+        first = submit(items=["a", "b"], command=sleeper(1.5), parallel=2, retries=0, batch_id="twin",
+                       home=home)  # fmt: skip
+        time.sleep(0.5)
+        second = submit(items=["c"], command=sleeper(0.1), retries=0, batch_id="twin", redis=other.url,
+                        home=tmp_path / "other-home", wait=True)  # fmt: skip
+        first.wait(timeout=30)
+        assert first.failed() == [] and sorted(r.text for r in first.results()) == ["a\n", "b\n"]
+        assert second.failed() == [] and [r.text for r in second.results()] == ["c\n"]
+    finally:
+        other.stop()

@@ -27,6 +27,7 @@ hold a password); they get the batch's ``--env`` and the task variables.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import select
 import shutil
@@ -92,12 +93,20 @@ def scratch_root(home: Path | None = None) -> Path | None:
     return None
 
 
+def runner_identity(batch_id: str, home: Path | None = None) -> str:
+    """``BATCH@HOME-HASH``: a batch's runner on this machine. Two state directories (two Redis servers)
+    may hold batches of the same id; their scratch directories and workers must never mix."""
+    digest = hashlib.sha256(str((home or settings.home()).absolute()).encode()).hexdigest()[:12]
+    return f"{batch_id}@{digest}"
+
+
 def scratch_dir(batch_id: str, home: Path | None = None) -> Path:
     """Where a batch's task directories (the emptyDirs) go: private, created now."""
     root = scratch_root(home)
     if root is None:  # beside the runner lock, never the run directory itself (removed after the run)
         return private_dir(make_runs_dir(batch_id, home) / "scratch", "the batch's scratch directory", tighten=True)
-    return private_dir(root / batch_id, "the batch's scratch directory", tighten=True)
+    name = runner_identity(batch_id, home).replace("@", ".")
+    return private_dir(root / name, "the batch's scratch directory", tighten=True)
 
 
 def exit_status(returncode: int) -> int:
@@ -116,12 +125,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def worker_environment(batch_id: str) -> dict[str, str]:
-    """What every worker of the batch inherits: this environment without kiabatch's own settings."""
+def worker_environment(identity: str) -> dict[str, str]:
+    """What every worker of a runner inherits: this environment without kiabatch's own settings."""
     inherited = {name: value for name, value in os.environ.items() if not name.startswith("KIABATCH_")}
     # Workers carry this marker so a later runner can find them if this one is
     # SIGKILLed (inherited by their children too, unlike a process group id).
-    return {**inherited, _MARKER: batch_id}
+    return {**inherited, _MARKER: identity}
 
 
 class _Feed:
@@ -256,7 +265,8 @@ class LocalRunner:
         self._claim_ahead = _CLAIM_AHEAD if self.spec.tasks >= 16 * _CLAIM_AHEAD * self.spec.parallelism else 1
         self._started_at: float | None = None
         self._notified = 0.0
-        self._env = worker_environment(batch_id)
+        self._identity = runner_identity(batch_id, self.home)
+        self._env = worker_environment(self._identity)
         self._reports = 0
         self._next_memory_check = 20
         self._memory_warned = False
@@ -587,7 +597,7 @@ class LocalRunner:
         """
         for process in psutil.process_iter():
             with contextlib.suppress(psutil.Error, OSError):
-                if process.environ().get(_MARKER) == self.batch_id:
+                if process.environ().get(_MARKER) == self._identity:
                     process.kill()
         for stale in self.scratch.glob("task-*"):
             shutil.rmtree(stale, ignore_errors=True)

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import settings, workloads
+from .._version import __version__
 from ..model import BatchSpec
 from ..schedules import Schedule
-from .batch_job import IMAGE_RUNTIME, KubeOptions, job, worker_service_account
+from .batch_job import DEFAULT_IMAGE, IMAGE_RUNTIME, KubeOptions, job, worker_service_account
 from .dashboard_objects import DashboardOptions, dashboard_objects
 from .objects import to_yaml
 from .redis_manifests import redis_deployment_objects
@@ -35,6 +36,10 @@ _REDIS_NOTE = (
     "Needs the Secret kiabatch-redis-auth (key: password) in the namespace: kiabatch redis deploy\n"
     'creates it, or see the README\'s "Redis on Kubernetes".'
 )
+
+
+#: The published image, whatever KIABATCH_IMAGE says where the manifests are generated.
+RELEASE_IMAGE = f"{DEFAULT_IMAGE}:{__version__}"
 
 
 def document(objects: list[dict[str, Any]], note: str = "") -> str:
@@ -71,7 +76,7 @@ def batch_set() -> dict[str, str]:
         "kustomization.yaml": kustomization(["serviceaccount.yaml"]),
         "serviceaccount.yaml": document([worker_service_account(NAMESPACE)]),
         "pi-job.example.yaml": document(
-            [job(spec, KubeOptions(namespace=NAMESPACE))],
+            [job(spec, KubeOptions(namespace=NAMESPACE, image=RELEASE_IMAGE))],
             "An example: the Job `kiabatch submit pi --digits 5000 -p 3 --backend kubernetes` creates.\n"
             "It is not part of the kustomization: its pods claim items of a batch that submit writes to Redis.",
         ),
@@ -88,7 +93,7 @@ def schedule_set() -> dict[str, str]:
         "role.yaml": document([launcher_role(NAMESPACE)]),
         "rolebinding.yaml": document([launcher_role_binding(NAMESPACE)]),
         "nightly-pi-cronjob.example.yaml": document(
-            [cron_job(nightly, KubeOptions(namespace=NAMESPACE))],
+            [cron_job(nightly, KubeOptions(namespace=NAMESPACE, image=RELEASE_IMAGE))],
             "An example: the CronJob `kiabatch schedule create nightly-pi --cron '0 3 * * *' --time-zone\n"
             "Europe/Berlin --backend kubernetes pi --digits 1000000 --parallel 4` creates.",
         ),
@@ -109,7 +114,7 @@ def redis_set() -> dict[str, str]:
 
 def dashboard_set() -> dict[str, str]:
     """manifests/dashboard: the read-only dashboard (:mod:`kiabatch.kube.dashboard_objects`), one file per object."""
-    objects = dashboard_objects(DashboardOptions(namespace=NAMESPACE))
+    objects = dashboard_objects(DashboardOptions(namespace=NAMESPACE, image=RELEASE_IMAGE))
     note = (
         "Reads the Secret kiabatch-redis (key: url), as batch pods do. kiabatch dashboard deploy applies the\n"
         "same objects; --allow-actions and --token-secret change them (kiabatch dashboard render shows how)."

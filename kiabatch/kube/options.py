@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -32,10 +33,11 @@ KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 
 
 def default_image() -> str:
-    """``ghcr.io/kiabatch/kiabatch:<version>`` (override with --image / KIABATCH_IMAGE)."""
+    """``$KIABATCH_IMAGE``, else ``ghcr.io/kiabatch/kiabatch:<version>`` (``--image`` overrides both)."""
+    from .. import settings
     from .._version import __version__
 
-    return f"{DEFAULT_IMAGE}:{__version__}"
+    return os.environ.get(settings.ENV_IMAGE) or f"{DEFAULT_IMAGE}:{__version__}"
 
 
 @dataclass(frozen=True)

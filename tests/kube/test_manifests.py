@@ -10,6 +10,7 @@ import pytest
 
 from kiabatch.kube import manifests
 from kiabatch.kube.objects import from_yaml
+from kiabatch.kube.options import KubeOptions
 from kiabatch.submission import plan_batch
 from tests.kube.checks import pod_specs, restricted_violations, validate_all_versions
 
@@ -19,6 +20,12 @@ REPO = Path(__file__).resolve().parent.parent.parent
 def test_the_manifests_directory_matches_the_builders():
     stale = manifests.drifted(REPO / "manifests")
     assert stale == [], f"regenerate with: python -m kiabatch.kube.manifests --write ({stale})"
+
+
+def test_the_published_manifests_name_the_release_image_whatever_kiabatch_image_says(monkeypatch):
+    monkeypatch.setenv("KIABATCH_IMAGE", "registry.example/mine:dev")
+    assert KubeOptions().image == "registry.example/mine:dev"  # the API follows the variable like the CLI
+    assert manifests.drifted(REPO / "manifests") == []
 
 
 def test_the_example_batch_is_the_one_submit_plans():
