@@ -1,7 +1,7 @@
 """The per-task plan every backend runs: claim -> run the worker -> report.
 
 The *task directory* is the contract between the three steps (on Kubernetes, the
-emptyDir shared by the init container, the worker and the reporter sidecar)::
+emptyDir shared by the task sidecar, which claims and reports, and the worker)::
 
     task.json              batch, index, attempt, claim fingerprint, item count
     run.sh                 the runner (static text; see kiabatch/data/run.sh)
