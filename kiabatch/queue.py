@@ -23,6 +23,7 @@ from . import items as items_mod
 from . import keys, settings
 from .batch import Batch, open_store
 from .model import Progress, validate_queue_name
+from .results_store import DEFAULT_INLINE_LIMIT
 
 if TYPE_CHECKING:
     from .kube.batch_job import KubeOptions
@@ -115,10 +116,15 @@ class Queue:
         ttl: int = settings.DEFAULT_TTL,
         batch_id: str | None = None,
         backend: str = "local",
+        results_to: str | None = None,
+        s3_endpoint: str | None = None,
+        inline_limit: int = DEFAULT_INLINE_LIMIT,
         wait: bool = False,
         start: bool = True,
         home: Path | None = None,
         on_update: Callable[[Progress, str], None] | None = None,
+        on_created: Callable[[Batch], None] | None = None,
+        on_warning: Callable[[str], None] | None = None,
         kube: KubeOptions | None = None,
     ) -> Batch | None:
         """Start a batch with everything queued right now; None if the queue is empty.
@@ -131,7 +137,8 @@ class Queue:
             "exec", command=command, from_queue=self.name, stdin=stdin, env=env, image=image,
             non_retriable_exit_codes=non_retriable_exit_codes, parallel=parallel, tasks=tasks, chunk=chunk,
             retries=retries, timeout=timeout, task_timeout=task_timeout, ttl=ttl, batch_id=batch_id, backend=backend,
-            redis=self.redis, wait=wait, start=start, home=home, on_update=on_update, kube=kube,
+            results_to=results_to, s3_endpoint=s3_endpoint, inline_limit=inline_limit, redis=self.redis, wait=wait,
+            start=start, home=home, on_update=on_update, on_created=on_created, on_warning=on_warning, kube=kube,
         )  # fmt: skip
 
 

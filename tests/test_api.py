@@ -20,9 +20,16 @@ def test_submit_lists_every_batch_option_by_name():
     assert parameters["workload_options"].kind is inspect.Parameter.VAR_KEYWORD  # only the workload's own
 
 
-def test_queue_submit_takes_the_same_keywords_as_submit():
-    queue_parameters = set(inspect.signature(Queue.submit).parameters) - {"self"}
-    assert queue_parameters <= set(inspect.signature(submit).parameters)
+def test_queue_submit_takes_every_keyword_of_submit_that_means_something_for_a_queue():
+    queue_parameters = dict(inspect.signature(Queue.submit).parameters)
+    del queue_parameters["self"]
+    submit_parameters = inspect.signature(submit).parameters
+    # The queue supplies the items and the Redis connection; schedules and workload options are submit's alone.
+    only_submit = {"workload", "items", "from_queue", "schedule", "run", "redis", "workload_options"}
+    assert set(queue_parameters) == set(submit_parameters) - only_submit
+    for name, parameter in queue_parameters.items():
+        if name != "command":  # required here: a queue holds items, not a workload
+            assert parameter.default == submit_parameters[name].default, name
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from pathlib import Path
 import obstore
 import pytest
 
-from kiabatch import Batch, submit
+from kiabatch import Batch, Queue, submit
 from kiabatch.keys import batch_keys
 from kiabatch.results_store import ResultsStore, batch_prefix
 from tests.helpers import S3_ACCESS_KEY, S3_SECRET_KEY, error_line, kb, one_line_error
@@ -182,6 +182,17 @@ def test_results_in_a_local_directory_round_trip_and_the_directory_is_private(re
     assert root.stat().st_mode & 0o077 == 0
     assert kb("delete", batch.id).exit_code == 0
     assert not [p for p in root.rglob("*") if p.is_file()]
+
+
+def test_a_queue_batch_stores_its_results_where_results_to_says(redis_url, home, tmp_path):
+    root = tmp_path / "queued-results"
+    queue = Queue("reports")
+    queue.enqueue_many(["small", "y" * 5000])
+    batch = queue.submit(["printf", "%s", "{item}"], results_to=f"file://{root}", inline_limit=1024, wait=True,
+                         home=home)  # fmt: skip
+    small, large = batch.results()
+    assert small.url is None and small.result == b"small"  # under the limit: kept in Redis
+    assert large.url.startswith(f"file://{root}/") and large.read() == b"y" * 5000
 
 
 @pytest.mark.parametrize(

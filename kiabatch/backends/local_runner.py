@@ -114,17 +114,6 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _alive(pid: int) -> bool:
-    """True while a child has not been reaped (a zombie still counts: its group may live on)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def worker_environment(identity: str) -> dict[str, str]:
     """What every worker of a runner inherits: this environment without kiabatch's own settings."""
     inherited = {name: value for name, value in os.environ.items() if not name.startswith("KIABATCH_")}
@@ -554,7 +543,8 @@ class LocalRunner:
     def _kill_after_grace(self, workers: list[Worker]) -> None:
         # Only SIGKILL: reaping is the reading thread's (a second waitpid could take another's pid).
         deadline = time.monotonic() + self.grace
-        while time.monotonic() < deadline and any(_alive(w.pid) for w in workers):
+        # pid_exists counts a zombie: its process group may live on.
+        while time.monotonic() < deadline and any(psutil.pid_exists(w.pid) for w in workers):
             time.sleep(0.02)
         for worker in workers:
             worker.kill()

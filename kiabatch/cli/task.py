@@ -15,12 +15,27 @@ from ..connection import connect
 from ..errors import EXIT_UNREACHABLE, KiabatchError
 from ..store import Store
 from .context import CliError, Session, emit_json, note, pass_session, user_errors
-from .options import count
+from .options import count, stack
 
 
 @click.group("task")
 def task_group() -> None:
     """Per-task steps (claim, report) that backends run; for pods and debugging."""
+
+
+#: ``--batch``, ``--index``, ``--dir``: which task a pod step works on (from the pod's environment).
+_task_options = stack(
+    click.option("--batch", "batch_id", required=True, envvar="KIABATCH_BATCH", help="Batch id. Env: KIABATCH_BATCH."),
+    click.option("--index", type=count(0, limits.MAX_INDEX), help="Completion index (default $JOB_COMPLETION_INDEX)."),
+    click.option(
+        "--dir",
+        "directory",
+        required=True,
+        envvar="KIABATCH_TASK_DIR",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Task directory (the emptyDir shared with the worker). Env: KIABATCH_TASK_DIR.",
+    ),
+)
 
 
 def _index(index: int | None) -> int:
@@ -33,16 +48,7 @@ def _index(index: int | None) -> int:
 
 
 @task_group.command("claim")
-@click.option("--batch", "batch_id", required=True, envvar="KIABATCH_BATCH", help="Batch id. Env: KIABATCH_BATCH.")
-@click.option("--index", type=count(0, limits.MAX_INDEX), help="Completion index (default $JOB_COMPLETION_INDEX).")
-@click.option(
-    "--dir",
-    "directory",
-    required=True,
-    envvar="KIABATCH_TASK_DIR",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Task directory (the emptyDir).",
-)
+@_task_options
 @pass_session
 def claim_command(session: Session, batch_id: str, index: int | None, directory: Path) -> None:
     """Claim a task's items (the same ones on every retry) and lay them out in DIR."""
@@ -80,16 +86,7 @@ def report_command(session: Session, directory: Path) -> None:
 
 
 @task_group.command("sidecar")
-@click.option("--batch", "batch_id", required=True, envvar="KIABATCH_BATCH", help="Batch id. Env: KIABATCH_BATCH.")
-@click.option("--index", type=count(0, limits.MAX_INDEX), help="Completion index (default $JOB_COMPLETION_INDEX).")
-@click.option(
-    "--dir",
-    "directory",
-    required=True,
-    envvar="KIABATCH_TASK_DIR",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Task directory (the emptyDir shared with the worker).",
-)
+@_task_options
 @pass_session
 def sidecar_command(session: Session, batch_id: str, index: int | None, directory: Path) -> None:
     """What a pod's kiabatch sidecar runs: claim, lay out DIR, wait for run.sh, report, idle until SIGTERM.
