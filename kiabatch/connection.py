@@ -37,15 +37,15 @@ def redact(url: str) -> str:
     shown = f"{scheme or 'unknown-scheme'}://"
     if not colon or not rest.startswith("//"):
         return f"{shown}<not a URL>"
-    netloc, _, after_host = rest[2:].partition("/")
-    for mark in "?#":
-        netloc, found, tail = netloc.partition(mark)
-        after_host = f"{mark}{tail}" if found else after_host
+    authority = rest[2:]
+    # The host part ends at the first '/', '?' or '#' (as urlsplit reads it).
+    cut = min((i for i in map(authority.find, "/?#") if i >= 0), default=len(authority))
+    netloc, after_host = authority[:cut], authority[cut:]
     if "@" in after_host:
         return f"{shown}<unparseable>"  # an '@' after the host: a password with '/', '?' or '#' broke the parse
     credentials, at, hostport = netloc.rpartition("@")
     userinfo = (":***@" if ":" in credentials else "***@") if at else ""
-    path = after_host.partition("?")[0].partition("#")[0]
+    path = after_host[1:].partition("?")[0].partition("#")[0] if after_host.startswith("/") else ""
     if scheme == "unix":
         return f"{shown}{userinfo}/{path}"
     if not hostport or (not at and ":" in hostport and not hostport.startswith("[")
