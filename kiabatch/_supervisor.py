@@ -36,6 +36,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from .client_identity import client_identity
+
 _PR_SET_PDEATHSIG = 1
 _MAX_RESTARTS = 10
 _RESTART_WINDOW = 60.0
@@ -69,7 +71,11 @@ class Supervisor:
         self.started_at = time.time()
         self.server: subprocess.Popen[bytes] | None = None
         self.client = redis.Redis(
-            unix_socket_path=self.socket, socket_timeout=2, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0)
+            unix_socket_path=self.socket,
+            socket_timeout=2,
+            socket_connect_timeout=2,
+            retry=Retry(NoBackoff(), 0),
+            **client_identity(),
         )
         self.lock_id: list[int] = []
         self.dir_id: list[int] = []

@@ -16,6 +16,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from . import embedded, settings
+from .client_identity import client_identity
 from .errors import UnreachableError, UsageError
 from .text import printable
 
@@ -111,6 +112,7 @@ def connect(
         "retry_on_error": [redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError],
         "socket_connect_timeout": 5,
         "health_check_interval": 30,
+        **client_identity(),
     }
     if url is None:
         # A worker-side step waits for a server that does not answer at least as long as it retries.

@@ -60,6 +60,7 @@ from redis.connection import UnixDomainSocketConnection
 from redis.retry import Retry
 
 from . import settings
+from .client_identity import client_identity
 from .errors import UnreachableError, UsageError
 
 # Linux: sun_path holds 108 bytes with the terminating NUL (macOS: 104).
@@ -590,6 +591,7 @@ def quick_client(socket_path: Path | str, timeout: float = 5.0) -> redis.Redis:
         socket_timeout=timeout,
         socket_connect_timeout=min(timeout, 2.0),
         retry=Retry(NoBackoff(), 0),
+        **client_identity(),
     )
 
 

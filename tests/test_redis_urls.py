@@ -168,3 +168,15 @@ def test_redis_7_over_tls(tmp_path, home):
     finally:
         process.terminate()
         process.wait()
+
+
+def test_kiabatch_connections_name_themselves_to_redis(redis_url, home):
+    # CLIENT SETINFO (Redis 7.2+) shows lib-name=redis-py(kiabatch_v...) in an operator's CLIENT LIST.
+    from kiabatch._version import __version__
+
+    for client in (connect(redis_url), connect(home=home)):
+        kwargs = client.connection_pool.connection_kwargs
+        info = kwargs.get("driver_info")
+        name = info.formatted_name if info is not None else kwargs["lib_name"]
+        assert name == f"redis-py(kiabatch_v{__version__})"
+        assert (info.lib_version if info is not None else kwargs["lib_version"]) == redis.__version__

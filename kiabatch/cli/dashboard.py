@@ -23,7 +23,8 @@ from ..kube.dashboard_objects import (
 )
 from ..kube.objects import to_yaml
 from .context import Session, emit_json, note, pass_session, user_errors
-from .options import Duration, backend_option, cluster_options, count, human_duration, image_option, stack
+from .options import Duration, backend_option, cluster_options, count, human_duration, stack
+from .pod_options import image_option
 
 ENV_TOKEN = "KIABATCH_DASHBOARD_TOKEN"  # noqa: S105 - the variable's name
 

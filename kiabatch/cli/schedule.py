@@ -24,18 +24,9 @@ from ..schedules import (
     validate_schedule_name,
 )
 from .context import Session, emit_json, note, pass_session, user_errors
-from .options import (
-    LIMIT,
-    Duration,
-    Interval,
-    backend_option,
-    cluster_options,
-    image_option,
-    kube_options_from,
-    redis_secret_option,
-    stack,
-)
+from .options import LIMIT, Duration, Interval, backend_option, cluster_options, stack
 from .output import table
+from .pod_options import image_option, kube_options_from, redis_secret_option
 from .submit import inline_pod_template, parse_submit_args
 
 

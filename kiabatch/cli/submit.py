@@ -24,20 +24,9 @@ from ..progress import ProgressBar
 from ..schedules import submit_argv
 from ..submission import BatchOptions, chunk_notice, plan_batch, submit_options
 from .context import CliError, Session, note, pass_session, user_errors
-from .options import (
-    Duration,
-    PodTemplate,
-    backend_option,
-    cluster_options,
-    count,
-    item_options,
-    kube_options,
-    kube_options_from,
-    read_items,
-    results_options,
-    stack,
-)
+from .options import Duration, backend_option, cluster_options, count, item_options, read_items, results_options, stack
 from .output import conclude
+from .pod_options import PodTemplate, kube_options, kube_options_from
 
 
 @dataclass(frozen=True)
