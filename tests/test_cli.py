@@ -263,3 +263,23 @@ def test_names_the_fuzzer_found_unencodable_are_refused_with_one_line(redis_url,
     """Found by tests/test_fuzz_cli.py (random mode): these raised UnicodeEncodeError / ValueError."""
     one_line_error(kb(*args), 2, fragment)
     assert client.keys("*") == []
+
+
+@pytest.mark.parametrize("chunk", ["1", "3"])
+def test_every_results_format_lists_the_same_items_in_order_across_pages(runner, redis_url, chunk):
+    # 2,500 items cross the 1,000-item pages the results are streamed in; every 7th one fails.
+    items = "".join(f"{n}\n" for n in range(2500))
+    submitted = kb("submit", "-q", "--batch-id", "paged", "--chunk", chunk, "--retries", "0", "--lines", "-",
+                   "--", "sh", "-c", 'test $(($1 % 7)) -ne 0 || exit 3; printf "r%s\\n" "$1"', "sh", "{item}",
+                   input=items)  # fmt: skip
+    assert submitted.exit_code == 1
+    good = [n for n in range(2500) if n % 7]
+    table = kb("results", "paged")
+    assert table.exit_code == 1
+    assert [line for line in table.stdout.splitlines() if "FAILED" not in line] == [f"{n}\tr{n}" for n in good]
+    assert [int(line.split("\t")[0]) for line in table.stdout.splitlines()] == list(range(2500))
+    lines = [json.loads(line) for line in kb("-o", "json", "results", "paged").stdout.splitlines()]
+    assert [line["item"] for line in lines] == [str(n) for n in range(2500)]  # --lines items are strings
+    assert [line["result"] for line in lines if not line["failed"]] == [f"r{n}\n" for n in good]
+    raw = kb("results", "paged", "--raw")
+    assert raw.exit_code == 1 and raw.stdout_bytes == b"".join(f"r{n}\n".encode() for n in good)

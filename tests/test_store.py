@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import redis
 
 from kiabatch import keys
 from kiabatch.errors import NotFoundError, UsageError
-from kiabatch.model import BatchSpec, WorkerSpec
+from kiabatch.model import BatchSpec, FailedItem, WorkerSpec
 from kiabatch.store import ItemOutcome, Store
 
 
@@ -207,3 +209,53 @@ def test_status_reads_counters_in_constant_time(store):
     make_batch(store, list(range(5000)))
     assert store.redis.hlen(keys.batch_keys("t-abcde").progress) == 4
     assert store.progress("t-abcde").total == 5000
+
+
+def _settle(store: Store, batch: str, tasks: int, chunk: int, fail_every: int = 0) -> None:
+    """Report every task: item values echoed as results, every ``fail_every``-th task dead-lettered."""
+    for index in range(tasks):
+        claim = store.claim(batch, index)
+        failing = fail_every and index % fail_every == 0
+        outcomes = [bad() if failing else ok(json.dumps(item).encode()) for item in claim.items]
+        store.report(batch, index, claim.attempt, claim.sha1, outcomes, claimed_items=claim.items,
+                     non_retriable=bool(failing))  # fmt: skip
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_reading_ahead_yields_the_same_pages_in_the_same_order(store, chunk):
+    values = [{"n": n, "text": "é\t\x1b"} if n % 5 else n for n in range(70)]
+    make_batch(store, values, chunk=chunk, retries=0)
+    _settle(store, "t-abcde", math.ceil(70 / chunk), chunk, fail_every=4)
+    plain = list(store.iter_pages("t-abcde", page=8))
+    ahead = list(store.iter_pages("t-abcde", page=8, ahead=True))
+    assert ahead == plain and len(plain) > 5
+    outcomes = list(store.iter_outcomes("t-abcde", page=8))
+    assert [o.item for o in outcomes] == values  # every item once, in order: results and dead letters
+    dead = [value for task in range(0, math.ceil(70 / chunk), 4) for value in values[task * chunk : (task + 1) * chunk]]
+    assert [o.item for o in outcomes if isinstance(o, FailedItem)] == dead
+
+
+def test_a_reader_that_stops_early_stops_the_read_ahead_thread(store):
+    make_batch(store, list(range(50)))
+    _settle(store, "t-abcde", 50, 1)
+    before = threading.active_count()
+    pages = store.iter_pages("t-abcde", page=2, ahead=True)
+    assert next(pages).chosen == [(0, 1), (1, 1)]
+    pages.close()
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() == before
+
+
+def test_an_error_while_reading_ahead_reaches_the_reader_and_the_connection_stays_usable(store, client):
+    make_batch(store, list(range(10)))
+    _settle(store, "t-abcde", 10, 1)
+    client.delete(keys.batch_keys("t-abcde").results)
+    client.set(keys.batch_keys("t-abcde").results, "not a hash")  # every HMGET of results now fails
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        list(store.iter_pages("t-abcde", page=3, ahead=True))
+    # The failed page's other replies were never read: a reused connection would hand them to the next command.
+    for _ in range(5):
+        assert store.redis.get(keys.batch_keys("t-abcde").results) == b"not a hash"
+        assert store.meta("t-abcde")["id"] == "t-abcde"

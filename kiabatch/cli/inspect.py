@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from .. import backends, limits, settings
+from ..batch import Batch
 from ..errors import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_OK
 from ..model import INTERRUPTED, TERMINAL_STATES, Status
 from ..progress import ProgressBar
@@ -183,17 +184,7 @@ def results_command(
         raise click.exceptions.Exit(EXIT_ITEMS_FAILED if failed else EXIT_OK)
     if raw:
         with user_errors():
-            out = sys.stdout.buffer
-            # Stored results need their references (the details); inline ones are written as they come.
-            stored = bool(batch.store.meta(batch_id).get("results_to"))
-            for result in batch.store.iter_outcomes(batch_id, failed=False, details=stored):
-                if result.ref is None:  # type: ignore[union-attr]
-                    out.write(result.inline)  # type: ignore[union-attr]
-                    continue
-                with result.open() as stream:  # type: ignore[union-attr]
-                    while chunk := stream.read(1024 * 1024):
-                        out.write(chunk)
-            out.flush()
+            _write_raw(batch)
             raise click.exceptions.Exit(EXIT_ITEMS_FAILED if batch.store.failed_count(batch_id) else EXIT_OK)
     with user_errors():
         status = batch.status()
@@ -202,6 +193,23 @@ def results_command(
     if not status.finished and reduce is None:
         reduce = False
     raise click.exceptions.Exit(conclude(session, batch, reduce=reduce, quiet=True))
+
+
+def _write_raw(batch: Batch) -> None:
+    """Every successful item's result bytes, in order, to stdout (stored ones streamed and verified)."""
+    out = sys.stdout.buffer
+    if not batch.store.meta(batch.id).get("results_to"):  # every result is in Redis: raw pages, no objects
+        for page in batch.store.iter_pages(batch.id, failed=False, details=False, items=False, ahead=True):
+            out.write(b"".join(filter(None, page.results)))
+    else:  # stored results need their references (the details)
+        for result in batch.store.iter_outcomes(batch.id, failed=False):
+            if result.ref is None:  # type: ignore[union-attr]
+                out.write(result.inline)  # type: ignore[union-attr]
+                continue
+            with result.open() as stream:  # type: ignore[union-attr]
+                while chunk := stream.read(1024 * 1024):
+                    out.write(chunk)
+    out.flush()
 
 
 @click.command("logs")

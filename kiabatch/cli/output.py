@@ -8,6 +8,7 @@ import json
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from json.encoder import encode_basestring
 from typing import Any
 
 import click
@@ -17,7 +18,7 @@ from .. import workloads
 from ..batch import Batch
 from ..errors import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE
 from ..model import FailedItem, ItemResult, Status
-from ..store import Store, claimed_items, failed_item
+from ..store import Store, claimed_items, failed_item, page_items
 from ..text import printable, when
 from .context import CliError, Session, emit_json, note, user_errors
 
@@ -154,15 +155,20 @@ _FAILED_SHOWN = 20
 def table_lines(store: Store, batch_id: str) -> Iterator[str]:
     """``outcome_line`` of every settled item, straight from the raw pages (no objects per item: fast)."""
     text_of, safe = items_mod.text, printable
-    for page in store.iter_pages(batch_id, details=False):
+    for page in store.iter_pages(batch_id, details=False, ahead=True):
         results, failed, at = page.results, page.failed, 0
-        for (index, count), raw_claim in zip(page.chosen, page.claims, strict=True):
-            values = claimed_items(raw_claim, count)
+        for (index, count), values in zip(page.chosen, page_items(page), strict=True):
             for offset in range(count):
                 result = results[at]
                 if result is not None:
                     item = values[offset]
-                    yield f"{safe(item if type(item) is str else text_of(item))}\t{result_text(result)}"
+                    item = item if type(item) is str else text_of(item)
+                    try:  # result_text, inlined for the common case: one line of printable text
+                        shown = result.decode("utf-8").rstrip("\n")
+                    except UnicodeDecodeError:
+                        shown = result_text(result)
+                    yield (f"{item if item.isprintable() else safe(item)}\t"
+                           f"{shown if shown.isprintable() else safe(shown)}")  # fmt: skip
                 elif failed[at] is not None:
                     yield outcome_line(failed_item(index, offset, failed[at]))
                 at += 1
@@ -175,16 +181,18 @@ def json_lines(store: Store, batch_id: str) -> Iterator[str]:
     "duration", "attempt", "result" | "result_base64"}`` — the same as ``outcome_dict`` gives.
     """
     encode = json.JSONEncoder(ensure_ascii=False).encode
-    for page in store.iter_pages(batch_id):
+    string = encode_basestring  # the C function encode() calls for a str
+    for page in store.iter_pages(batch_id, ahead=True):
         results, outcomes, failed, at = page.results, page.outcomes or [], page.failed, 0
         for (index, count), raw_claim in zip(page.chosen, page.claims, strict=True):
-            values = _claimed_json(raw_claim, count)
+            # "[ITEM]": a one-item claim holds the item's own compact JSON text.
+            values = [raw_claim[1:-1].decode()] if count == 1 and raw_claim else _claimed_json(raw_claim, count)
             for offset in range(count):
                 result = results[at]
                 if result is not None:
                     details = (outcomes[at] or b"{}")[1:-1].decode()
                     try:
-                        shown = f'"result":{encode(result.decode("utf-8"))}'
+                        shown = f'"result":{string(result.decode("utf-8"))}'
                     except UnicodeDecodeError:
                         shown = f'"result_base64":"{base64.b64encode(result).decode()}"'
                     yield (f'{{"index":{index},"position":{offset},"item":{values[offset]},"failed":false,'
@@ -195,11 +203,9 @@ def json_lines(store: Store, batch_id: str) -> Iterator[str]:
 
 
 def _claimed_json(raw: bytes | None, count: int) -> list[str]:
-    """Each claimed item's JSON text (the stored compact JSON, re-encoded only for a chunk of several)."""
+    """Each claimed item's JSON text, re-encoded compactly (placeholders if the claim is gone)."""
     if not raw:
         return ["null"] * count
-    if count == 1:
-        return [raw[1:-1].decode()]  # "[ITEM]": the item's own text
     encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
     return [encode(value) for value in claimed_items(raw, count)]
 
