@@ -15,12 +15,14 @@ from kiabatch import submit
 from kiabatch.errors import UsageError
 from kiabatch.workloads import local_runtime
 from kiabatch.workloads.pi import (
+    PiHelper,
     PiWorkload,
     _cost_before,
     balanced_ranges,
     combine_all,
     decode_triple,
     evaluate,
+    reduce_with_helper,
     terms_for,
 )
 from tests.helpers import truth
@@ -145,7 +147,9 @@ def test_bad_pi_options_are_refused(options, message):
         PiWorkload().plan(local_runtime(), parallel=1, tasks=None, **options)
 
 
-@pytest.mark.parametrize(("digits", "parallel", "tasks"), [(5000, 3, None), (100, 2, 5), (100000, 2, 4)])
+@pytest.mark.parametrize(
+    ("digits", "parallel", "tasks"), [(5000, 3, None), (100, 2, 5), (100000, 2, 4), (150000, 2, 3)]
+)
 def test_a_pi_batch_through_the_local_backend_prints_the_truth(redis_url, home, digits, parallel, tasks):
     batch = submit("pi", digits=digits, parallel=parallel, tasks=tasks, wait=True, home=home)
     assert batch.status().progress.done == (tasks or parallel)
@@ -163,3 +167,86 @@ def test_large_numbers_convert_to_decimal_the_same_in_one_or_two_processes():
     assert n.bit_length() > pi_module._FORK_CONVERSION_BITS
     assert pi_module._decimal_text_in_two_processes(n) == str(n)
     assert pi_module.decimal_text(MPZ(10) ** 3_000_000) == "1" + "0" * 3_000_000
+
+
+def worker_triples(digits: int, tasks: int) -> list[tuple[int, int, int]]:
+    worker = load_worker()
+    terms = terms_for(digits)
+    ranges = balanced_ranges(terms, tasks)
+    return [decode_triple(worker.encode(worker.split(a, b, need_p=b != terms))) for a, b in ranges]
+
+
+def helper_pid(helper: PiHelper) -> int:
+    assert helper._process is not None
+    return helper._process.pid
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("tasks", [1, 2, 3, 4])
+def test_the_reduce_shared_with_a_helper_process_gives_the_truth(tasks):
+    digits = 150_001
+    helper = PiHelper(digits)
+    pid = helper_pid(helper)
+    assert reduce_with_helper(worker_triples(digits, tasks), digits, helper) == truth(digits)
+    helper.close()
+    assert gone(pid)
+
+
+@pytest.mark.parametrize("when", ["before the root", "before the numerator"])
+def test_a_helper_that_dies_leaves_the_reduce_to_this_process(when):
+    digits = 120_000
+    triples = worker_triples(digits, 3)
+    helper = PiHelper(digits)
+    pid = helper_pid(helper)
+    if when == "before the numerator":
+        assert helper.root() > 0  # the helper answered once, then dies
+    os.kill(pid, 9)
+    assert reduce_with_helper(triples, digits, helper) == truth(digits)
+    assert gone(pid)
+
+
+def test_the_workload_reduce_starts_and_stops_its_own_helper_when_none_was_prepared():
+    from kiabatch.model import ItemResult
+
+    digits = 110_000
+    terms = terms_for(digits)
+    ranges = balanced_ranges(terms, 2)
+    worker = load_worker()
+    results = [
+        ItemResult(
+            index=i,
+            position=0,
+            item={"a": a, "b": b},
+            exit_code=0,
+            duration=0.0,
+            attempt=1,
+            inline=worker.encode(worker.split(a, b, need_p=b != terms)),
+        )
+        for i, (a, b) in reversed(list(enumerate(ranges)))
+    ]
+    before = set(child_pids())
+    assert PiWorkload().reduce(results, {"digits": digits}) == truth(digits)
+    assert set(child_pids()) <= before  # the helper it started is gone
+
+
+def test_prepare_starts_a_helper_only_for_large_batches():
+    assert not isinstance(PiWorkload().prepare({"digits": 100_000}), PiHelper)  # the root itself
+    helper = PiWorkload().prepare({"digits": 100_001})
+    assert isinstance(helper, PiHelper)
+    pid = helper_pid(helper)
+    assert os.getpriority(os.PRIO_PROCESS, pid) == 19  # it takes only what the tasks leave
+    del helper  # an abandoned batch's helper does not outlive it
+    assert gone(pid)
+
+
+def child_pids() -> list[int]:
+    import psutil
+
+    return [child.pid for child in psutil.Process().children() if child.status() != psutil.STATUS_ZOMBIE]

@@ -7,17 +7,25 @@ binary-splitting triple (P, Q, T) of its range.
 
 Reduce (client-side): the triples are combined pairwise in series order into the
 triple of [0, N), and π = 426880·√10005·Q/T is evaluated in integer arithmetic
-to D decimals plus guard digits, then truncated. √10005 is computed while the
-tasks run (``prepare``), so it costs no wall time.
+to D decimals plus guard digits, then truncated. A helper process (``prepare``
+starts it at low priority while the tasks run) computes √10005 and, during the
+reduce, the numerator Q·√10005 while this process computes T: the big products
+use both cores.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import math
 import os
+import subprocess
+import sys
 import threading
+import weakref
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from mpmath.libmp import MPZ, isqrt
@@ -108,6 +116,122 @@ def sqrt_10005(digits: int) -> int:
     return isqrt(MPZ(10005) * MPZ(10) ** (2 * (digits + _GUARD_DIGITS)))
 
 
+#: Below this many digits the reduce takes milliseconds: a helper process would cost more than it saves.
+_HELPER_DIGITS = 100_000
+_HELPER = Path(__file__).with_name("_pi_helper.py")
+
+
+class PiHelper:
+    """A child process (``_pi_helper.py``) that computes √10005 and the numerator of π's division.
+
+    The reduce's big products then use both cores: the helper multiplies Q and the
+    root while this process computes T (gmpy2 holds the GIL, so not a thread).
+    Started by ``prepare`` while the tasks run, it gets the lowest CPU priority and
+    takes only what the local workers leave; with the tasks on a cluster it has the
+    machine to itself. If it fails in any way, this process does its work instead.
+    """
+
+    def __init__(self, digits: int, *, low_priority: bool = False) -> None:
+        self.digits = digits
+        self._process: subprocess.Popen[bytes] | None = subprocess.Popen(
+            [sys.executable, str(_HELPER), str(digits + _GUARD_DIGITS)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        if low_priority:
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, self._process.pid, 19)
+        # An abandoned batch (failed, never reduced) leaves no process behind.
+        self.close = weakref.finalize(self, _stop_process, self._process)
+        self._pending: tuple[int, int, int] | None = None
+
+    def root(self) -> int:
+        """floor(√10005 · 10^(digits + guard)), as :func:`sqrt_10005`."""
+        return self._ask(b"R", lambda: sqrt_10005(self.digits))
+
+    def start_numerator(self, q1: int, q2: int, excess: int) -> None:
+        """Ask for 426880 · root · ((q1·q2) >> excess); :meth:`numerator` collects it."""
+        self._pending = (q1, q2, excess)
+        try:
+            self._send(b"N" + excess.to_bytes(8, "big"), q1, q2)
+        except OSError:
+            self._fail()
+
+    def numerator(self) -> int:
+        """The value :meth:`start_numerator` asked for."""
+        assert self._pending is not None, "start_numerator first"
+        q1, q2, excess = self._pending
+        self._pending = None
+        return self._ask(None, lambda: 426880 * sqrt_10005(self.digits) * ((q1 * q2) >> excess))
+
+    def _send(self, head: bytes, *numbers: int) -> None:
+        if self._process is None or self._process.stdin is None:
+            raise OSError("no helper")
+        parts = [head]
+        for number in numbers:
+            body = int(number).to_bytes((number.bit_length() + 7) // 8, "big")
+            parts += [len(body).to_bytes(8, "big"), body]
+        self._process.stdin.write(b"".join(parts))
+        self._process.stdin.flush()
+
+    def _ask(self, op: bytes | None, fallback: Callable[[], int]) -> int:
+        """Send ``op`` (None: already sent) and read the number it answers, else compute ``fallback``."""
+        try:
+            if op is not None:
+                self._send(op)
+            if self._process is None or self._process.stdout is None:
+                raise OSError("no helper")
+            size = int.from_bytes(self._read(8), "big")
+            return MPZ(int.from_bytes(self._read(size), "big"))
+        except (OSError, EOFError):
+            self._fail()
+            return fallback()
+
+    def _read(self, size: int) -> bytes:
+        assert self._process is not None and self._process.stdout is not None
+        data = self._process.stdout.read(size)
+        if len(data) != size:
+            raise EOFError("the helper stopped")
+        return data
+
+    def _fail(self) -> None:
+        self.close()
+        self._process = None
+
+
+def _stop_process(process: subprocess.Popen[bytes]) -> None:
+    for stream in (process.stdin, process.stdout):
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
+    if process.poll() is None:
+        process.kill()
+    process.wait()
+
+
+def _root_bits(digits: int) -> int:
+    """About the bit length of :func:`sqrt_10005` (within a few bits)."""
+    return int(math.log2(10005) / 2 + (digits + _GUARD_DIGITS) * math.log2(10)) + 1
+
+
+def reduce_with_helper(triples: list[tuple[int, int, int]], digits: int, helper: PiHelper) -> str:
+    """π from the tasks' triples, the last combine and the numerator shared with ``helper``.
+
+    Only Q/T's leading bits matter, so Q and T are cut by the same ``excess`` bits
+    (keeping 128 more than the root has) before they meet the root; the helper
+    cuts its product Q1·Q2 itself, so only the operands travel.
+    """
+    if len(triples) < 2:
+        _, q, t = triples[0]
+        return evaluate(q, t, digits, helper.root())
+    half = len(triples) // 2
+    p1, q1, t1 = combine_all(triples[:half])
+    _, q2, t2 = combine_all(triples[half:])
+    excess = max(0, q1.bit_length() + q2.bit_length() - _root_bits(digits) - 128)
+    helper.start_numerator(q1, q2, excess)
+    denominator = (t1 * q2 + p1 * t2) >> excess
+    return digits_of(helper.numerator() // denominator, digits)
+
+
 def evaluate(q: int, t: int, digits: int, root: int | None = None) -> str:
     """π to ``digits`` decimals, truncated, from the triple of the whole series."""
     root = root if root is not None else sqrt_10005(digits)
@@ -116,7 +240,11 @@ def evaluate(q: int, t: int, digits: int, root: int | None = None) -> str:
     excess = t.bit_length() - root.bit_length() - 64
     if excess > 0:
         q, t = q >> excess, t >> excess
-    scaled = (426880 * root * q) // t  # ≈ π·10^(digits+guard), within ±3
+    return digits_of((426880 * root * q) // t, digits)
+
+
+def digits_of(scaled: int, digits: int) -> str:
+    """``3.14...`` to ``digits`` decimals from ``scaled`` ≈ π·10^(digits+guard), within ±3."""
     kept, guard = divmod(scaled, MPZ(10) ** _GUARD_DIGITS)
     if not 2 < guard < 10**_GUARD_DIGITS - 3:
         # The truncation point sits within the error bound: a run of 20 nines or
@@ -228,17 +356,29 @@ class PiWorkload:
             chunk=1,
         )
 
-    def prepare(self, options: dict[str, Any]) -> int:
-        """√10005 at the batch's precision (runs while the tasks run)."""
-        return sqrt_10005(int(options["digits"]))
+    def prepare(self, options: dict[str, Any]) -> Any:
+        """√10005 at the batch's precision: a low-priority helper process started while the tasks
+        run (computed at once when it is small)."""
+        digits = int(options["digits"])
+        return PiHelper(digits, low_priority=True) if digits > _HELPER_DIGITS else sqrt_10005(digits)
 
     def reduce(self, results: list[ItemResult], options: dict[str, Any], prepared: Any = None) -> str:
         """Combine the triples in series order and evaluate π."""
+        digits = int(options["digits"])
+        # Without a prepared helper (a later `kiabatch results`), start one now: it works beside the combine.
+        if prepared is None and digits > _HELPER_DIGITS:
+            prepared = PiHelper(digits)
         ordered = sorted(results, key=lambda r: r.item["a"])
         expected = 0
         for result in ordered:
             if result.item["a"] != expected:
                 raise ValueError(f"pi results do not cover the series: a gap at term {expected}")
             expected = result.item["b"]
-        _, q, t = combine_all([decode_triple(r.result) for r in ordered])
-        return evaluate(q, t, int(options["digits"]), prepared)
+        triples = [decode_triple(r.result) for r in ordered]
+        if isinstance(prepared, PiHelper):
+            try:
+                return reduce_with_helper(triples, digits, prepared)
+            finally:
+                prepared.close()
+        _, q, t = combine_all(triples)
+        return evaluate(q, t, digits, prepared)
