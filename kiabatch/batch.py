@@ -10,7 +10,7 @@ from typing import Any
 
 import redis
 
-from . import backends, limits, workloads
+from . import backends, limits, settings, workloads
 from .backends import Backend, LogChunk, RunHooks
 from .connection import connect
 from .errors import BatchFailedError, KiabatchError, UsageError
@@ -21,20 +21,24 @@ from .results_store import validate_url as validate_results_url
 from .store import Store, human_bytes
 
 
-def open_store(client: redis.Redis | str | None = None, *, retry_seconds: float = 0.0) -> Store:
-    """A Store on ``client`` (a Redis client, a URL, or None for the default)."""
+def open_store(
+    client: redis.Redis | str | None = None, *, home: settings.HomeLike = None, retry_seconds: float = 0.0
+) -> Store:
+    """A Store on ``client`` (a Redis client, a URL, or None for the default: the embedded server of ``home``)."""
     if isinstance(client, redis.Redis):
         return Store(client)
-    return Store(connect(client, retry_seconds=retry_seconds))
+    return Store(connect(client, home=home, retry_seconds=retry_seconds))
 
 
 class Batch:
     """One batch, by id. Cheap to create; every method reads Redis afresh."""
 
-    def __init__(self, batch_id: str, redis: redis.Redis | str | None = None, *, home: Path | None = None) -> None:
+    def __init__(
+        self, batch_id: str, redis: redis.Redis | str | None = None, *, home: settings.HomeLike = None
+    ) -> None:
         self.id = batch_id
-        self.home = home
-        self.store = open_store(redis)
+        self.home = settings.as_home(home)
+        self.store = open_store(redis, home=self.home)
         self._prepared: Future[Any] | None = None
 
     def __repr__(self) -> str:

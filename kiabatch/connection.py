@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -93,7 +92,7 @@ def _retry(seconds: float) -> Retry:
 def connect(
     url: str | None = None,
     *,
-    home: Path | None = None,
+    home: settings.HomeLike = None,
     retry_seconds: float = 0.0,
 ) -> redis.Redis:
     """Open a client: ``url``, else ``$KIABATCH_REDIS_URL``, else the embedded server.

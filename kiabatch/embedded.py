@@ -307,8 +307,8 @@ def _probe(path: str, timeout: float) -> tuple[str, socket.socket | None]:
 class EmbeddedServer:
     """The embedded server of one state directory, as its clients see it."""
 
-    def __init__(self, home: Path | None = None, *, wait: float | None = None) -> None:
-        self.paths = ServerPaths.under(home or settings.home())
+    def __init__(self, home: settings.HomeLike = None, *, wait: float | None = None) -> None:
+        self.paths = ServerPaths.under(settings.home_dir(home))
         if wait is None:
             wait = settings.float_env(settings.ENV_EMBEDDED_WAIT, settings.DEFAULT_EMBEDDED_WAIT)
         self.wait = max(0.0, wait)
@@ -571,7 +571,7 @@ class EmbeddedConnection(UnixDomainSocketConnection):
         super().disconnect(*args, **kwargs)
 
 
-def connect(home: Path | None = None, *, wait: float | None = None, **client_options: Any) -> redis.Redis:
+def connect(home: settings.HomeLike = None, *, wait: float | None = None, **client_options: Any) -> redis.Redis:
     """A client of the embedded server under ``home``; its first command starts the server if needed.
 
     ``wait`` bounds how long a connect waits for a server that runs but does not
@@ -595,12 +595,12 @@ def quick_client(socket_path: Path | str, timeout: float = 5.0) -> redis.Redis:
     )
 
 
-def status(home: Path | None = None) -> dict[str, Any]:
+def status(home: settings.HomeLike = None) -> dict[str, Any]:
     """What is known about the embedded server under ``home`` (never starts it).
 
     ``state`` is "not running", "starting", "not answering" or "running".
     """
-    paths = ServerPaths.under(home or settings.home())
+    paths = ServerPaths.under(settings.home_dir(home))
     result: dict[str, Any] = {"running": False, "state": "not running", "data_dir": str(paths.directory)}
     fd = _open_lock(paths.lockfile, create=False)
     if fd is None:
@@ -635,13 +635,13 @@ def status(home: Path | None = None) -> dict[str, Any]:
     return result
 
 
-def stop(home: Path | None = None, timeout: float = 15.0) -> bool:
+def stop(home: settings.HomeLike = None, timeout: float = 15.0) -> bool:
     """Stop the embedded server under ``home`` (its data is flushed). Returns False if none ran.
 
     Signals only processes that hold the home's lock, and returns once the lock is
     free. Raises UnreachableError if the server does not stop.
     """
-    paths = ServerPaths.under(home or settings.home())
+    paths = ServerPaths.under(settings.home_dir(home))
     fd = _open_lock(paths.lockfile, create=False)
     if fd is None:
         return False

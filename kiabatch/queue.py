@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import islice
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -35,9 +34,10 @@ _PUSH_ARGS = 1000
 class Queue:
     """A named queue of JSON items in Redis (``KIABATCH_REDIS_URL`` or the embedded server)."""
 
-    def __init__(self, name: str, redis: redis.Redis | str | None = None) -> None:
+    def __init__(self, name: str, redis: redis.Redis | str | None = None, *, home: settings.HomeLike = None) -> None:
         self.name = validate_queue_name(name)
-        self.store = open_store(redis)
+        self.home = settings.as_home(home)
+        self.store = open_store(redis, home=self.home)
         self.redis = self.store.redis
         self.key = keys.queue_key(name)
         self.since_key = keys.queue_since_key(name)
@@ -121,7 +121,7 @@ class Queue:
         inline_limit: int = DEFAULT_INLINE_LIMIT,
         wait: bool = False,
         start: bool = True,
-        home: Path | None = None,
+        home: settings.HomeLike = None,
         on_update: Callable[[Progress, str], None] | None = None,
         on_created: Callable[[Batch], None] | None = None,
         on_warning: Callable[[str], None] | None = None,
@@ -129,7 +129,8 @@ class Queue:
     ) -> Batch | None:
         """Start a batch with everything queued right now; None if the queue is empty.
 
-        The options are :func:`kiabatch.submit`'s (see :class:`~kiabatch.submission.BatchOptions`).
+        The options are :func:`kiabatch.submit`'s (see :class:`~kiabatch.submission.BatchOptions`);
+        ``home`` defaults to the queue's.
         """
         from .submission import submit
 
@@ -138,7 +139,8 @@ class Queue:
             non_retriable_exit_codes=non_retriable_exit_codes, parallel=parallel, tasks=tasks, chunk=chunk,
             retries=retries, timeout=timeout, task_timeout=task_timeout, ttl=ttl, batch_id=batch_id, backend=backend,
             results_to=results_to, s3_endpoint=s3_endpoint, inline_limit=inline_limit, redis=self.redis, wait=wait,
-            start=start, home=home, on_update=on_update, on_created=on_created, on_warning=on_warning, kube=kube,
+            start=start, home=self.home if home is None else home, on_update=on_update, on_created=on_created,
+            on_warning=on_warning, kube=kube,
         )  # fmt: skip
 
 

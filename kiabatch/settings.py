@@ -42,6 +42,20 @@ DEFAULT_WORKER_RETRY_SECONDS = 60.0
 DEFAULT_TTL = 7 * 24 * 3600
 
 
+#: A state directory as callers may give it (``str`` or any path); None means :func:`home`.
+HomeLike = str | os.PathLike[str] | None
+
+
+def home_dir(path: HomeLike = None) -> Path:
+    """``path`` as an absolute path, or :func:`home` when it is None."""
+    return Path(path).expanduser().absolute() if path is not None else home()
+
+
+def as_home(path: HomeLike) -> Path | None:
+    """``path`` as an absolute path; None stays None (resolved from the environment when used)."""
+    return None if path is None else home_dir(path)
+
+
 def home() -> Path:
     """kiabatch's state directory: ``$KIABATCH_HOME``, else ``$XDG_DATA_HOME/kiabatch``."""
     explicit = os.environ.get(ENV_HOME)

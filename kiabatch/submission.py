@@ -14,7 +14,6 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -292,7 +291,7 @@ def submit(
     redis: redis.Redis | str | None = None,
     wait: bool = False,
     start: bool = True,
-    home: Path | None = None,
+    home: settings.HomeLike = None,
     on_update: Callable[[Progress, str], None] | None = None,
     on_created: Callable[[Batch], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
@@ -314,16 +313,19 @@ def submit(
     keeps a reference (``ItemResult.url``, ``.read()``, ``.open()``).
 
     ``redis`` is a client or URL (default ``$KIABATCH_REDIS_URL``, else the embedded
-    server). With ``wait`` the batch runs to its end before this returns (locally, in
-    this process); ``on_update(progress, note)`` follows it (the note says what holds
-    it, e.g. "waiting for admission"), ``on_created(batch)`` is called once it is
+    server of ``home``). ``home`` is the state directory, a path or string (default
+    ``$KIABATCH_HOME``): the embedded server's data and the local runner's files.
+    With ``wait`` the batch runs to its end before this returns (locally, in this
+    process); ``on_update(progress, note)`` follows it (the note says what holds it,
+    e.g. "waiting for admission"), ``on_created(batch)`` is called once it is
     written, and ``on_warning(message)`` once something needs the user's eye while
-    the batch goes on (no pod has started after ``kube.pull_grace``). With ``start=False`` the batch is only written:
-    run its tasks yourself with ``kiabatch task claim`` / ``task report``. ``kube``
-    holds the cluster-side settings of the kubernetes backend. Returns None when
-    ``from_queue`` names an empty queue (nothing is created). Bad input raises
-    UsageError (an unusable cluster ClusterError) before anything is written, and an
-    unknown keyword raises TypeError naming it.
+    the batch goes on (no pod has started after ``kube.pull_grace``). With
+    ``start=False`` the batch is only written: run its tasks yourself with
+    ``kiabatch task claim`` / ``task report``. ``kube`` holds the cluster-side
+    settings of the kubernetes backend. Returns None when ``from_queue`` names an
+    empty queue (nothing is created). Bad input raises UsageError (an unusable
+    cluster ClusterError) before anything is written, and an unknown keyword raises
+    TypeError naming it.
     """
     options = BatchOptions(
         items=items, command=command, from_queue=from_queue, stdin=stdin, env=env, image=image,
@@ -343,7 +345,7 @@ def submit_options(
     redis: redis.Redis | str | None = None,
     wait: bool = False,
     start: bool = True,
-    home: Path | None = None,
+    home: settings.HomeLike = None,
     on_update: Callable[[Progress, str], None] | None = None,
     on_created: Callable[[Batch], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
@@ -352,9 +354,10 @@ def submit_options(
     """:func:`submit` with the batch options as one :class:`BatchOptions` value (what the CLI builds)."""
     planned = plan_batch(workload, options)
     spec = planned.spec
+    home = settings.as_home(home)
     target = backends.get(spec.backend, home=home, kube=kube)
     # A batch run in this process must ride out a Redis restart; a detached one only writes once.
-    store = open_store(redis, retry_seconds=settings.worker_retry_seconds() if wait else 0.0)
+    store = open_store(redis, home=home, retry_seconds=settings.worker_retry_seconds() if wait else 0.0)
     if start:
         target.preflight(store)
     hooks = RunHooks(on_update=on_update, on_warning=on_warning)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +54,30 @@ def test_the_public_names_load_lazily_and_all_resolve():
         assert getattr(kiabatch, name) is not None
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         kiabatch.nope  # noqa: B018
+
+
+def test_the_readme_shows_submit_as_it_is():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    shown = re.search(r"```python\n(submit\(workload=.*?\*\*workload_options\))", readme, re.S)
+    assert shown, "the README's submit signature block"
+    names_and_defaults = dict(re.findall(r"(\w+)=(\(\)|[^,\s)]+)", shown.group(1)))
+    parameters = inspect.signature(submit).parameters
+    documented = set(names_and_defaults) | {"workload_options"}
+    assert documented == set(parameters), documented ^ set(parameters)
+    for name, text in names_and_defaults.items():
+        assert text == repr(parameters[name].default).replace("'", '"'), name
+
+
+def test_home_may_be_a_string_and_holds_the_embedded_server_and_the_runner_files(home, tmp_path, monkeypatch):
+    other = tmp_path / "other home"
+    batch = submit("exec", command=["echo", "{item}"], items=["a", "b"], wait=True, home=str(other))
+    assert sorted(result.text for result in batch.results()) == ["a\n", "b\n"]
+    assert (other / "redis").is_dir() and (other / "runs").is_dir()
+    assert not home.exists()  # $KIABATCH_HOME was not touched
+    again = kiabatch.Batch(batch.id, home=str(other))  # the same server, found through the same home
+    assert again.status().progress.done == 2
+    queue = Queue("q", home=other)
+    queue.enqueue("c")
+    assert sorted(r.text for r in queue.submit(["echo", "{item}"], wait=True).results()) == ["c\n"]
+    assert not home.exists()
+    kiabatch.embedded.stop(str(other))

@@ -7,9 +7,9 @@ kiabatch asks which backend it is talking to.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .. import settings
 from ..errors import UsageError
 from .base import Backend, LogChunk, RunHooks
 
@@ -28,7 +28,7 @@ def validate(name: str) -> str:
     return name
 
 
-def get(name: str, *, home: Path | None = None, kube: KubeOptions | None = None) -> Backend:
+def get(name: str, *, home: settings.HomeLike = None, kube: KubeOptions | None = None) -> Backend:
     """The backend called ``name``: ``home`` is the local state directory, ``kube`` the settings of new Jobs.
 
     The Kubernetes client is imported only when a Kubernetes backend is asked for.
@@ -37,7 +37,7 @@ def get(name: str, *, home: Path | None = None, kube: KubeOptions | None = None)
     if name == LOCAL:
         from .local import LocalBackend
 
-        return LocalBackend(home)
+        return LocalBackend(settings.as_home(home))
     from .kubernetes import KubernetesBackend
 
     return KubernetesBackend(kube)
