@@ -259,3 +259,27 @@ def test_an_error_while_reading_ahead_reaches_the_reader_and_the_connection_stay
     for _ in range(5):
         assert store.redis.get(keys.batch_keys("t-abcde").results) == b"not a hash"
         assert store.meta("t-abcde")["id"] == "t-abcde"
+
+
+def test_a_server_that_forgot_the_scripts_gets_them_again_and_the_report_lands_once(store):
+    make_batch(store, ["a", "b"])
+    claim = store.claim("t-abcde", 0)
+    store.redis.script_flush()  # as after a restart from an AOF file
+    big = b"x" * 3_000_000
+    result = store.report("t-abcde", 0, claim.attempt, claim.sha1, [ok(big)], claimed_items=claim.items)
+    assert result.status == "done"
+    assert [r.result for r in store.results("t-abcde")] == [big]
+
+
+def test_a_refused_report_raises_redis_own_error_without_quoting_the_results(store):
+    make_batch(store, ["a", "b"])
+    claim = store.claim("t-abcde", 0)
+    store.redis.delete(keys.batch_keys("t-abcde").results)
+    store.redis.set(keys.batch_keys("t-abcde").results, "not a hash")  # every report now fails WRONGTYPE
+    secret = b"item-result-" + b"s" * 1000
+    with pytest.raises(redis.ResponseError) as refused:
+        store.report("t-abcde", 0, claim.attempt, claim.sha1, [ok(secret)], claimed_items=claim.items)
+    # Redis's own message: redis-py's pipeline would prefix the failed command, quoting it
+    # through textwrap (seconds of CPU for a report of megabytes) with item data in it.
+    assert "WRONGTYPE" in str(refused.value) and not str(refused.value).startswith("Command #")
+    assert "item-result" not in str(refused.value)
