@@ -152,7 +152,12 @@ class Batch:
         if not status.finished:
             raise KiabatchError(f"batch {self.id} is {status.state}, not finished; wait() for it first")
         prepared = self._prepared.result() if self._prepared is not None else None
-        return workload.reduce(self.results(), spec.options, prepared)
+        try:
+            return workload.reduce(self.results(), spec.options, prepared)
+        except (ValueError, ArithmeticError) as exc:
+            if isinstance(exc, KiabatchError):
+                raise
+            raise BatchFailedError(f"cannot reduce batch {self.id}: {exc}") from None
 
     # -- managing ---------------------------------------------------------------------
 

@@ -199,17 +199,46 @@ def test_the_reduce_shared_with_a_helper_process_gives_the_truth(tasks):
     assert gone(pid)
 
 
-@pytest.mark.parametrize("when", ["before the root", "before the numerator"])
+class HelperKilledAt(PiHelper):
+    """A real helper process, SIGKILLed just before the request ``when`` is sent."""
+
+    def __init__(self, digits: int, when: str) -> None:
+        super().__init__(digits)
+        self.when = when
+
+    def _send(self, head: bytes, *numbers: int) -> None:
+        if head[:1] == self.when.encode() and self._process is not None:
+            os.kill(self._process.pid, 9)
+            self._process.wait()
+        super()._send(head, *numbers)
+
+
+@pytest.mark.parametrize("when", ["R", "N", "H"])
 def test_a_helper_that_dies_leaves_the_reduce_to_this_process(when):
     digits = 120_000
-    triples = worker_triples(digits, 3)
-    helper = PiHelper(digits)
+    triples = worker_triples(digits, 1 if when == "R" else 3)  # one task: only the root is asked
+    helper = HelperKilledAt(digits, when)
     pid = helper_pid(helper)
-    if when == "before the numerator":
-        assert helper.root() > 0  # the helper answered once, then dies
-    os.kill(pid, 9)
     assert reduce_with_helper(triples, digits, helper) == truth(digits)
     assert gone(pid)
+
+
+class HelperWrongBy(PiHelper):
+    """A real helper whose high-half quotient is then off by ``delta``."""
+
+    def __init__(self, digits: int, delta: int) -> None:
+        super().__init__(digits)
+        self.delta = delta
+
+    def high(self, fallback):
+        return super().high(fallback) + self.delta
+
+
+@pytest.mark.parametrize("delta", [-1, 1])
+def test_a_wrong_quotient_from_the_helper_is_caught_and_not_used(delta):
+    digits = 130_000
+    helper = HelperWrongBy(digits, delta)
+    assert reduce_with_helper(worker_triples(digits, 2), digits, helper) == truth(digits)
 
 
 def test_the_workload_reduce_starts_and_stops_its_own_helper_when_none_was_prepared():

@@ -7,6 +7,7 @@ cannot be reached; 130 interrupted (the batch can be resumed).
 
 from __future__ import annotations
 
+import io
 import sys
 from collections.abc import Callable
 from importlib import import_module
@@ -146,7 +147,25 @@ def cli(ctx: click.Context, redis_url: str | None, output: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
+    sys.stdout = whole_writes(sys.stdout)
+    sys.stderr = whole_writes(sys.stderr)
     cli.main(args=argv)
+
+
+def whole_writes(stream: Any) -> Any:
+    """``stream``, made to write everything it is given.
+
+    Under PYTHONUNBUFFERED (or ``python -u``; many images set it) a standard
+    stream's binary layer is a raw file, and one write(2) to a pipe that a signal
+    interrupts (Ctrl-Z then ``fg``, a frozen process) writes only part of a large
+    buffer; the text layer, and code writing to ``.buffer``, drop the rest and exit 0.
+    A buffered writer finishes partial writes; line buffering keeps output prompt.
+    """
+    if not isinstance(getattr(stream, "buffer", None), io.RawIOBase):
+        return stream  # buffered already (the default), or not a real stream (a test's)
+    encoding, errors = stream.encoding, stream.errors
+    raw = stream.detach()  # the old wrapper must not close the file when it is collected
+    return io.TextIOWrapper(io.BufferedWriter(raw), encoding=encoding, errors=errors, line_buffering=True)
 
 
 __all__ = ["cli", "main"]

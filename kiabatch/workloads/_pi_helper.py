@@ -5,9 +5,12 @@ then answers requests on stdin until it closes. Every number travels as an 8-byt
 big-endian length and that many bytes of big-endian magnitude (all are >= 0):
 
 * ``R``: reply R.
-* ``N`` EXCESS Q1 Q2 (EXCESS an 8-byte count): reply 426880 · R · ((Q1·Q2) >> EXCESS),
-  the numerator of π's final division, so that the parent meanwhile computes the
-  denominator on the other core.
+* ``N`` EXCESS Q1 Q2 (EXCESS an 8-byte count): reply NUM = 426880 · R · ((Q1·Q2) >> EXCESS),
+  the numerator of π's final division (the parent meanwhile computes the
+  denominator on the other core), and keep it.
+* ``H`` HALF DEN (HALF an 8-byte count): reply HIGH = NUM // (DEN · 10^HALF), then
+  HIGH's decimal digits (ASCII): the high half of π's digits, converted here while
+  the parent divides and converts the low half.
 
 Private to :mod:`kiabatch.workloads.pi`, which falls back to doing the work itself
 if this process fails in any way.
@@ -41,7 +44,11 @@ def read_exactly(stream: BinaryIO, size: int) -> bytes:
 
 def write_number(stream: BinaryIO, value: int) -> None:
     """One length-prefixed magnitude."""
-    body = int(value).to_bytes((value.bit_length() + 7) // 8, "big")
+    write_bytes(stream, int(value).to_bytes((value.bit_length() + 7) // 8, "big"))
+
+
+def write_bytes(stream: BinaryIO, body: bytes) -> None:
+    """Length-prefixed bytes."""
     stream.write(len(body).to_bytes(8, "big") + body)
     stream.flush()
 
@@ -49,14 +56,24 @@ def write_number(stream: BinaryIO, value: int) -> None:
 def main(argv: list[str]) -> int:
     precision = int(argv[1])
     root = isqrt(mpz(10005) * mpz(10) ** (2 * precision))
-    requests, replies = sys.stdin.buffer, sys.stdout.buffer
+    numerator = None
+    # Buffered streams of our own: under PYTHONUNBUFFERED sys.stdout.buffer is a raw
+    # file whose write(2) a signal can cut short, and the parent would read garbage.
+    requests = open(sys.stdin.fileno(), "rb", closefd=False)  # noqa: SIM115 - lives as long as the process
+    replies = open(sys.stdout.fileno(), "wb", closefd=False)  # noqa: SIM115
     while op := requests.read(1):
         if op == b"R":
             write_number(replies, root)
         elif op == b"N":
             excess = int.from_bytes(read_exactly(requests, 8), "big")
             q1, q2 = read_number(requests), read_number(requests)
-            write_number(replies, 426880 * root * ((q1 * q2) >> excess))
+            numerator = 426880 * root * ((q1 * q2) >> excess)
+            write_number(replies, numerator)
+        elif op == b"H" and numerator is not None:
+            half = int.from_bytes(read_exactly(requests, 8), "big")
+            high = numerator // (read_number(requests) * mpz(10) ** half)
+            write_number(replies, high)
+            write_bytes(replies, str(high).encode())
         else:
             return 2
     return 0

@@ -79,14 +79,15 @@ def decode_triple(data: bytes) -> tuple[int, int, int]:
         raise ValueError("not a pi triple (bad magic)")
     offset, numbers = len(_MAGIC), []
     for _ in range(3):
-        negative = data[offset] == 1
-        length = int.from_bytes(data[offset + 1 : offset + 9], "big")
         start = offset + 9
+        length = int.from_bytes(data[offset + 1 : start], "big")
+        if start + length > len(data) or data[offset : offset + 1] not in (b"\x00", b"\x01"):
+            raise ValueError(f"cut short or damaged ({len(data):,} bytes)")
         value = MPZ(int.from_bytes(data[start : start + length], "big"))
-        numbers.append(-value if negative else value)
+        numbers.append(-value if data[offset] == 1 else value)
         offset = start + length
     if offset != len(data):
-        raise ValueError("trailing bytes after pi triple")
+        raise ValueError(f"{len(data) - offset:,} bytes follow the triple")
     return numbers[0], numbers[1], numbers[2]
 
 
@@ -122,10 +123,13 @@ _HELPER = Path(__file__).with_name("_pi_helper.py")
 
 
 class PiHelper:
-    """A child process (``_pi_helper.py``) that computes √10005 and the numerator of π's division.
+    """A child process (``_pi_helper.py``) that computes √10005, the numerator of π's division
+    and the high half of its digits.
 
     The reduce's big products then use both cores: the helper multiplies Q and the
-    root while this process computes T (gmpy2 holds the GIL, so not a thread).
+    root while this process computes T, then converts the high half of the digits
+    while this process divides and converts the low half (gmpy2 holds the GIL, so
+    not a thread).
     Started by ``prepare`` while the tasks run, it gets the lowest CPU priority and
     takes only what the local workers leave; with the tasks on a cluster it has the
     machine to itself. If it fails in any way, this process does its work instead.
@@ -154,7 +158,7 @@ class PiHelper:
         try:
             self._send(b"N" + excess.to_bytes(8, "big"), q1, q2)
         except OSError:
-            self._fail()
+            self.abandon()
 
     def numerator(self) -> int:
         """The value :meth:`start_numerator` asked for."""
@@ -162,6 +166,28 @@ class PiHelper:
         q1, q2, excess = self._pending
         self._pending = None
         return self._ask(None, lambda: 426880 * sqrt_10005(self.digits) * ((q1 * q2) >> excess))
+
+    def start_high(self, denominator: int, half: int) -> None:
+        """Ask for numerator // (denominator · 10^half) and its digits; :meth:`high` and
+        :meth:`high_text` collect them (after :meth:`numerator`)."""
+        try:
+            self._send(b"H" + half.to_bytes(8, "big"), denominator)
+        except OSError:
+            self.abandon()
+
+    def high(self, fallback: Callable[[], int]) -> int:
+        """The quotient :meth:`start_high` asked for (``fallback()`` if the helper failed)."""
+        return self._ask(None, fallback)
+
+    def high_text(self, fallback: Callable[[], str]) -> str:
+        """That quotient's decimal digits (``fallback()`` if the helper failed)."""
+        try:
+            if self._process is None:
+                raise OSError("no helper")
+            return self._read(int.from_bytes(self._read(8), "big")).decode("ascii")
+        except (OSError, EOFError, UnicodeDecodeError):
+            self.abandon()
+            return fallback()
 
     def _send(self, head: bytes, *numbers: int) -> None:
         if self._process is None or self._process.stdin is None:
@@ -178,22 +204,22 @@ class PiHelper:
         try:
             if op is not None:
                 self._send(op)
-            if self._process is None or self._process.stdout is None:
-                raise OSError("no helper")
             size = int.from_bytes(self._read(8), "big")
             return MPZ(int.from_bytes(self._read(size), "big"))
         except (OSError, EOFError):
-            self._fail()
+            self.abandon()
             return fallback()
 
     def _read(self, size: int) -> bytes:
-        assert self._process is not None and self._process.stdout is not None
+        if self._process is None or self._process.stdout is None:
+            raise OSError("no helper")
         data = self._process.stdout.read(size)
         if len(data) != size:
             raise EOFError("the helper stopped")
         return data
 
-    def _fail(self) -> None:
+    def abandon(self) -> None:
+        """Stop the helper: what is asked later is computed in this process."""
         self.close()
         self._process = None
 
@@ -214,22 +240,36 @@ def _root_bits(digits: int) -> int:
 
 
 def reduce_with_helper(triples: list[tuple[int, int, int]], digits: int, helper: PiHelper) -> str:
-    """π from the tasks' triples, the last combine and the numerator shared with ``helper``.
+    """π from the tasks' triples, the last combine and the digits shared with ``helper``.
 
     Only Q/T's leading bits matter, so Q and T are cut by the same ``excess`` bits
     (keeping 128 more than the root has) before they meet the root; the helper
-    cuts its product Q1·Q2 itself, so only the operands travel.
+    cuts its product Q1·Q2 itself, so only the operands travel. Then, with
+    S = NUM // DEN ≈ π·10^(digits+guard) and P = 10^half, the helper computes
+    NUM // (DEN·P), which is S // P, and its digits, while this process computes S
+    and the digits of S - (S // P)·P.
     """
     if len(triples) < 2:
         _, q, t = triples[0]
         return evaluate(q, t, digits, helper.root())
-    half = len(triples) // 2
-    p1, q1, t1 = combine_all(triples[:half])
-    _, q2, t2 = combine_all(triples[half:])
+    middle = len(triples) // 2
+    p1, q1, t1 = combine_all(triples[:middle])
+    _, q2, t2 = combine_all(triples[middle:])
     excess = max(0, q1.bit_length() + q2.bit_length() - _root_bits(digits) - 128)
     helper.start_numerator(q1, q2, excess)
     denominator = (t1 * q2 + p1 * t2) >> excess
-    return digits_of(helper.numerator() // denominator, digits)
+    numerator = helper.numerator()
+    half = (digits + _GUARD_DIGITS) // 2  # S has digits + guard + 1 digits
+    helper.start_high(denominator, half)
+    scaled = numerator // denominator
+    power = MPZ(10) ** half
+    high = helper.high(lambda: scaled // power)
+    low = scaled - high * power
+    if not 0 <= low < power:  # never from a working helper; the answer must not depend on it
+        helper.abandon()
+        high, low = divmod(scaled, power)
+    low_text = decimal_text(low, parallel=False).rjust(half, "0")
+    return pi_text(helper.high_text(lambda: decimal_text(high)) + low_text, digits)
 
 
 def evaluate(q: int, t: int, digits: int, root: int | None = None) -> str:
@@ -245,24 +285,30 @@ def evaluate(q: int, t: int, digits: int, root: int | None = None) -> str:
 
 def digits_of(scaled: int, digits: int) -> str:
     """``3.14...`` to ``digits`` decimals from ``scaled`` ≈ π·10^(digits+guard), within ±3."""
-    kept, guard = divmod(scaled, MPZ(10) ** _GUARD_DIGITS)
+    return pi_text(decimal_text(scaled), digits)
+
+
+def pi_text(text: str, digits: int) -> str:
+    """``3.14...`` to ``digits`` decimals from the decimal ``text`` of π·10^(digits+guard), within ±3."""
+    guard = int(text[-_GUARD_DIGITS:])
     if not 2 < guard < 10**_GUARD_DIGITS - 3:
         # The truncation point sits within the error bound: a run of 20 nines or
         # zeros. Never seen below 10^8 digits; refuse rather than guess.
         raise ArithmeticError(f"cannot decide digit {digits} of pi from {_GUARD_DIGITS} guard digits")
-    text = decimal_text(kept)
-    return f"{text[0]}.{text[1:]}"
+    return f"{text[0]}.{text[1:-_GUARD_DIGITS]}"
 
 
-def decimal_text(n: int) -> str:
+def decimal_text(n: int, *, parallel: bool = True) -> str:
     """Decimal digits of ``n`` >= 0, fast for gmpy2 integers and unlimited for Python ones.
 
     Python caps ``str(int)`` at 4300 digits (and mpmath's conversion inherits
-    the cap); rather than lift it for the whole process, split the number.
+    the cap); rather than lift it for the whole process, split the number. A large
+    gmpy2 integer is converted in two processes unless ``parallel`` is False.
     """
     if not isinstance(n, int):  # gmpy2.mpz: GMP's subquadratic conversion, no cap
         if (
-            n.bit_length() > _FORK_CONVERSION_BITS
+            parallel
+            and n.bit_length() > _FORK_CONVERSION_BITS
             and getattr(os, "fork", None) is not None
             and threading.active_count() == 1
         ):
@@ -374,7 +420,12 @@ class PiWorkload:
             if result.item["a"] != expected:
                 raise ValueError(f"pi results do not cover the series: a gap at term {expected}")
             expected = result.item["b"]
-        triples = [decode_triple(r.result) for r in ordered]
+        triples = []
+        for result in ordered:
+            try:
+                triples.append(decode_triple(result.result))
+            except ValueError as exc:
+                raise ValueError(f"the result of task {result.index} is not a pi triple: {exc}") from None
         if isinstance(prepared, PiHelper):
             try:
                 return reduce_with_helper(triples, digits, prepared)
