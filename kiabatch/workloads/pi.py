@@ -124,11 +124,11 @@ _HELPER = Path(__file__).with_name("_pi_helper.py")
 
 class PiHelper:
     """A child process (``_pi_helper.py``) that computes √10005, the numerator of π's division
-    and the high half of its digits.
+    and the high part of its digits.
 
     The reduce's big products then use both cores: the helper multiplies Q and the
-    root while this process computes T, then converts the high half of the digits
-    while this process divides and converts the low half (gmpy2 holds the GIL, so
+    root while this process computes T, then converts the high digits while this
+    process divides and converts the low ones (gmpy2 holds the GIL, so
     not a thread).
     Started by ``prepare`` while the tasks run, it gets the lowest CPU priority and
     takes only what the local workers leave; with the tasks on a cluster it has the
@@ -239,6 +239,11 @@ def _root_bits(digits: int) -> int:
     return int(math.log2(10005) / 2 + (digits + _GUARD_DIGITS) * math.log2(10)) + 1
 
 
+#: The share of π's digits this process converts (the low ones); the helper converts the rest
+#: and divides a smaller quotient, which evens out the two processes' work.
+_LOW_SHARE = 0.4
+
+
 def reduce_with_helper(triples: list[tuple[int, int, int]], digits: int, helper: PiHelper) -> str:
     """π from the tasks' triples, the last combine and the digits shared with ``helper``.
 
@@ -259,7 +264,8 @@ def reduce_with_helper(triples: list[tuple[int, int, int]], digits: int, helper:
     helper.start_numerator(q1, q2, excess)
     denominator = (t1 * q2 + p1 * t2) >> excess
     numerator = helper.numerator()
-    half = (digits + _GUARD_DIGITS) // 2  # S has digits + guard + 1 digits
+    # S has digits + guard + 1 digits; this process also divides, so the helper converts more of them.
+    half = int((digits + _GUARD_DIGITS) * _LOW_SHARE)
     helper.start_high(denominator, half)
     scaled = numerator // denominator
     power = MPZ(10) ** half
