@@ -279,3 +279,26 @@ def child_pids() -> list[int]:
     import psutil
 
     return [child.pid for child in psutil.Process().children() if child.status() != psutil.STATUS_ZOMBIE]
+
+
+def reference_split(a: int, b: int) -> tuple[int, int, int]:
+    """Plain binary splitting down to single terms (Python ints): the oracle for the worker's leaves."""
+    if b - a == 1:
+        if a == 0:
+            return 1, 1, 13591409
+        p = -(6 * a - 5) * (2 * a - 1) * (6 * a - 1)
+        return p, a**3 * (640320**3 // 24), p * (13591409 + 545140134 * a)
+    middle = (a + b) // 2
+    p1, q1, t1 = reference_split(a, middle)
+    p2, q2, t2 = reference_split(middle, b)
+    return p1 * p2, q1 * q2, t1 * q2 + p1 * t2
+
+
+@pytest.mark.parametrize(
+    ("a", "b"), [(0, 1), (0, 2), (1, 2), (0, 16), (0, 17), (3, 19), (5, 40), (0, 333), (1000, 1345)]
+)
+def test_the_worker_splits_exactly_as_plain_binary_splitting(a, b):
+    worker = load_worker()
+    p, q, t = reference_split(a, b)
+    assert tuple(map(int, worker.split(a, b))) == (p, q, t)
+    assert tuple(map(int, worker.split(a, b, need_p=False))) == (0, q, t)
