@@ -5,8 +5,11 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -189,12 +192,23 @@ def gone(pid: int) -> bool:
     return False
 
 
+@pytest.mark.parametrize("root", ["ready", "still being computed"])
 @pytest.mark.parametrize("tasks", [1, 2, 3, 4])
-def test_the_reduce_shared_with_a_helper_process_gives_the_truth(tasks):
+def test_the_reduce_shared_with_a_helper_process_gives_the_truth(tasks, root):
     digits = 150_001
+    triples = worker_triples(digits, tasks)
     helper = PiHelper(digits)
     pid = helper_pid(helper)
-    assert reduce_with_helper(worker_triples(digits, tasks), digits, helper) == truth(digits)
+    if root == "ready":
+        deadline = time.monotonic() + 30
+        while not helper.root_ready() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert helper.root_ready()
+    else:  # frozen before it can say so: the reduce takes the other share of the work, then waits
+        os.kill(pid, signal.SIGSTOP)
+        threading.Timer(0.3, os.kill, (pid, signal.SIGCONT)).start()
+        assert not helper.root_ready()
+    assert reduce_with_helper(triples, digits, helper) == truth(digits)
     helper.close()
     assert gone(pid)
 

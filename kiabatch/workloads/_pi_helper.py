@@ -1,8 +1,9 @@
 """The π reduce's helper process (run as a file, not imported: it needs only gmpy2).
 
 ``python _pi_helper.py PRECISION`` computes R = floor(√10005 · 10^PRECISION) at once,
-then answers requests on stdin until it closes. Every number travels as an 8-byte
-big-endian length and that many bytes of big-endian magnitude (all are >= 0):
+writes ``!`` (the parent can see that R is ready without waiting), then answers
+requests on stdin until it closes. Every number travels as an 8-byte big-endian
+length and that many bytes of big-endian magnitude (all are >= 0):
 
 * ``R``: reply R.
 * ``N`` EXCESS Q1 Q2 (EXCESS an 8-byte count): reply NUM = 426880 · R · ((Q1·Q2) >> EXCESS),
@@ -61,6 +62,8 @@ def main(argv: list[str]) -> int:
     # file whose write(2) a signal can cut short, and the parent would read garbage.
     requests = open(sys.stdin.fileno(), "rb", closefd=False)  # noqa: SIM115 - lives as long as the process
     replies = open(sys.stdout.fileno(), "wb", closefd=False)  # noqa: SIM115
+    replies.write(b"!")
+    replies.flush()
     while op := requests.read(1):
         if op == b"R":
             write_number(replies, root)

@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import math
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -147,6 +148,18 @@ class PiHelper:
         # An abandoned batch (failed, never reduced) leaves no process behind.
         self.close = weakref.finalize(self, _stop_process, self._process)
         self._pending: tuple[int, int, int] | None = None
+        self._ready = False  # the helper's "root computed" mark has been read
+
+    def root_ready(self) -> bool:
+        """True once the helper has computed the root (never waits)."""
+        if not self._ready and self._process is not None and self._process.stdout is not None:
+            try:
+                readable, _, _ = select.select([self._process.stdout.fileno()], [], [], 0)
+                if readable:
+                    self._read(0)  # consumes the mark (or finds the helper gone)
+            except (OSError, EOFError, ValueError):
+                self.abandon()
+        return self._ready
 
     def root(self) -> int:
         """floor(√10005 · 10^(digits + guard)), as :func:`sqrt_10005`."""
@@ -213,6 +226,10 @@ class PiHelper:
     def _read(self, size: int) -> bytes:
         if self._process is None or self._process.stdout is None:
             raise OSError("no helper")
+        if not self._ready:  # every reply follows the mark
+            if self._process.stdout.read(1) != b"!":
+                raise EOFError("the helper stopped")
+            self._ready = True
         data = self._process.stdout.read(size)
         if len(data) != size:
             raise EOFError("the helper stopped")
@@ -261,8 +278,12 @@ def reduce_with_helper(triples: list[tuple[int, int, int]], digits: int, helper:
     p1, q1, t1 = combine_all(triples[:middle])
     _, q2, t2 = combine_all(triples[middle:])
     excess = max(0, q1.bit_length() + q2.bit_length() - _root_bits(digits) - 128)
-    helper.start_numerator(q1, q2, excess)
-    denominator = (t1 * q2 + p1 * t2) >> excess
+    if helper.root_ready():
+        helper.start_numerator(q1, q2, excess)
+        denominator = (t1 * q2 + p1 * t2) >> excess
+    else:  # busy tasks left it little CPU: it finishes the root while this process computes Q too
+        denominator = (t1 * q2 + p1 * t2) >> excess
+        helper.start_numerator((q1 * q2) >> excess, MPZ(1), 0)
     numerator = helper.numerator()
     # S has digits + guard + 1 digits; this process also divides, so the helper converts more of them.
     half = int((digits + _GUARD_DIGITS) * _LOW_SHARE)
