@@ -30,6 +30,25 @@ def open_store(
     return Store(connect(client, home=home, retry_seconds=retry_seconds))
 
 
+def runner_home(client: redis.Redis | str | None, home: Path | None) -> Path | None:
+    """The state directory for a batch written through ``client``.
+
+    A client of an embedded server brings its home: the local runner (a background
+    one too) must find the batch in that server. UsageError if ``home`` names another.
+    """
+    from .embedded import home_of
+
+    own = home_of(client) if isinstance(client, redis.Redis) else None
+    if own is None:
+        return home
+    if home is not None and home != own:
+        raise UsageError(
+            f"home {str(home)!r} is not the home of the embedded server the client uses ({str(own)!r}); "
+            "give the same home, or none"
+        )
+    return own
+
+
 class Batch:
     """One batch, by id. Cheap to create; every method reads Redis afresh."""
 
@@ -37,7 +56,7 @@ class Batch:
         self, batch_id: str, redis: redis.Redis | str | None = None, *, home: settings.HomeLike = None
     ) -> None:
         self.id = batch_id
-        self.home = settings.as_home(home)
+        self.home = runner_home(redis, settings.as_home(home))
         self.store = open_store(redis, home=self.home)
         self._prepared: Future[Any] | None = None
 
@@ -151,7 +170,8 @@ class Batch:
             )
         if not status.finished:
             raise KiabatchError(f"batch {self.id} is {status.state}, not finished; wait() for it first")
-        prepared = self._prepared.result() if self._prepared is not None else None
+        # What prepare made is used once (π's helper process ends with the reduce).
+        prepared, self._prepared = (self._prepared.result() if self._prepared is not None else None), None
         try:
             return workload.reduce(self.results(), spec.options, prepared)
         except (ValueError, ArithmeticError) as exc:

@@ -571,6 +571,12 @@ class EmbeddedConnection(UnixDomainSocketConnection):
         super().disconnect(*args, **kwargs)
 
 
+def home_of(client: redis.Redis) -> Path | None:
+    """The state directory of the embedded server ``client`` talks to (None: not an embedded client)."""
+    server = client.connection_pool.connection_kwargs.get("embedded")
+    return server.paths.directory.parent if isinstance(server, EmbeddedServer) else None
+
+
 def connect(home: settings.HomeLike = None, *, wait: float | None = None, **client_options: Any) -> redis.Redis:
     """A client of the embedded server under ``home``; its first command starts the server if needed.
 

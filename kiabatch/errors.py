@@ -16,6 +16,8 @@ EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 #: Interrupted by Ctrl-C or SIGTERM; the batch can be resumed.
 EXIT_INTERRUPTED = 130
+#: The reader of the output went away (``| head``): 128 + SIGPIPE, as for any Unix tool.
+EXIT_BROKEN_PIPE = 141
 
 
 class KiabatchError(Exception):

@@ -48,7 +48,20 @@ HomeLike = str | os.PathLike[str] | None
 
 def home_dir(path: HomeLike = None) -> Path:
     """``path`` as an absolute path, or :func:`home` when it is None."""
-    return Path(path).expanduser().absolute() if path is not None else home()
+    return _state_dir(path, "the state directory (home=)") if path is not None else home()
+
+
+def _state_dir(path: str | os.PathLike[str], what: str) -> Path:
+    """``path`` expanded and absolute; UsageError when it cannot be (``~nobody``, a NUL byte)."""
+    from .errors import UsageError  # errors imports nothing of kiabatch's, but keep settings import-light
+
+    text = os.fspath(path)
+    if "\0" in str(text):
+        raise UsageError(f"{what} {text!r} holds a NUL byte; give a directory path")
+    try:
+        return Path(text).expanduser().absolute()
+    except RuntimeError as exc:  # "~user" of an unknown user, or no home directory at all
+        raise UsageError(f"{what} {text!r} cannot be expanded: {exc}") from None
 
 
 def as_home(path: HomeLike) -> Path | None:
@@ -60,9 +73,9 @@ def home() -> Path:
     """kiabatch's state directory: ``$KIABATCH_HOME``, else ``$XDG_DATA_HOME/kiabatch``."""
     explicit = os.environ.get(ENV_HOME)
     if explicit:
-        return Path(explicit).expanduser().absolute()
-    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(data_home).expanduser().absolute() / "kiabatch"
+        return _state_dir(explicit, f"${ENV_HOME}")
+    data_home = os.environ.get("XDG_DATA_HOME") or os.path.join("~", ".local", "share")
+    return _state_dir(data_home, "$XDG_DATA_HOME (or ~/.local/share)") / "kiabatch"
 
 
 def float_env(name: str, default: float) -> float:

@@ -170,11 +170,12 @@ class RedisFullError(UnreachableError):
 REDIS_FULL = "Redis is full"
 
 
-def redis_full_reason(used: int | None, limit: int | None) -> str:
-    """The reason an attempt fails when Redis has no room for its results."""
+def redis_full_reason(used: int | None, limit: int | None, needs: int = 0) -> str:
+    """The reason an attempt fails when Redis has no room for its results (``needs``: what they would take)."""
     if used is None or not limit:
         return "Redis is full (it refused the write: maxmemory reached): use --results-to"
-    return f"Redis is full (used {human_bytes(used)} of {human_bytes(limit)}): use --results-to"
+    room = f", and these results need about {human_bytes(needs)} while they are written" if needs else ""
+    return f"Redis is full (used {human_bytes(used)} of {human_bytes(limit)}{room}): use --results-to"
 
 
 def human_bytes(count: float) -> str:
@@ -411,7 +412,9 @@ class Store:
         """Send several attempts' reports in one round trip (each is its own atomic REPORT).
 
         A report for a batch that no longer exists comes back with status "missing".
-        Results Redis has no room for (past 95% of its ``maxmemory``) are not sent:
+        Results Redis has no room for are not sent (counted four times over, since a
+        script's arguments sit in memory too while it runs, they would pass 95% of
+        ``maxmemory``):
         that attempt fails instead, with the reason "Redis is full (used X of Y): use
         --results-to", and its index is retried by the usual rules. If Redis itself
         refuses a report as out of memory, RedisFullError is raised (that report wrote
@@ -448,7 +451,7 @@ class Store:
             # While a script runs, its arguments sit in Redis's memory too (query buffer and argv), besides
             # the values it stores: count them several times over, and keep a reserve.
             if payload >= _CHECK_ABOVE and used + payload * 4 > limit * (1 - _FULL_RESERVE):
-                reason = redis_full_reason(used, limit)
+                reason = redis_full_reason(used, limit, payload * 4)
                 outcomes = tuple(replace(o, ok=False, result=b"", ref=None, reason=reason) if o.ok else o
                                  for o in report.outcomes)  # fmt: skip
                 fitted.append(replace(report, outcomes=outcomes))

@@ -21,7 +21,7 @@ import redis
 from . import backends, limits, settings, workloads
 from . import items as items_mod
 from .backends import RunHooks
-from .batch import Batch, open_store
+from .batch import Batch, open_store, runner_home
 from .errors import UsageError
 from .model import BatchSpec, Progress, new_batch_id, validate_batch_id, validate_queue_name
 from .results_store import DEFAULT_INLINE_LIMIT, MAX_INLINE_LIMIT, validate_endpoint
@@ -354,7 +354,7 @@ def submit_options(
     """:func:`submit` with the batch options as one :class:`BatchOptions` value (what the CLI builds)."""
     planned = plan_batch(workload, options)
     spec = planned.spec
-    home = settings.as_home(home)
+    home = runner_home(redis, settings.as_home(home))
     target = backends.get(spec.backend, home=home, kube=kube)
     # A batch run in this process must ride out a Redis restart; a detached one only writes once.
     store = open_store(redis, home=home, retry_seconds=settings.worker_retry_seconds() if wait else 0.0)

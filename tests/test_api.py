@@ -81,3 +81,39 @@ def test_home_may_be_a_string_and_holds_the_embedded_server_and_the_runner_files
     assert sorted(r.text for r in queue.submit(["echo", "{item}"], wait=True).results()) == ["c\n"]
     assert not home.exists()
     kiabatch.embedded.stop(str(other))
+
+
+def test_a_client_of_an_embedded_server_brings_its_home_and_another_home_is_refused(home, tmp_path):
+    other = tmp_path / "other"
+    queue = Queue("jobs", home=other)
+    queue.enqueue_many(["x", "y"])
+    with pytest.raises(kiabatch.UsageError, match="not the home of the embedded server"):
+        queue.submit(["echo", "{item}"], home=tmp_path / "third")
+    assert len(queue) == 2  # refused before anything was taken from the queue
+    # No home given: the runner (a background one) works where the queue's server is.
+    batch = submit("exec", command=["echo", "{item}"], from_queue="jobs", redis=queue.redis, wait=False)
+    assert batch.home == other.absolute()
+    again = kiabatch.Batch(batch.id, redis=queue.redis)
+    assert again.home == other.absolute()
+    assert again.wait(timeout=60).status().state == "succeeded"
+    assert sorted(r.text for r in again.results()) == ["x\n", "y\n"]
+    assert not home.exists()
+    kiabatch.embedded.stop(other)
+
+
+@pytest.mark.parametrize("bad", ["~no-such-user-kb/state", "with\0nul"])
+def test_a_home_that_cannot_be_a_path_is_one_usage_error(home, bad):
+    for attempt in (
+        lambda: submit("exec", command=["true"], items=[1], home=bad),
+        lambda: kiabatch.Batch("b-x", home=bad),
+        lambda: Queue("q", home=bad),
+    ):
+        with pytest.raises(kiabatch.UsageError, match="state directory"):
+            attempt()
+
+
+def test_reduce_can_be_asked_twice(redis_url, home):
+    batch = submit("pi", digits=120_000, parallel=2, wait=True, home=home)
+    first = batch.reduce()
+    assert batch.reduce() == first
+    assert first.startswith("3.14159")

@@ -431,3 +431,45 @@ def test_batches_of_the_same_id_in_two_homes_never_touch_each_others_workers(red
         assert second.failed() == [] and [r.text for r in second.results()] == ["c\n"]
     finally:
         other.stop()
+
+
+# -- output that cannot be written ----------------------------------------------------------
+
+
+def big_result_batch(home: Path) -> str:
+    return submit(items=["x"], command=["head", "-c", "2000000", "/dev/zero"], wait=True, home=home).id
+
+
+@pytest.mark.parametrize("args", [["results", "--raw"], ["results"], ["-o", "json", "results"]])
+def test_a_reader_that_stops_early_is_exit_141_without_noise(redis_url, home, args):
+    batch_id = big_result_batch(home)
+    process = subprocess.Popen(kiabatch_cmd(*args, batch_id), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.read(10)
+    process.stdout.close()  # as `| head -c 10` does
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 141  # 128 + SIGPIPE, as any Unix tool; 1 would say "items failed"
+    assert stderr == ""
+
+
+@pytest.mark.parametrize("args", [["results", "--raw"], ["results"]])
+def test_a_full_disk_under_the_output_is_one_line(redis_url, home, args):
+    batch_id = big_result_batch(home)
+    with open("/dev/full", "w") as full:
+        refused = subprocess.run(kiabatch_cmd(*args, batch_id), stdout=full, stderr=subprocess.PIPE, text=True,
+                                 timeout=60)  # fmt: skip
+    one_line_error(refused, 2, "No space left on device")
+
+
+def test_a_state_directory_the_shell_cannot_expand_is_one_line(redis_url, tmp_path):
+    refused = run_cli("list", env={"KIABATCH_HOME": "~no-such-user-kb/state", "KIABATCH_REDIS_URL": ""})
+    one_line_error(refused, 2, "KIABATCH_HOME", "cannot be expanded")
+
+
+def test_a_runs_directory_that_is_a_file_is_refused_before_the_batch_is_written(redis_url, client, tmp_path):
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / "runs").write_text("not a directory")
+    refused = run_cli("submit", "--item", "1", "--", "true", env={"KIABATCH_HOME": str(state)})
+    one_line_error(refused, 2, "runs directory")
+    assert keyspace(client) == []

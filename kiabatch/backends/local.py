@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .. import limits, settings
-from ..errors import InterruptedBatchError
+from ..errors import InterruptedBatchError, UsageError
 from ..files import private_dir
 from ..model import INTERRUPTED, RUNNING, BatchSpec, Status
 from ..store import Store
@@ -43,7 +43,10 @@ class LocalBackend:
         del store
         from .local_runner import scratch_root
 
-        private_dir(self.home or settings.home(), f"the state directory (${settings.ENV_HOME})")
+        root = private_dir(self.home or settings.home(), f"the state directory (${settings.ENV_HOME})")
+        runs = root / "runs"  # made by the runner; checked here, so that a bad one refuses before the write
+        if (runs.exists() or runs.is_symlink()) and not runs.is_dir():
+            raise UsageError(f"the runs directory {str(runs)!r} is not a directory; remove it or choose another home")
         scratch_root(self.home)
 
     def task_limit(self, parallelism: int) -> int:

@@ -1,13 +1,15 @@
 """The ``kiabatch`` command line.
 
 Exit codes: 0 every item succeeded; 1 some items failed (they are listed);
-2 usage error (bad option, bad item, unknown batch); 3 Redis or the cluster
-cannot be reached; 130 interrupted (the batch can be resumed).
+2 usage error (bad option, bad item, unknown batch, an output that cannot be
+written); 3 Redis or the cluster cannot be reached; 130 interrupted (the batch
+can be resumed); 141 the reader of the output went away (``| head``).
 """
 
 from __future__ import annotations
 
 import io
+import os
 import sys
 from collections.abc import Callable
 from importlib import import_module
@@ -17,7 +19,7 @@ import click
 
 from .. import settings
 from .._version import __version__
-from ..errors import EXIT_INTERRUPTED, EXIT_UNREACHABLE, EXIT_USAGE, KiabatchError
+from ..errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_UNREACHABLE, EXIT_USAGE, KiabatchError
 from ..text import printable
 from .context import CliError, Session, user_errors
 
@@ -62,6 +64,14 @@ class KiabatchGroup(click.Group):
         module, attribute = COMMANDS[cmd_name].split(":")
         return getattr(import_module(f".{module}", __name__), attribute)
 
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            # Caught before click, which would exit 1 ("items failed" here) for it.
+            _quiet_stdout()
+            raise click.exceptions.Exit(EXIT_BROKEN_PIPE) from None
+
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
@@ -96,7 +106,8 @@ def _run(invoke: Callable[[], Any]) -> int:
         click.echo("kiabatch: interrupted", err=True)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
-        return 0
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
     except UnicodeEncodeError:  # a name or value with bytes the terminal could not decode, caught late
         return _error("an argument holds bytes that are not valid text (UTF-8); names and values must be text",
                       EXIT_USAGE)  # fmt: skip
@@ -108,8 +119,22 @@ def _run(invoke: Callable[[], Any]) -> int:
             return _error(f"lost the connection to Redis: {exc}", EXIT_UNREACHABLE)
         if isinstance(exc, redis.RedisError):
             return _error(f"Redis refused a command: {exc}", EXIT_UNREACHABLE)
+        if isinstance(exc, OSError):  # the system refused: a full disk under the output, an I/O error
+            _quiet_stdout()
+            where = f": {exc.filename}" if exc.filename else " (writing the output)"
+            return _error(f"{exc.strerror or exc}{where}", EXIT_USAGE)
         raise
     return outcome if isinstance(outcome, int) else 0
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered must not fail again at exit ("Exception ignored")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        pass  # not a real file (a test's stream)
 
 
 @click.group(cls=KiabatchGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -203,7 +203,7 @@ class PiHelper:
             return fallback()
 
     def _send(self, head: bytes, *numbers: int) -> None:
-        if self._process is None or self._process.stdin is None:
+        if self._process is None or self._process.stdin is None or self._process.stdin.closed:
             raise OSError("no helper")
         parts = [head]
         for number in numbers:
@@ -224,7 +224,7 @@ class PiHelper:
             return fallback()
 
     def _read(self, size: int) -> bytes:
-        if self._process is None or self._process.stdout is None:
+        if self._process is None or self._process.stdout is None or self._process.stdout.closed:
             raise OSError("no helper")
         if not self._ready:  # every reply follows the mark
             if self._process.stdout.read(1) != b"!":
@@ -457,6 +457,6 @@ class PiWorkload:
             try:
                 return reduce_with_helper(triples, digits, prepared)
             finally:
-                prepared.close()
+                prepared.abandon()  # used up: a later reduce computes alone or starts another
         _, q, t = combine_all(triples)
         return evaluate(q, t, digits, prepared)
