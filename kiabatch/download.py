@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -44,9 +46,15 @@ def file_name(result: ItemResult, name_from: str | None, chunked: bool) -> str:
 def download_results(
     results: Callable[[], Iterable[ItemResult]], directory: Path, *, name_from: str | None, chunked: bool
 ) -> int:
-    """See :meth:`kiabatch.Batch.download`; ``results()`` streams the batch's results (it is read twice)."""
+    """See :meth:`kiabatch.Batch.download`; ``results()`` streams the batch's results (it is read twice).
+
+    Only the results the first pass checked are written: in a batch still running,
+    an item that succeeds between the passes was never checked (its name could
+    replace another item's file), so it waits for the next download.
+    """
     # First pass: every name is checked and distinct before a byte is written.
     seen: dict[str, str] = {}
+    checked: dict[tuple[int, int], str] = {}
     for result in results():
         name = file_name(result, name_from, chunked)
         where = f"{result.index}:{result.position}"
@@ -54,6 +62,8 @@ def download_results(
             raise UsageError(f"items {seen[name]} and {where} would both be written to {printable(name)!r:.80}; "
                              "choose a --name-from field whose values are distinct")  # fmt: skip
         seen[name] = where
+        checked[(result.index, result.position)] = name
+    del seen
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -62,22 +72,35 @@ def download_results(
         raise UsageError(f"the download directory {directory} is not a directory")
     written = 0
     for result in results():
-        _write_verified(directory, file_name(result, name_from, chunked), result)
-        written += 1
+        name = checked.get((result.index, result.position))
+        if name is not None:
+            _write_verified(directory, name, result)
+            written += 1
     return written
 
 
 def _write_verified(directory: Path, name: str, result: ItemResult) -> None:
-    """Stream the result into a hidden temporary file, then rename it into place (never follows a link)."""
-    partial = directory / f".{name[:200]}.kiabatch-partial"
-    partial.unlink(missing_ok=True)
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    """Stream the result into a new temporary file, then rename it into place (never follows a link).
+
+    The temporary name is random and created exclusively (mkstemp, mode 0600): it can
+    be neither an item's file nor too long, and nothing already in DIR is removed.
+    """
+    fd, partial = tempfile.mkstemp(dir=directory, prefix=".kiabatch-", suffix=".partial")
     try:
         with os.fdopen(fd, "wb") as target, result.open() as source:
             shutil.copyfileobj(source, target, 1024 * 1024)
+        os.chmod(partial, FILE_MODE)
         os.replace(partial, directory / name)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        raise UsageError(
+            f"cannot write the result of item {result.index}:{result.position} to "
+            f"{printable(str(directory / name))!r}: {exc.strerror or exc}"
+        ) from None
     except BaseException:
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
         raise
 
 

@@ -413,7 +413,10 @@ def parse_key(key: str) -> tuple[str, str, int, int, int] | None:
     return batch, generation, int(index), int(position), int(attempt)
 
 
-_KEY = re.compile(r"^([a-z0-9][-a-z0-9]*)/(\d+)/(\d+)/(\d+)-(\d+)$")
+# BATCH/GENERATION/INDEX/POSITION-ATTEMPT, with a batch id as validate_batch_id allows it and a
+# generation of 13 digits (milliseconds since 1970: 2001 to 2286), so that other data that happens
+# to look alike (docs/2023/01/5-2) is never taken for kiabatch's.
+_KEY = re.compile(r"^([a-z0-9](?:[-a-z0-9]{0,50}[a-z0-9])?)/(\d{13})/(\d+)/(\d+)-(\d+)$")
 
 
 def outcome_ref(outcome_json: bytes | str | None) -> ObjectRef | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import obstore
@@ -162,6 +163,8 @@ def test_gc_removes_expired_batches_objects_and_losing_attempts_but_keeps_what_i
     store = ResultsStore(s3, endpoint=s3_server.endpoint)
     store.put(f"{prefix}/0/0-7", b"an attempt that lost the report")
     store.put("not-kiabatch/readme.txt", b"someone else's object")
+    for lookalike in ("docs/2023/01/5-2", "photos/2024/12/25-1", "x/1700000000000/1/2-3x"):
+        store.put(lookalike, b"someone else's object, shaped like a result")
     client.delete(*batch_keys(expired.id).all())  # as its TTL would
     before = set(objects(s3_server, s3))
     dry = kb("gc", "--results-to", s3, "--dry-run")
@@ -169,7 +172,9 @@ def test_gc_removes_expired_batches_objects_and_losing_attempts_but_keeps_what_i
     done = kb("gc", "--results-to", s3)
     assert done.exit_code == 0 and "removed 2" in done.stderr
     left = set(objects(s3_server, s3))
-    assert left == {r.ref.key for r in live.results()} | {"not-kiabatch/readme.txt"}
+    assert left == {r.ref.key for r in live.results()} | {
+        "not-kiabatch/readme.txt", "docs/2023/01/5-2", "photos/2024/12/25-1", "x/1700000000000/1/2-3x"
+    }  # fmt: skip
     assert [r.text for r in live.results()] == ["a\n", "b\n"]
 
 
@@ -235,3 +240,56 @@ def test_credentials_are_never_printed_nor_stored_even_when_the_store_refuses_th
     everything += kb("status", batch_id).stdout + repr([client.dump(key) for key in client.keys("*")])
     for secret in (S3_SECRET_KEY, S3_ACCESS_KEY[4:]):
         assert secret not in everything
+
+
+def test_download_names_that_look_like_its_temporary_files_or_fill_255_bytes_are_written_as_given(
+    redis_url, home, tmp_path
+):
+    long_name = "日" * 85  # 255 bytes
+    items = [{"name": ".x.kiabatch-partial", "v": 1}, {"name": "x", "v": 2}, {"name": long_name, "v": 3},
+             {"name": ".kiabatch-abc.partial", "v": 4}]  # fmt: skip
+    batch = submit(items=items, command=["echo", "{v}"], wait=True, home=home)
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "already here").write_text("kept")
+    assert kb("results", batch.id, "--download", str(target), "--name-from", "name").exit_code == 0
+    assert {p.name: p.read_text() for p in target.iterdir()} == {
+        ".x.kiabatch-partial": "1\n", "x": "2\n", long_name: "3\n", ".kiabatch-abc.partial": "4\n",
+        "already here": "kept",
+    }  # fmt: skip
+
+
+def test_a_download_into_a_directory_where_a_name_is_taken_by_a_directory_names_the_item(redis_url, home, tmp_path):
+    batch = submit(items=[{"name": "x2", "v": 1}], command=["echo", "{v}"], wait=True, home=home)
+    (tmp_path / "out" / "x2").mkdir(parents=True)
+    refused = kb("results", batch.id, "--download", str(tmp_path / "out"), "--name-from", "name")
+    one_line_error(refused, 2, "item 0:0", "x2")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["x2"]  # no temporary file left behind
+
+
+def test_a_download_of_a_running_batch_writes_only_the_results_whose_names_it_checked(redis_url, home, tmp_path):
+    gate = tmp_path / "go"
+    items = [{"name": "a", "v": 0}, {"name": "b", "v": 1}, {"name": "a", "v": 2}]
+    script = f"[ {{v}} -lt 2 ] || while [ ! -e {gate} ]; do sleep 0.05; done; echo {{v}}"
+    batch = submit(items=items, command=["sh", "-c", script], parallel=3, wait=False, home=home)
+    deadline = time.monotonic() + 30
+    while batch.progress().done < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    checked = iter(batch.results())  # the first pass sees 2 results; the third finishes before the second
+    first_pass = list(checked)
+    assert len(first_pass) == 2
+    from kiabatch.download import download_results
+
+    passes = iter([first_pass, None])
+
+    def results():
+        current = next(passes)
+        if current is not None:
+            return current
+        gate.touch()
+        batch.wait(timeout=30)
+        return batch.results()  # now three: item 2 is also named "a"
+
+    written = download_results(results, tmp_path / "dl", name_from="name", chunked=False)
+    assert written == 2
+    assert {p.name: p.read_text() for p in (tmp_path / "dl").iterdir()} == {"a": "0\n", "b": "1\n"}
