@@ -43,14 +43,24 @@ def read_exactly(stream: BinaryIO, size: int) -> bytes:
     return data
 
 
+def framed(body: bytes) -> bytes:
+    """``body`` after its 8-byte big-endian length (the parent frames its requests with this too)."""
+    return len(body).to_bytes(8, "big") + body
+
+
+def magnitude(value: int) -> bytes:
+    """The big-endian bytes of ``value`` >= 0."""
+    return int(value).to_bytes((value.bit_length() + 7) // 8, "big")
+
+
 def write_number(stream: BinaryIO, value: int) -> None:
     """One length-prefixed magnitude."""
-    write_bytes(stream, int(value).to_bytes((value.bit_length() + 7) // 8, "big"))
+    write_bytes(stream, magnitude(value))
 
 
 def write_bytes(stream: BinaryIO, body: bytes) -> None:
     """Length-prefixed bytes."""
-    stream.write(len(body).to_bytes(8, "big") + body)
+    stream.write(framed(body))
     stream.flush()
 
 

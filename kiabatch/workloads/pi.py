@@ -27,13 +27,14 @@ import threading
 import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mpmath.libmp import MPZ, isqrt
 
 from ..errors import UsageError
 from ..limits import MAX_DIGITS, MAX_DIGITS_FORCED
 from ..model import ItemResult, WorkerSpec
+from ._pi_helper import framed, magnitude
 from .base import Plan, Runtime
 
 #: Decimal digits each Chudnovsky term adds: log10(640320^3 / (24*6*2*6)).
@@ -123,6 +124,14 @@ _HELPER_DIGITS = 100_000
 _HELPER = Path(__file__).with_name("_pi_helper.py")
 
 
+_T = TypeVar("_T")
+
+
+def _number(body: bytes) -> Any:
+    """A reply's magnitude as an integer of mpmath's backend."""
+    return MPZ(int.from_bytes(body, "big"))
+
+
 class PiHelper:
     """A child process (``_pi_helper.py``) that computes √10005, the numerator of π's division
     and the high part of its digits.
@@ -194,32 +203,21 @@ class PiHelper:
 
     def high_text(self, fallback: Callable[[], str]) -> str:
         """That quotient's decimal digits (``fallback()`` if the helper failed)."""
-        try:
-            if self._process is None:
-                raise OSError("no helper")
-            return self._read(int.from_bytes(self._read(8), "big")).decode("ascii")
-        except (OSError, EOFError, UnicodeDecodeError):
-            self.abandon()
-            return fallback()
+        return self._ask(None, fallback, lambda body: body.decode("ascii"))
 
     def _send(self, head: bytes, *numbers: int) -> None:
         if self._process is None or self._process.stdin is None or self._process.stdin.closed:
             raise OSError("no helper")
-        parts = [head]
-        for number in numbers:
-            body = int(number).to_bytes((number.bit_length() + 7) // 8, "big")
-            parts += [len(body).to_bytes(8, "big"), body]
-        self._process.stdin.write(b"".join(parts))
+        self._process.stdin.write(head + b"".join(framed(magnitude(number)) for number in numbers))
         self._process.stdin.flush()
 
-    def _ask(self, op: bytes | None, fallback: Callable[[], int]) -> int:
-        """Send ``op`` (None: already sent) and read the number it answers, else compute ``fallback``."""
+    def _ask(self, op: bytes | None, fallback: Callable[[], _T], decode: Callable[[bytes], _T] = _number) -> _T:
+        """Send ``op`` (None: already sent) and decode the reply, else compute ``fallback()``."""
         try:
             if op is not None:
                 self._send(op)
-            size = int.from_bytes(self._read(8), "big")
-            return MPZ(int.from_bytes(self._read(size), "big"))
-        except (OSError, EOFError):
+            return decode(self._read(int.from_bytes(self._read(8), "big")))
+        except (OSError, EOFError, UnicodeDecodeError):
             self.abandon()
             return fallback()
 
