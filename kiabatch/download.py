@@ -91,17 +91,15 @@ def _write_verified(directory: Path, name: str, result: ItemResult) -> None:
             shutil.copyfileobj(source, target, 1024 * 1024)
         os.chmod(partial, FILE_MODE)
         os.replace(partial, directory / name)
-    except OSError as exc:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(partial)
+        if not isinstance(exc, OSError):
+            raise
         raise UsageError(
             f"cannot write the result of item {result.index}:{result.position} to "
             f"{printable(str(directory / name))!r}: {exc.strerror or exc}"
         ) from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(partial)
-        raise
 
 
 __all__: list[Any] = ["download_results", "file_name"]
