@@ -473,3 +473,13 @@ def test_a_runs_directory_that_is_a_file_is_refused_before_the_batch_is_written(
     refused = run_cli("submit", "--item", "1", "--", "true", env={"KIABATCH_HOME": str(state)})
     one_line_error(refused, 2, "runs directory")
     assert keyspace(client) == []
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["submit", "--help"]])
+def test_output_written_while_parsing_to_a_gone_reader_is_exit_141_too(args):
+    process = subprocess.Popen(kiabatch_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # gone before a byte is written
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 141
+    assert stderr == ""

@@ -8,10 +8,11 @@ can be resumed); 141 the reader of the output went away (``| head``).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib import import_module
 from typing import Any
 
@@ -64,13 +65,17 @@ class KiabatchGroup(click.Group):
         module, attribute = COMMANDS[cmd_name].split(":")
         return getattr(import_module(f".{module}", __name__), attribute)
 
+    # Output is written while the arguments are parsed (--help, --version) and while a command
+    # runs: a reader that went away is caught in both, before click, which would exit 1
+    # ("items failed" here) for it.
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        with _reader_gone():
+            return super().make_context(*args, **kwargs)
+
     def invoke(self, ctx: click.Context) -> Any:
-        try:
+        with _reader_gone():
             return super().invoke(ctx)
-        except BrokenPipeError:
-            # Caught before click, which would exit 1 ("items failed" here) for it.
-            _quiet_stdout()
-            raise click.exceptions.Exit(EXIT_BROKEN_PIPE) from None
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         if not standalone_mode:
@@ -105,9 +110,6 @@ def _run(invoke: Callable[[], Any]) -> int:
     except KeyboardInterrupt:
         click.echo("kiabatch: interrupted", err=True)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        _quiet_stdout()
-        return EXIT_BROKEN_PIPE
     except UnicodeEncodeError:  # a name or value with bytes the terminal could not decode, caught late
         return _error("an argument holds bytes that are not valid text (UTF-8); names and values must be text",
                       EXIT_USAGE)  # fmt: skip
@@ -125,6 +127,16 @@ def _run(invoke: Callable[[], Any]) -> int:
             return _error(f"{exc.strerror or exc}{where}", EXIT_USAGE)
         raise
     return outcome if isinstance(outcome, int) else 0
+
+
+@contextlib.contextmanager
+def _reader_gone() -> Iterator[None]:
+    """A broken pipe on the output becomes exit 141 (128 + SIGPIPE), quietly."""
+    try:
+        yield
+    except BrokenPipeError:
+        _quiet_stdout()
+        raise click.exceptions.Exit(EXIT_BROKEN_PIPE) from None
 
 
 def _quiet_stdout() -> None:
