@@ -305,12 +305,7 @@ def evaluate(q: int, t: int, digits: int, root: int | None = None) -> str:
     excess = t.bit_length() - root.bit_length() - 64
     if excess > 0:
         q, t = q >> excess, t >> excess
-    return digits_of((426880 * root * q) // t, digits)
-
-
-def digits_of(scaled: int, digits: int) -> str:
-    """``3.14...`` to ``digits`` decimals from ``scaled`` ≈ π·10^(digits+guard), within ±3."""
-    return pi_text(decimal_text(scaled), digits)
+    return pi_text(decimal_text((426880 * root * q) // t), digits)
 
 
 def pi_text(text: str, digits: int) -> str:
