@@ -23,8 +23,6 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
-from croniter import CroniterBadDateError, croniter
-
 from .errors import UsageError
 from .model import MAX_BATCH_ID, validate_batch_id
 
@@ -44,6 +42,15 @@ _ALLOWED = {
 _MACROS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
 
 
+def _croniter() -> Any:
+    """croniter, imported on first use: ``submit`` and ``status`` need this module's names but
+    not its cron arithmetic, and importing croniter runs a child process (``file``, through
+    ``platform.architecture()``)."""
+    from croniter import croniter
+
+    return croniter
+
+
 def validate_cron(expression: str) -> str:
     """Return ``expression`` if Kubernetes and croniter accept it; else UsageError naming the bad field."""
     text = expression.strip()
@@ -57,6 +64,7 @@ def validate_cron(expression: str) -> str:
             f"bad cron expression {expression!r}: needs 5 fields (minute hour day-of-month month day-of-week) "
             f"or one of {', '.join(_MACROS)}; got {len(parts)} field(s)"
         )
+    croniter = _croniter()
     if croniter.is_valid(text):
         _check_fires(expression, text)
         return text
@@ -73,8 +81,10 @@ def validate_cron(expression: str) -> str:
 
 def _check_fires(expression: str, text: str) -> None:
     """UsageError for an expression that names no real moment (``0 0 31 2 *``: February 31st)."""
+    from croniter import CroniterBadDateError
+
     try:
-        croniter(text, datetime(2000, 1, 1)).get_next(datetime)
+        _croniter()(text, datetime(2000, 1, 1)).get_next(datetime)
     except CroniterBadDateError:
         raise UsageError(
             f"bad cron expression {expression!r}: it never fires (no month has that day, e.g. February 30 or 31)"
@@ -168,12 +178,12 @@ class Schedule:
 
     def next_tick(self, after: datetime) -> datetime:
         """The first tick strictly after ``after`` (an aware datetime)."""
-        return croniter(self.cron, after.astimezone(self.zone)).get_next(datetime)
+        return _croniter()(self.cron, after.astimezone(self.zone)).get_next(datetime)
 
     def last_tick(self, at_or_before: datetime) -> datetime:
         """The latest tick at or before ``at_or_before`` (ticks are at least a minute apart)."""
         moment = at_or_before.astimezone(self.zone) + timedelta(seconds=1)
-        return croniter(self.cron, moment).get_prev(datetime)
+        return _croniter()(self.cron, moment).get_prev(datetime)
 
     def to_json(self) -> str:
         """Serialised for storage."""

@@ -111,3 +111,13 @@ def test_the_pod_sidecar_loads_neither_the_kubernetes_client_nor_yaml(redis_url,
     [line] = [line for line in stderr.splitlines() if line.startswith("MODULES ")]
     assert heavy(json.loads(line.removeprefix("MODULES "))) == set()
     assert [r.text for r in batch.results()] == ["x\n"]
+
+
+def test_a_local_submit_loads_neither_the_kubernetes_client_nor_yaml_nor_cron(home):
+    """``submit`` names schedules' run ids but does no cron arithmetic: croniter (which runs ``file``
+    as it is imported) stays out, like the Kubernetes client and YAML."""
+    # psutil cleans up the runner's process groups; kiabatch.kube holds the types of submit's cluster options.
+    assert loaded("submit", "-q", "--", "echo", "hi") <= {"psutil", "kiabatch.kube"}
+    # The check above would pass vacuously if the probe never saw croniter; a cron check must load it.
+    assert "croniter" in loaded("schedule", "create", "nightly", "--cron", "61 * * * *", "--item", "1", "--command",
+                                "true")  # fmt: skip

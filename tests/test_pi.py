@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kiabatch import submit
 from kiabatch.errors import UsageError
@@ -316,3 +318,68 @@ def test_the_worker_splits_exactly_as_plain_binary_splitting(a, b):
     p, q, t = reference_split(a, b)
     assert tuple(map(int, worker.split(a, b))) == (p, q, t)
     assert tuple(map(int, worker.split(a, b, need_p=False))) == (0, q, t)
+
+
+def load_helper_module():
+    loader = importlib.machinery.SourceFileLoader("pi_helper_module", str(REPO / "kiabatch/workloads/_pi_helper.py"))
+    spec = importlib.util.spec_from_loader("pi_helper_module", loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    x=st.integers(min_value=-(2**3000), max_value=2**3000),
+    y=st.integers(min_value=1, max_value=2**3000),
+    shift=st.integers(min_value=0, max_value=6500),
+)
+def test_a_product_from_leading_bits_is_within_two_units_of_the_exact_one(x, y, shift):
+    from mpmath.libmp import MPZ
+
+    from kiabatch.workloads.pi import _scaled_product
+
+    assert abs(int(_scaled_product(MPZ(x), MPZ(y), shift)) - ((x * y) >> shift)) <= 2
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    numerator=st.integers(min_value=1, max_value=2**4000),
+    denominator=st.integers(min_value=1, max_value=2**1500),
+    half=st.integers(min_value=0, max_value=300),
+)
+def test_the_helpers_high_quotient_is_exact_or_one_off(numerator, denominator, half):
+    high_quotient = load_helper_module().high_quotient
+    exact = numerator // (denominator * 10**half)
+    assert abs(int(high_quotient(numerator, denominator, half)) - exact) <= 1
+
+
+def test_the_helpers_high_quotient_is_exact_away_from_a_boundary():
+    """One off only when the exact quotient sits within 2^-60 of a whole number: not for π's digits."""
+    high_quotient = load_helper_module().high_quotient
+    digits = 200_000
+    numerator, denominator = MPZ_pi_fraction(digits)
+    for half in (0, 1, 1000, digits // 3, digits // 2):
+        assert high_quotient(numerator, denominator, half) == numerator // (denominator * 10**half)
+
+
+def MPZ_pi_fraction(digits: int) -> tuple[int, int]:
+    """π·10^digits as a fraction of two big integers (from the worker's whole-series triple)."""
+    from kiabatch.workloads.pi import sqrt_10005
+
+    _, q, t = worker_triples(digits, 1)[0]
+    return 426880 * sqrt_10005(digits) * q, t
+
+
+def test_the_workers_range_mode_does_not_import_mpmath():
+    """Each task starts in a blink: integers come from gmpy2 directly (mpmath takes longer to import)."""
+    probe = (
+        "import atexit, runpy, sys; atexit.register(lambda: print('mpmath' in sys.modules, file=sys.stderr)); "
+        f"sys.argv = ['pi'] + sys.argv[1:]; runpy.run_path({str(WORKER)!r}, run_name='__main__')"
+    )
+    ranged = subprocess.run([sys.executable, "-c", probe, "--range", "0", "50", "--of", "50"], capture_output=True)
+    assert ranged.returncode == 0 and ranged.stderr.decode().split() == ["False"]
+    _, q, t = reference_split(0, 50)
+    assert tuple(map(int, decode_triple(ranged.stdout))) == (0, q, t)
+    plain = subprocess.run([sys.executable, "-c", probe, "--digits", "5"], capture_output=True, text=True)
+    assert plain.stdout.strip() == truth(5) and plain.stderr.split() == ["True"]

@@ -259,15 +259,36 @@ def _root_bits(digits: int) -> int:
 _LOW_SHARE = 0.4
 
 
+def _leading(x: int, y: int, shift: int) -> tuple[int, int, int]:
+    """``x``, ``y`` cut to the leading bits that decide about ``x·y >> shift``, and what is left of ``shift``.
+
+    Each factor keeps 64 bits more than the result has, so ``(x'·y') >> shift'``
+    is within a unit or two of ``(x·y) >> shift``: a quarter of the work when the
+    factors are much longer than the result.
+    """
+    keep = max(0, abs(x).bit_length() + abs(y).bit_length() - shift) + 64
+    cut_x = max(0, abs(x).bit_length() - keep)
+    cut_y = max(0, abs(y).bit_length() - keep)
+    return x >> cut_x, y >> cut_y, shift - cut_x - cut_y
+
+
+def _scaled_product(x: int, y: int, shift: int) -> int:
+    """About ``(x·y) >> shift`` (within a unit or two), from the leading bits of ``x`` and ``y``."""
+    x, y, shift = _leading(x, y, shift)
+    product = x * y
+    return product >> shift if shift >= 0 else product << -shift
+
+
 def reduce_with_helper(triples: list[tuple[int, int, int]], digits: int, helper: PiHelper) -> str:
     """π from the tasks' triples, the last combine and the digits shared with ``helper``.
 
-    Only Q/T's leading bits matter, so Q and T are cut by the same ``excess`` bits
-    (keeping 128 more than the root has) before they meet the root; the helper
-    cuts its product Q1·Q2 itself, so only the operands travel. Then, with
+    Only Q/T's leading bits matter, so Q and T are both divided by the same 2^excess
+    (keeping 128 more bits than the root has), and each product of the last combine
+    is formed from its factors' leading bits only (T1·Q2 needs those 128 bits,
+    P1·T2, some 10^(14·terms) times smaller, far fewer). The helper forms
+    426880·root·Q from such cut factors while this process forms T. Then, with
     S = NUM // DEN ≈ π·10^(digits+guard) and P = 10^half, the helper computes
-    NUM // (DEN·P), which is S // P, and its digits, while this process computes S
-    and the digits of S - (S // P)·P.
+    S // P and its digits, while this process computes S and the digits of S - (S // P)·P.
     """
     if len(triples) < 2:
         _, q, t = triples[0]
@@ -276,12 +297,13 @@ def reduce_with_helper(triples: list[tuple[int, int, int]], digits: int, helper:
     p1, q1, t1 = combine_all(triples[:middle])
     _, q2, t2 = combine_all(triples[middle:])
     excess = max(0, q1.bit_length() + q2.bit_length() - _root_bits(digits) - 128)
+    cut_q1, cut_q2, q_shift = _leading(q1, q2, excess)
     if helper.root_ready():
-        helper.start_numerator(q1, q2, excess)
-        denominator = (t1 * q2 + p1 * t2) >> excess
+        helper.start_numerator(cut_q1, cut_q2, q_shift)
+        denominator = _scaled_product(t1, q2, excess) + _scaled_product(p1, t2, excess)
     else:  # busy tasks left it little CPU: it finishes the root while this process computes Q too
-        denominator = (t1 * q2 + p1 * t2) >> excess
-        helper.start_numerator((q1 * q2) >> excess, MPZ(1), 0)
+        denominator = _scaled_product(t1, q2, excess) + _scaled_product(p1, t2, excess)
+        helper.start_numerator((cut_q1 * cut_q2) >> q_shift, MPZ(1), 0)
     numerator = helper.numerator()
     # S has digits + guard + 1 digits; this process also divides, so the helper converts more of them.
     half = int((digits + _GUARD_DIGITS) * _LOW_SHARE)
@@ -290,7 +312,7 @@ def reduce_with_helper(triples: list[tuple[int, int, int]], digits: int, helper:
     power = MPZ(10) ** half
     high = helper.high(lambda: scaled // power)
     low = scaled - high * power
-    if not 0 <= low < power:  # never from a working helper; the answer must not depend on it
+    if not 0 <= low < power:  # the helper's quotient is one off (rarely) or wrong: do not depend on it
         helper.abandon()
         high, low = divmod(scaled, power)
     low_text = decimal_text(low, parallel=False).rjust(half, "0")
