@@ -254,9 +254,10 @@ def _root_bits(digits: int) -> int:
     return int(math.log2(10005) / 2 + (digits + _GUARD_DIGITS) * math.log2(10)) + 1
 
 
-#: The share of π's digits this process converts (the low ones); the helper converts the rest
-#: and divides a smaller quotient, which evens out the two processes' work.
-_LOW_SHARE = 0.4
+#: The share of π's digits this process converts (the low ones); the helper converts the rest.
+#: Half each: this process divides in full, the helper only to its quotient's leading bits,
+#: which takes about as long as the subtraction and wait here.
+_LOW_SHARE = 0.5
 
 
 def _leading(x: int, y: int, shift: int) -> tuple[int, int, int]:
