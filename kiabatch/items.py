@@ -80,8 +80,9 @@ def decode(text: str | bytes) -> Any:
 
 
 def text(value: Any) -> str:
-    """What the worker sees of an item: strings as is, other values as compact JSON."""
-    return value if isinstance(value, str) else _ENCODER.encode(value)
+    """What the worker sees of an item: strings as is, other values as compact JSON (UsageError, as
+    :func:`encode` gives, for a value JSON cannot hold)."""
+    return value if isinstance(value, str) else encode(value)
 
 
 def parse(source: str, where: str = "--item") -> Any:

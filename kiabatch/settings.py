@@ -107,6 +107,10 @@ def embedded_maxmemory() -> int:
         if value is None:
             raise UsageError(f"{ENV_EMBEDDED_MAXMEMORY}={raw[:40]!r} is not a size; use bytes, or a number with "
                              "KiB, MiB or GiB (e.g. 2GiB), or 0 for no limit")  # fmt: skip
-        return value if value == 0 else max(value, 1024 * 1024)  # Redis needs about a MiB to run at all
+        if 0 < value < 1024 * 1024:  # Redis needs about a MiB to run at all
+            raise UsageError(
+                f"{ENV_EMBEDDED_MAXMEMORY}={raw[:40]!r} is too small; use at least 1MiB, or 0 for no limit"
+            )
+        return value
     total = physical_memory()
     return int(total * EMBEDDED_MEMORY_SHARE) if total else 0

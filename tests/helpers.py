@@ -74,11 +74,21 @@ def run_cli(
 
 def terminal_stderr(*args: str, timeout: float = 60) -> str:
     """What ``kiabatch ARGS`` writes to stderr when stderr is a terminal (a pseudo-terminal)."""
+    return on_a_terminal(*args, timeout=timeout)[1]
+
+
+def on_a_terminal(*args: str, typed: bytes | None = None, timeout: float = 60) -> tuple[int, str]:
+    """``kiabatch ARGS`` with stderr on a pseudo-terminal (and stdin too, where ``typed`` is what the user
+    types): its exit code and what the terminal showed."""
     import pty
 
     primary, replica = pty.openpty()
-    process = subprocess.Popen(kiabatch_cmd(*args), stdout=subprocess.PIPE, stderr=replica, env=os.environ)
+    stdin = replica if typed is not None else None
+    process = subprocess.Popen(kiabatch_cmd(*args), stdin=stdin, stdout=subprocess.PIPE, stderr=replica,
+                               env=os.environ)  # fmt: skip
     os.close(replica)
+    if typed is not None:
+        os.write(primary, typed)
     chunks = []
     while True:
         try:
@@ -89,8 +99,7 @@ def terminal_stderr(*args: str, timeout: float = 60) -> str:
             break
         chunks.append(data)
     os.close(primary)
-    process.wait(timeout=timeout)
-    return b"".join(chunks).decode(errors="replace")
+    return process.wait(timeout=timeout), b"".join(chunks).decode(errors="replace")
 
 
 def one_line_error(result: Result | subprocess.CompletedProcess[str], code: int, *fragments: str,

@@ -49,6 +49,14 @@ def test_a_misspelt_keyword_fails_at_once_naming_it(redis_url, client, workload,
     assert client.keys("*") == []  # nothing was written
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), {1, 2}, b"bytes", object()], ids=type)
+@pytest.mark.parametrize("command", [["echo", "{item}"], ["echo", "hi"]])
+def test_an_item_json_cannot_hold_is_a_usage_error_naming_it_and_nothing_is_written(redis_url, client, bad, command):
+    with pytest.raises(kiabatch.UsageError, match="is not JSON-serialisable"):
+        submit(items=[1, bad], command=command)
+    assert client.keys("*") == []
+
+
 def test_the_public_names_load_lazily_and_all_resolve():
     for name in kiabatch.__all__:
         assert getattr(kiabatch, name) is not None

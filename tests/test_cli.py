@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from kiabatch.cli import cli
-from tests.helpers import kb, one_line_error, run_cli, truth
+from tests.helpers import kb, on_a_terminal, one_line_error, run_cli, truth
 
 
 @pytest.fixture
@@ -122,6 +122,19 @@ def test_queue_commands_enqueue_list_purge_and_submit_from_queue(runner, redis_u
     assert empty.exit_code == 0 and "is empty: nothing to run" in empty.stderr
     kb("queue", "enqueue", "jobs", "1")
     assert kb("queue", "purge", "jobs", "--yes").stderr.strip() == "removed 1 item(s) from 'jobs'"
+
+
+def test_queue_purge_asks_on_a_terminal_and_otherwise_needs_yes(runner, redis_url):
+    kb("queue", "enqueue", "jobs", "1", "2")
+    # No terminal to ask: one line, exit 2, nothing removed (was click's "aborted", exit 130).
+    one_line_error(kb("queue", "purge", "jobs"), 2, "pass --yes to confirm")
+    code, shown = on_a_terminal("queue", "purge", "jobs", typed=b"n\n")
+    assert code == 2 and "remove all 2 item(s) from 'jobs'?" in shown and "nothing removed" in shown
+    assert kb("queue", "list", "jobs").stdout.splitlines() == ["1", "2"]
+    code, shown = on_a_terminal("queue", "purge", "jobs", typed=b"y\n")
+    assert code == 0 and "removed 2 item(s) from 'jobs'" in shown
+    empty = kb("queue", "purge", "jobs")  # nothing to confirm
+    assert empty.exit_code == 0 and "is empty; nothing to remove" in empty.stderr
 
 
 BAD_INPUTS = [

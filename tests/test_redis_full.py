@@ -94,3 +94,6 @@ def test_the_embedded_servers_maxmemory_is_shown_and_a_bad_setting_is_one_error_
     kb("server", "stop", "--force")
     monkeypatch.setenv("KIABATCH_EMBEDDED_MAXMEMORY", "lots")
     one_line_error(kb("list"), 2, "KIABATCH_EMBEDDED_MAXMEMORY", "is not a size")
+    for small in ("10", "100KiB", str(1024 * 1024 - 1)):  # was silently raised to 1 MiB
+        monkeypatch.setenv("KIABATCH_EMBEDDED_MAXMEMORY", small)
+        one_line_error(kb("list"), 2, "KIABATCH_EMBEDDED_MAXMEMORY", "too small; use at least 1MiB")

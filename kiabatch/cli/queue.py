@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import click
 
 from .. import items as items_mod
 from ..queue import Queue, queue_names
-from .context import Session, emit_json, note, pass_session, user_errors
+from .context import CliError, Session, emit_json, note, pass_session, user_errors
 from .options import LIMIT
 from .output import table
 
@@ -97,6 +98,15 @@ def purge_command(session: Session, name: str, yes: bool) -> None:
     """Remove every item queued in NAME."""
     queue = _queue(session, name)
     if not yes:
-        click.confirm(f"remove all {len(queue)} item(s) from {name!r}?", abort=True, err=True)
+        with user_errors():
+            queued = len(queue)
+        if not queued:
+            note(f"queue {name!r} is empty; nothing to remove")
+            return
+        if not sys.stdin.isatty():
+            raise CliError(f"purge removes all {queued:,} item(s) from {name!r}; pass --yes to confirm "
+                           "(there is no terminal to ask)")  # fmt: skip
+        if not click.confirm(f"remove all {queued:,} item(s) from {name!r}?", err=True):
+            raise CliError(f"nothing removed from {name!r} (not confirmed; --yes skips the question)")
     with user_errors():
         note(f"removed {queue.purge()} item(s) from {name!r}")
