@@ -334,7 +334,8 @@ TARGETS = ("enqueue", "steps", "start", "results", "status", "local", "pi")
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (under two minutes); ratios are indicative")
-    parser.add_argument("--only", choices=TARGETS, action="append", help="run only these targets (repeatable)")
+    parser.add_argument("--only", choices=TARGETS, nargs="+", action="extend", metavar="TARGET",
+                        help="run only these targets (several may follow one --only; repeatable)")  # fmt: skip
     parser.add_argument("--repeat", type=int, default=3, help="repetitions of the short measurements (medians)")
     args = parser.parse_args()
     repeat = 1 if args.quick else args.repeat

@@ -240,8 +240,14 @@ class Batch:
         return self.store.logs(self.id, index)
 
     def log_chunks(self, index: int | None = None, *, follow: bool = False) -> Iterator[LogChunk]:
-        """The workers' logs as the backend has them (Kubernetes: the pods' containers; local: stored tails)."""
-        return self._backend(self.store.spec(self.id).backend).logs(self.store, self.id, index=index, follow=follow)
+        """The workers' logs as the backend has them (Kubernetes: the pods' containers; local: stored tails).
+        UsageError for an index the batch does not have."""
+        spec = self.store.spec(self.id)
+        if index is not None and not 0 <= index < spec.tasks:
+            raise UsageError(
+                f"batch {self.id} has {spec.tasks:,} task(s), indexes 0-{spec.tasks - 1:,}; no index {index:,}"
+            )
+        return self._backend(spec.backend).logs(self.store, self.id, index=index, follow=follow)
 
     def _backend(self, name: str) -> Backend:
         return backends.get(name, home=self.home)

@@ -86,6 +86,8 @@ def test_no_wait_prints_the_batch_id_and_status_results_logs_follow_it(runner, r
     logs = kb("logs", "bg-batch", "--index", "0")
     assert logs.stdout.splitlines()[0] == "==> index 0, attempt 1 <=="
     assert logs.stdout.splitlines()[1].startswith("err ")
+    # An index the batch does not have was an empty success; it is one line now.
+    one_line_error(kb("logs", "bg-batch", "--index", "2"), 2, "has 2 task(s), indexes 0-1; no index 2")
     listed = json.loads(kb("-o", "json", "list").stdout)
     assert [b["id"] for b in listed] == ["bg-batch"]
     assert kb("status").stdout.strip() == "no unfinished batches"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import signal
 import subprocess
 import sys
@@ -230,6 +231,15 @@ def test_schedule_commands_create_list_show_history_run_now_delete(client, home)
     assert "hourly-pi" in runner.invoke(cli, ["schedule", "list"]).stdout
     shown = runner.invoke(cli, ["-o", "json", "schedule", "show", "hourly-pi"])
     assert shown.exit_code == 0 and '"submit_args": ["pi", "--digits", "20"]' in shown.stdout
+    quoted = runner.invoke(cli, ["schedule", "create", "thumbs", "--cron", "@daily", "--item", '"a b"',
+                                 "--command", "python thumb.py {input}"])  # fmt: skip
+    assert quoted.exit_code == 0, quoted.stderr
+    lines = dict(line.split(None, 1) for line in runner.invoke(cli, ["schedule", "show", "thumbs"]).stdout
+                 .replace("time zone", "time_zone").replace("submit args", "submit_args").splitlines())  # fmt: skip
+    assert lines["time_zone"] == "UTC"  # was Python's None
+    # Quoted as a shell would need it: pasting it back gives the same arguments.
+    assert shlex.split(lines["submit_args"]) == ["--item", '"a b"', "--command", "python thumb.py {input}"]
+    runner.invoke(cli, ["schedule", "delete", "thumbs"])
     started = runner.invoke(cli, ["schedule", "run-now", "hourly-pi"])
     assert started.exit_code == 0, started.stderr
     batch = started.stdout.strip()

@@ -7,6 +7,7 @@ chosen backend; this module parses options and prints.
 from __future__ import annotations
 
 import json
+import shlex
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,6 +24,7 @@ from ..schedules import (
     Schedules,
     validate_schedule_name,
 )
+from ..text import printable
 from .context import Session, emit_json, note, pass_session, user_errors
 from .options import LIMIT, Duration, Interval, backend_option, cluster_options, stack
 from .output import table
@@ -157,11 +159,13 @@ def show_command(session: Session, name: str, **params: Any) -> None:
     if session.json:
         emit_json(data)
         return
-    data["submit_args"] = " ".join(schedule.submit_args)
+    data["submit_args"] = shlex.join(schedule.submit_args)  # pastes back into a shell
+    data["time_zone"] = schedule.time_zone or "UTC"  # as `schedule list` shows it (was Python's None)
     data["next_run"] = "-" if schedule.suspend else schedule.next_tick(datetime.now(UTC)).isoformat()
     for key, value in data.items():
         if key not in ("extra", "created_at"):
-            click.echo(f"{key.replace('_', ' '):<18} {value}")
+            shown = printable(value) if value not in ("", None) else "-"
+            click.echo(f"{key.replace('_', ' '):<18} {shown}")
 
 
 @schedule_group.command("suspend")
