@@ -76,7 +76,7 @@ def check_indexed_job(tasks: int, parallelism: int, max_failed_indexes: int, job
     """
     if tasks > COMPLETIONS_SOFT_LIMIT:
         above = f"above {COMPLETIONS_SOFT_LIMIT:,} tasks (the API's limit for Indexed Jobs)"
-        fewer = f"or give --chunk so there are at most {COMPLETIONS_SOFT_LIMIT:,} tasks"
+        fewer = f"or give --chunk or --tasks so there are at most {COMPLETIONS_SOFT_LIMIT:,} tasks"
         if parallelism > MAX_PARALLEL_HIGH_COMPLETIONS:
             raise UsageError(
                 f"{tasks:,} tasks with parallelism {parallelism:,}: {above}, at most "

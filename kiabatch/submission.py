@@ -142,10 +142,13 @@ def cut_tasks(total: int, *, tasks: int | None, chunk: int | None, limit: int = 
         chunk = max(1, math.ceil(total / limit))
     count = math.ceil(total / chunk)
     if count > limit:
-        raise UsageError(
-            f"{total:,} items at {chunk:,} per task make {count:,} tasks, more than {limit:,}; "
-            f"give --chunk {math.ceil(total / limit)} or more"
+        # Tasks asked for by number (π's only way to choose) are lowered by number.
+        fewer = (
+            f"give --tasks {limit:,} or fewer"
+            if tasks is not None
+            else f"give --chunk {math.ceil(total / limit)} or more"
         )
+        raise UsageError(f"{total:,} items at {chunk:,} per task make {count:,} tasks, more than {limit:,}; {fewer}")
     return count, chunk
 
 

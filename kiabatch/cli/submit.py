@@ -86,7 +86,7 @@ common_options = stack(
     click.option("--parallel", "-p", type=count(1, limits.MAX_PARALLEL), default=1, show_default=True,
                  help="Tasks running at once (Job parallelism)."),
     click.option("--tasks", type=count(1, limits.MAX_TASKS),
-                 help="Number of tasks (Job completions); default one per chunk of items."),
+                 help="Number of tasks (Job completions); default one per chunk of items (pi: --parallel)."),
     click.option("--retries", type=count(0, limits.MAX_RETRIES), default=3, show_default=True,
                  help="Retries per task before its items are dead-lettered (backoffLimitPerIndex)."),
     click.option("--timeout", type=Duration(), help="Batch deadline, e.g. 2h (activeDeadlineSeconds)."),

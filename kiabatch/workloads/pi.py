@@ -442,7 +442,7 @@ class PiWorkload:
             items=[{"a": a, "b": b} for a, b in ranges],
             worker=worker,
             options={"digits": digits},
-            chunk=1,
+            tasks=len(ranges),  # one range per task (a count: π's users choose --tasks, never --chunk)
         )
 
     def prepare(self, options: dict[str, Any]) -> Any:

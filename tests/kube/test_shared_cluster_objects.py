@@ -270,7 +270,7 @@ def test_kube_options_refuse_values_the_api_would_refuse(options, fragment):
     ("tasks", "parallelism", "max_failed", "name", "fragment"),
     [
         (100_001, 10_001, 10, "ex-a", "at most 10,000 may run at once"),
-        (200_000, 20_000, 10, "ex-a", "lower --parallel, or give --chunk so there are at most 100,000 tasks"),
+        (200_000, 20_000, 10, "ex-a", "or give --chunk or --tasks so there are at most 100,000 tasks"),
         (100_001, 10_000, 10_001, "ex-a", "lower --max-failed-indexes"),
         (100_000, 5, 10, "x" * 52, "would name pods with 64 characters"),
     ],
@@ -306,6 +306,12 @@ def test_a_chunk_is_chosen_when_items_exceed_the_task_limit(total, limit, expect
 def test_an_explicit_chunk_that_exceeds_the_task_limit_is_refused_with_the_chunk_that_fits():
     with pytest.raises(UsageError, match="more than 100,000; give --chunk 3 or more"):
         cut_tasks(250_001, tasks=None, chunk=1, limit=100_000)
+
+
+def test_too_many_tasks_asked_by_number_are_refused_naming_tasks():
+    """π has no --chunk: its hint must name the option it has (was 'give --chunk 2 or more')."""
+    with pytest.raises(UsageError, match="more than 100,000; give --tasks 100,000 or fewer"):
+        cut_tasks(100_001, tasks=100_001, chunk=None, limit=100_000)
 
 
 @pytest.mark.parametrize(("batch_id", "generation", "tasks"), [("x" * 52, 1, 10), ("x" * 52, 123, 10_000_000),
