@@ -150,8 +150,11 @@ def test_delete_removes_the_batchs_objects_and_keep_results_keeps_them(redis_url
     assert len(objects(s3_server, s3)) == 3
     assert kb("delete", gone.id).exit_code == 0
     assert [key.split("/")[0] for key in objects(s3_server, s3)] == [keep.id]
-    assert kb("delete", "--keep-results", keep.id).exit_code == 0
+    stopped = kb("delete", "--keep-results", keep.id)
+    # It says what it did (it said "deleted batch", yet the batch stays listed with its results).
+    assert stopped.exit_code == 0 and stopped.stderr.startswith(f"stopped batch {keep.id}; its results, status")
     assert len(objects(s3_server, s3)) == 1 and Batch(keep.id).results()[0].text == "k\n"
+    assert Batch(keep.id).status().state == "succeeded"
 
 
 def test_gc_removes_expired_batches_objects_and_losing_attempts_but_keeps_what_is_referenced(

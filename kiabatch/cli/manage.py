@@ -24,11 +24,12 @@ def delete_command(session: Session, batch_ids: tuple[str, ...], keep_results: b
     for batch_id in batch_ids:
         with user_errors():
             if Batch(batch_id, session.store().redis).delete(keep_results=keep_results):
-                note(f"deleted batch {batch_id}")
+                kept = "its results, status and stored objects stay until its TTL (delete without --keep-results)"
+                note(f"stopped batch {batch_id}; {kept}" if keep_results else f"deleted batch {batch_id}")
             else:
                 missing.append(batch_id)
     if missing:
-        raise CliError(f"no batch {', '.join(map(repr, missing))} (it may have expired)", EXIT_USAGE)
+        raise CliError(f"no batch {', '.join(map(repr, missing))} (it may have expired or been deleted)", EXIT_USAGE)
 
 
 @click.command("resume")

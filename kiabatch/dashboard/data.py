@@ -583,7 +583,7 @@ class Actions:
     def delete(self, batch_id: str) -> str:
         """Delete the batch (its workers or Job, and its keys)."""
         if not self._batch(batch_id).delete():
-            raise KiabatchError(f"no batch {batch_id!r} (it may have expired)")
+            raise KiabatchError(f"no batch {batch_id!r} (it may have expired or been deleted)")
         return f"deleted batch {batch_id}"
 
     def resume(self, batch_id: str) -> str:
