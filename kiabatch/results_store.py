@@ -59,8 +59,9 @@ MAX_INLINE_LIMIT = 64 * 1024 * 1024
 _CHUNK = 1024 * 1024
 #: S3 bucket names: 3-63 lowercase letters, digits, dots and hyphens, starting and ending with a letter or digit.
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-#: Seconds (and tries) the client keeps retrying a store that fails or is away, per request: with
-#: backoff from 0.5 s up to 10 s, a store that restarts (or a network that blips) for half a minute is ridden out.
+#: Seconds (and tries) the client keeps retrying a store that fails or is away, per request. The backoff is
+#: jittered (a random wait up to 0.5 s, doubling to at most 10 s), so the ten tries end first, after some
+#: 10-20 s: a store that restarts or a network that blips is ridden out; longer, the attempt fails and is retried.
 _RETRY_TIMEOUT = 60.0
 _MAX_RETRIES = 10
 _BACKOFF = (0.5, 10.0)
