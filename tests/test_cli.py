@@ -139,6 +139,14 @@ def test_queue_purge_asks_on_a_terminal_and_otherwise_needs_yes(runner, redis_ur
     assert empty.exit_code == 0 and "is empty; nothing to remove" in empty.stderr
 
 
+def test_submit_and_render_help_say_where_the_options_are(runner):
+    """`submit --help` shows only the workloads; it must point at the options (a new user found none)."""
+    for group in ("submit", "render"):
+        shown = kb(group, "--help").stdout
+        assert f"kiabatch {group} exec --help" in shown and f"kiabatch {group} pi --help" in shown
+        assert "--parallel" in kb(group, "exec", "--help").stdout
+
+
 BAD_INPUTS = [
     (["submit", "pi", "--digits", "0"], 2, ["--digits", "1<=x<="]),
     (["submit", "pi", "--digits", "-5"], 2, ["--digits"]),

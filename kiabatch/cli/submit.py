@@ -371,6 +371,9 @@ submit_group = _workload_group(
       kiabatch submit --command 'convert {item} -resize 64x64 thumbs/{item}' --lines files.txt -p 4
       kiabatch submit --items jobs.jsonl -p 8 -- python my_worker.py --url {url}
       kiabatch submit --from-queue thumbs --command 'python thumb.py {input}'
+
+    Options: `kiabatch submit exec --help` (your own program: `exec` may be left out) and
+    `kiabatch submit pi --help`.
     """,
     dry_run=False,
 )
@@ -384,6 +387,8 @@ render_group = _workload_group(
     \b
       kiabatch render pi --digits 5000 -p 3 -n batch --image registry.example/kiabatch:0.1.0
       kiabatch render --lines urls.txt -n batch -- curl -sS -o {output} {item} | kubectl apply --dry-run=server -f -
+
+    Options: `kiabatch render exec --help` and `kiabatch render pi --help`.
     """,
     dry_run=True,
 )
