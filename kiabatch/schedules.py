@@ -164,7 +164,8 @@ class Schedule:
 
     def __post_init__(self) -> None:
         validate_schedule_name(self.name)
-        validate_cron(self.cron)
+        # Stored as validated: croniter refuses the spaces around a macro ('@daily ') that the check strips.
+        object.__setattr__(self, "cron", validate_cron(self.cron))
         validate_time_zone(self.time_zone)
         if self.concurrency not in CONCURRENCY:
             raise UsageError(f"bad concurrency {self.concurrency!r}; allowed: {', '.join(CONCURRENCY)}")

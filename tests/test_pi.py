@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.machinery
 import importlib.util
 import os
@@ -383,3 +384,50 @@ def test_the_workers_range_mode_does_not_import_mpmath():
     assert tuple(map(int, decode_triple(ranged.stdout))) == (0, q, t)
     plain = subprocess.run([sys.executable, "-c", probe, "--digits", "5"], capture_output=True, text=True)
     assert plain.stdout.strip() == truth(5) and plain.stderr.split() == ["True"]
+
+
+def test_a_helper_that_cannot_be_started_leaves_the_reduce_to_this_process():
+    """Out of file descriptors, Popen fails: the digits come out all the same (it was a
+    'Too many open files' error, exit 2, and no digits)."""
+    digits = 120_000
+    script = f"""
+import os, resource, sys
+sys.path.insert(0, {str(REPO)!r})
+from kiabatch.model import ItemResult
+from kiabatch.workloads.pi import PiWorkload, balanced_ranges, terms_for
+from tests.test_pi import load_worker
+worker, terms = load_worker(), terms_for({digits})
+results = [ItemResult(index=i, position=0, item={{"a": a, "b": b}}, exit_code=0, duration=0.0, attempt=1,
+                      inline=worker.encode(worker.split(a, b, need_p=b != terms)))
+           for i, (a, b) in enumerate(balanced_ranges(terms, 3))]
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+held = []
+try:
+    while True:
+        held.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+print(PiWorkload().reduce(results, {{"digits": {digits}}}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == truth(digits)
+
+
+def test_a_frozen_helper_is_given_up_after_its_stall_timeout_and_the_digits_are_right():
+    """SIGSTOP without SIGCONT hung the reduce for ever; now it waits a bounded time, then works alone."""
+    digits = 130_000
+    triples = worker_triples(digits, 2)
+    helper = PiHelper(digits)
+    pid = helper_pid(helper)
+    helper.stall_timeout = 1.0
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        assert reduce_with_helper(triples, digits, helper) == truth(digits)
+        assert time.monotonic() - started < 30
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    helper.close()
+    assert gone(pid)

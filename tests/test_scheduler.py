@@ -50,6 +50,15 @@ def test_good_cron_expressions_and_time_zones_pass():
         validate_time_zone("Europe/Berlln")
 
 
+@pytest.mark.parametrize("expression", [" @daily", "@hourly ", "\t0 3 * * *\n"])
+def test_a_schedule_keeps_its_cron_as_validated_so_spaces_around_it_never_break_it_later(expression):
+    """'@daily ' passed the check (which strips) but was stored as given: every list, show and tick then
+    raised croniter's error as a traceback."""
+    schedule = Schedule(name="spaced", cron=expression, submit_args=["pi"])
+    assert schedule.cron == expression.strip()
+    assert Schedule.from_json(schedule.to_json()).next_tick(datetime(2026, 7, 1, 12, tzinfo=UTC)).tzinfo is not None
+
+
 def test_ticks_follow_the_time_zone_including_daylight_saving():
     schedule = Schedule(name="nightly", cron="0 3 * * *", submit_args=["pi"], time_zone="Europe/Berlin")
     summer = schedule.next_tick(datetime(2026, 7, 1, 12, tzinfo=UTC))

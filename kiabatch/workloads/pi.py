@@ -122,6 +122,8 @@ def sqrt_10005(digits: int) -> int:
 #: Below this many digits the reduce takes milliseconds: a helper process would cost more than it saves.
 _HELPER_DIGITS = 100_000
 _HELPER = Path(__file__).with_name("_pi_helper.py")
+#: The least time a helper's reply may stall before this process takes over (plus 1 s per 100,000 digits).
+_STALL_SECONDS = 60.0
 
 
 _T = TypeVar("_T")
@@ -147,15 +149,22 @@ class PiHelper:
 
     def __init__(self, digits: int, *, low_priority: bool = False) -> None:
         self.digits = digits
-        self._process: subprocess.Popen[bytes] | None = subprocess.Popen(
-            [sys.executable, str(_HELPER), str(digits + _GUARD_DIGITS)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        if low_priority:
+        #: Seconds a reply may stall (no byte arriving) before this process does the work itself:
+        #: a frozen helper must not hang the reduce, a slow one on a busy machine should finish.
+        self.stall_timeout = _STALL_SECONDS + digits / 1e5
+        try:
+            process: subprocess.Popen[bytes] | None = subprocess.Popen(
+                [sys.executable, str(_HELPER), str(digits + _GUARD_DIGITS)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+        except OSError:  # no process to be had (out of file descriptors or processes): all work is done here
+            process = None
+        self._process = process
+        if low_priority and process is not None:
             with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, self._process.pid, 19)
+                os.setpriority(os.PRIO_PROCESS, process.pid, 19)
         # An abandoned batch (failed, never reduced) leaves no process behind.
-        self.close = weakref.finalize(self, _stop_process, self._process)
+        self.close = weakref.finalize(self, _stop_process, process)
         self._pending: tuple[int, int, int] | None = None
         self._ready = False  # the helper's "root computed" mark has been read
 
@@ -166,7 +175,7 @@ class PiHelper:
                 readable, _, _ = select.select([self._process.stdout.fileno()], [], [], 0)
                 if readable:
                     self._read(0)  # consumes the mark (or finds the helper gone)
-            except (OSError, EOFError, ValueError):
+            except (OSError, EOFError, ValueError, TimeoutError):
                 self.abandon()
         return self._ready
 
@@ -217,21 +226,35 @@ class PiHelper:
             if op is not None:
                 self._send(op)
             return decode(self._read(int.from_bytes(self._read(8), "big")))
-        except (OSError, EOFError, UnicodeDecodeError):
+        except (OSError, EOFError, UnicodeDecodeError):  # TimeoutError is an OSError
             self.abandon()
             return fallback()
 
     def _read(self, size: int) -> bytes:
+        """``size`` bytes of a reply (after the "root ready" mark), read straight from the pipe so that
+        each wait is bounded: TimeoutError if no byte comes for :attr:`stall_timeout` seconds."""
         if self._process is None or self._process.stdout is None or self._process.stdout.closed:
             raise OSError("no helper")
         if not self._ready:  # every reply follows the mark
-            if self._process.stdout.read(1) != b"!":
+            if self._read_exactly(1) != b"!":
                 raise EOFError("the helper stopped")
             self._ready = True
-        data = self._process.stdout.read(size)
-        if len(data) != size:
-            raise EOFError("the helper stopped")
-        return data
+        return self._read_exactly(size)
+
+    def _read_exactly(self, size: int) -> bytes:
+        assert self._process is not None and self._process.stdout is not None
+        fd = self._process.stdout.fileno()
+        parts, missing = [], size
+        while missing:
+            readable, _, _ = select.select([fd], [], [], self.stall_timeout)
+            if not readable:
+                raise TimeoutError(f"the helper sent nothing for {self.stall_timeout:.0f}s")
+            chunk = os.read(fd, min(missing, 1 << 20))
+            if not chunk:
+                raise EOFError("the helper stopped")
+            parts.append(chunk)
+            missing -= len(chunk)
+        return b"".join(parts)
 
     def abandon(self) -> None:
         """Stop the helper: what is asked later is computed in this process."""
@@ -239,7 +262,9 @@ class PiHelper:
         self._process = None
 
 
-def _stop_process(process: subprocess.Popen[bytes]) -> None:
+def _stop_process(process: subprocess.Popen[bytes] | None) -> None:
+    if process is None:
+        return
     for stream in (process.stdin, process.stdout):
         if stream is not None:
             with contextlib.suppress(OSError):
@@ -377,8 +402,16 @@ def _decimal_text_in_two_processes(n: Any) -> str:
     """
     half = int(n.bit_length() * 0.30103) // 2
     high, low = divmod(n, MPZ(10) ** half)
-    read_end, write_end = os.pipe()
-    child = os.fork()
+    try:
+        read_end, write_end = os.pipe()
+    except OSError:  # out of file descriptors
+        return str(n)
+    try:
+        child = os.fork()
+    except OSError:  # out of processes or memory
+        os.close(read_end)
+        os.close(write_end)
+        return str(n)
     if child == 0:  # pragma: no cover - runs in the child
         try:
             os.close(read_end)
