@@ -64,6 +64,8 @@ def validate_cron(expression: str) -> str:
             f"bad cron expression {expression!r}: needs 5 fields (minute hour day-of-month month day-of-week) "
             f"or one of {', '.join(_MACROS)}; got {len(parts)} field(s)"
         )
+    for position, name in enumerate(_FIELDS):
+        _check_kubernetes_field(expression, name, parts[position])
     croniter = _croniter()
     if croniter.is_valid(text):
         _check_fires(expression, text)
@@ -77,6 +79,32 @@ def validate_cron(expression: str) -> str:
                 f"(allowed: {_ALLOWED[name]}, with *, lists a,b, ranges a-b and steps */n)"
             )
     raise UsageError(f"bad cron expression {expression!r}: its fields do not combine into a valid schedule")
+
+
+#: Names a field may hold, as Kubernetes' parser (robfig/cron) knows them.
+_NAMES = {
+    "month": {"JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"},
+    "day-of-week": {"SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"},
+}
+_TOKEN = re.compile(r"^(\*|\?|[0-9A-Za-z]+(-[0-9A-Za-z]+)?)(/[0-9]+)?$")
+
+
+def _check_kubernetes_field(expression: str, name: str, field: str) -> None:
+    """UsageError for what croniter reads but a CronJob refuses: L, W and # (last, weekday, nth),
+    names in a numeric field, and day-of-week 7 (croniter's other Sunday)."""
+    words = re.findall(r"[A-Za-z]+", field)
+    numbers = [int(number) for token in field.split(",") for number in re.findall(r"[0-9]+", token.split("/")[0])]
+    bad = (
+        any(not _TOKEN.match(token) for token in field.split(","))
+        or any(word.upper() not in _NAMES.get(name, set()) for word in words)
+        or (name == "day-of-week" and any(number > 6 for number in numbers))
+    )
+    if bad:
+        raise UsageError(
+            f"bad cron expression {expression!r}: the {name} field {field!r} is not valid "
+            f"(allowed: {_ALLOWED[name]}, with *, lists a,b, ranges a-b and steps */n; "
+            "no L, W or #, which Kubernetes CronJobs do not take)"
+        )
 
 
 def _check_fires(expression: str, text: str) -> None:

@@ -431,3 +431,27 @@ def test_a_frozen_helper_is_given_up_after_its_stall_timeout_and_the_digits_are_
             os.kill(pid, signal.SIGCONT)
     helper.close()
     assert gone(pid)
+
+
+def test_the_helper_without_gmpy2_converts_more_than_python_s_4300_digit_limit():
+    """With plain Python integers the helper's str() hit the 4300-digit cap and it died every time
+    (the parent then did its work: right digits, the helper's effort wasted)."""
+    module = load_helper_module()
+    probe = (
+        "import runpy, sys; sys.modules['gmpy2'] = None; sys.argv = ['helper', '6000']; "
+        f"runpy.run_path({str(REPO / 'kiabatch/workloads/_pi_helper.py')!r}, run_name='__main__')"
+    )
+    request = b"N" + (0).to_bytes(8, "big") + module.framed(module.magnitude(7)) + module.framed(module.magnitude(1))
+    request += b"H" + (0).to_bytes(8, "big") + module.framed(module.magnitude(1))
+    done = subprocess.run([sys.executable, "-c", probe], input=request, capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr.decode()
+    reply = done.stdout
+    assert reply[:1] == b"!"
+    numerator_size = int.from_bytes(reply[1:9], "big")
+    numerator = int.from_bytes(reply[9 : 9 + numerator_size], "big")
+    rest = reply[9 + numerator_size :]
+    high_size = int.from_bytes(rest[:8], "big")
+    text = rest[16 + high_size :].decode()
+    from kiabatch.workloads.pi import decimal_text
+
+    assert numerator > 10**6000 and text == decimal_text(int(numerator))  # splits Python ints: no cap

@@ -35,6 +35,14 @@ WORKER = [sys.executable, "tests/programs/worker.py"]
         ("* * * * * *", "needs 5 fields"),
         ("TZ=UTC * * * * *", "--time-zone"),
         ("@often", "needs 5 fields"),
+        # croniter reads these, Kubernetes CronJobs refuse them (found by a hostile review):
+        ("0 0 L * *", "the day-of-month field 'L' is not valid"),
+        ("0 0 15W * *", "the day-of-month field '15W' is not valid"),
+        ("0 0 * * 5L", "the day-of-week field '5L' is not valid"),
+        ("0 0 * * 5#3", "no L, W or #"),
+        ("* * * * 0-7", "the day-of-week field '0-7'"),
+        ("* * * * 1-5/2,7", "the day-of-week field '1-5/2,7'"),
+        ("* MON * * *", "the hour field 'MON'"),
     ],
 )
 def test_a_bad_cron_expression_names_the_bad_field(expression, message):
@@ -43,7 +51,8 @@ def test_a_bad_cron_expression_names_the_bad_field(expression, message):
 
 
 def test_good_cron_expressions_and_time_zones_pass():
-    for expression in ("*/10 * * * *", "0 3 * * MON-FRI", "5,35 8-18 1 JAN *", "@hourly", "@daily"):
+    for expression in ("*/10 * * * *", "0 3 * * MON-FRI", "5,35 8-18 1 JAN *", "@hourly", "@daily", "0 3 * JUL WED",
+                       "0 0 ? * *", "0 0 * * 1-5/2", "0 0 * * sun"):  # fmt: skip
         assert validate_cron(expression) == expression
     assert validate_time_zone("Europe/Berlin") == "Europe/Berlin"
     with pytest.raises(UsageError, match="did you mean Europe/Berlin"):
