@@ -79,8 +79,7 @@ def high_quotient(numerator: int, denominator: int, half: int) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if hasattr(sys, "set_int_max_str_digits"):
-        sys.set_int_max_str_digits(0)  # without gmpy2, the digits go through Python's str(int)
+    sys.set_int_max_str_digits(0)  # without gmpy2, the digits go through Python's str(int)
     precision = int(argv[1])
     root = isqrt(mpz(10005) * mpz(10) ** (2 * precision))
     numerator = None
