@@ -74,9 +74,6 @@ _PING = b"*1\r\n$4\r\nPING\r\n"
 _SUPERVISOR_ERROR = "kiabatch supervisor: error:"
 #: Set on the supervisor and redis-server: the data directory they serve.
 MARKER = "KIABATCH_EMBEDDED_DIR"
-#: The local runner marks its workers with this; it kills marked processes it finds
-#: later, so a server started from inside a worker must not inherit the mark.
-_WORKER_MARKER = "KIABATCH_LOCAL_WORKER_OF"
 
 
 @dataclass(frozen=True)
@@ -435,7 +432,7 @@ class EmbeddedServer:
         binary = redis_server_binary()
         idle_timeout = settings.float_env(settings.ENV_IDLE_TIMEOUT, settings.DEFAULT_IDLE_TIMEOUT)
         maxmemory = settings.embedded_maxmemory()
-        env = {k: v for k, v in os.environ.items() if k != _WORKER_MARKER}
+        env = {k: v for k, v in os.environ.items() if k != settings.ENV_LOCAL_WORKER_OF}
         env[MARKER] = str(self.paths.directory)
         log = os.open(self.paths.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:

@@ -34,6 +34,9 @@ ENV_RESULTS_URL = "KIABATCH_RESULTS_URL"
 ENV_S3_ENDPOINT = "KIABATCH_S3_ENDPOINT_URL"
 #: maxmemory of the embedded Redis: bytes or a size (``512MiB``, ``2GiB``), 0 for none; default a quarter of RAM.
 ENV_EMBEDDED_MAXMEMORY = "KIABATCH_EMBEDDED_MAXMEMORY"
+#: The mark (``BATCH@HOME-HASH``) the local runner puts on its workers' environment: ``resume`` stops the
+#: marked workers a killed runner left, so nothing else (an embedded server a worker starts) may inherit it.
+ENV_LOCAL_WORKER_OF = "KIABATCH_LOCAL_WORKER_OF"
 
 DEFAULT_IDLE_TIMEOUT = 30.0
 DEFAULT_EMBEDDED_WAIT = 30.0

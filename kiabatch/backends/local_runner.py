@@ -62,7 +62,6 @@ _TICK = 0.1
 _SCALE_POLL = 0.5
 #: Least seconds between two progress reads for the hooks (each costs a Redis round trip).
 _NOTIFY_EVERY = 0.1
-_MARKER = "KIABATCH_LOCAL_WORKER_OF"
 #: Tasks a slot claims in one round trip when the batch has many per slot.
 _CLAIM_AHEAD = 4
 #: Indexes whose settled state is read from Redis at a time.
@@ -119,7 +118,7 @@ def worker_environment(identity: str) -> dict[str, str]:
     inherited = {name: value for name, value in os.environ.items() if not name.startswith("KIABATCH_")}
     # Workers carry this marker so a later runner can find them if this one is
     # SIGKILLed (inherited by their children too, unlike a process group id).
-    return {**inherited, _MARKER: identity}
+    return {**inherited, settings.ENV_LOCAL_WORKER_OF: identity}
 
 
 class _Feed:
@@ -587,7 +586,7 @@ class LocalRunner:
         """
         for process in psutil.process_iter():
             with contextlib.suppress(psutil.Error, OSError):
-                if process.environ().get(_MARKER) == self._identity:
+                if process.environ().get(settings.ENV_LOCAL_WORKER_OF) == self._identity:
                     process.kill()
         for stale in self.scratch.glob("task-*"):
             shutil.rmtree(stale, ignore_errors=True)
