@@ -51,7 +51,12 @@ def encode(value: Any) -> str:
     try:
         text = _ENCODER.encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
-        raise UsageError(f"item {value!r:.60} is not JSON-serialisable: {exc}; {_ITEM_HELP}") from None
+        try:
+            shown = f"{value!r:.60}"
+        except ValueError:  # it holds an integer past Python's 4300-digit limit, which repr() cannot show either
+            raise UsageError("an item holds an integer of more than 4,300 digits; give such a number as a string") \
+                from None  # fmt: skip
+        raise UsageError(f"item {shown} is not JSON-serialisable: {exc}; {_ITEM_HELP}") from None
     _utf8(text, value)
     return text
 
@@ -66,7 +71,7 @@ def encode_many(values: Iterable[Any]) -> Iterator[bytes]:
     encode_string = json.encoder.encode_basestring  # what ensure_ascii=False uses
     for value in values:
         kind = type(value)
-        if kind is int:
+        if kind is int and -(10**4000) < value < 10**4000:  # longer ones meet Python's digit cap in encode
             yield int.__repr__(value).encode()
         elif kind is str:
             yield _utf8(encode_string(value), value)
@@ -94,6 +99,11 @@ def parse(source: str, where: str = "--item") -> Any:
     except RecursionError:
         raise UsageError(
             f"item in {where} nests arrays/objects more than {limits.MAX_ITEM_DEPTH} levels deep; {_ITEM_HELP}"
+        ) from None
+    except ValueError:  # an integer past Python's 4300-digit limit
+        raise UsageError(
+            f"item in {where[:80]}{'...' if len(where) > 80 else ''} holds an integer of more than 4,300 digits; "
+            "give such a number as a string"
         ) from None
     if isinstance(value, float) and not math.isfinite(value):
         raise UsageError(f"malformed item JSON in {where}: {source!r:.60} is not a finite number; {_ITEM_HELP}")

@@ -91,13 +91,17 @@ class Queue:
         """The first ``limit`` items, without removing them."""
         return [items_mod.decode(raw) for raw in self.redis.lrange(self.key, 0, limit - 1)]
 
-    def purge(self) -> int:
-        """Remove every queued item; returns how many there were."""
+    def purge(self, first: int | None = None) -> int:
+        """Remove every queued item, or only the ``first`` ones (those counted before asking whether
+        to remove them: items enqueued meanwhile stay); returns how many were removed."""
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.llen(self.key)
-            pipe.delete(self.key, self.since_key)
-            count, _ = pipe.execute()
-        return int(count)
+            if first is None:
+                pipe.delete(self.key, self.since_key)
+            else:
+                pipe.ltrim(self.key, first, -1)
+            count = int(pipe.execute()[0])
+        return count if first is None else min(first, count)
 
     def submit(
         self,

@@ -806,11 +806,20 @@ class Store:
             else set()
         )
         doomed = [key for key in k.all() if key not in keep]
+        meta = self.redis.hmget(k.meta, "state", "ttl") if keep_results else [None, None]
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.exists(k.meta)
             pipe.delete(*doomed)
             if not keep_results:
                 pipe.zrem(keys.BATCH_INDEX, batch_id)
+            elif meta[0] is not None:
+                # What stays is a finished batch: stopped unfinished, it is 'failed' (resume has nothing to
+                # run), and it expires after its TTL like any finished batch.
+                if meta[0].decode() not in (State.SUCCEEDED, State.FAILED):
+                    pipe.hset(k.meta, mapping={"state": State.FAILED, "finished_at": time.time()})
+                ttl = int(meta[1] or 0)
+                for key in keep if ttl > 0 else ():
+                    pipe.expire(key, ttl)
             existed = pipe.execute()[0]
         return bool(existed)
 

@@ -144,7 +144,7 @@ def cut_tasks(total: int, *, tasks: int | None, chunk: int | None, limit: int = 
     if count > limit:
         # Tasks asked for by number (π's only way to choose) are lowered by number.
         fewer = (
-            f"give --tasks {limit:,} or fewer"
+            f"give --tasks {limit} or fewer"
             if tasks is not None
             else f"give --chunk {math.ceil(total / limit)} or more"
         )
@@ -330,6 +330,9 @@ def submit(
     cluster ClusterError) before anything is written, and an unknown keyword raises
     TypeError naming it.
     """
+    if isinstance(items, str | bytes | bytearray | Mapping):  # iterable, but surely not meant item by item
+        raise UsageError(f"items must be a list (or another iterable) of items, not a {type(items).__name__}; "
+                         "for one item, give [item]")  # fmt: skip
     options = BatchOptions(
         items=items, command=command, from_queue=from_queue, stdin=stdin, env=env, image=image,
         non_retriable_exit_codes=non_retriable_exit_codes, parallel=parallel, tasks=tasks, chunk=chunk,

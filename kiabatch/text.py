@@ -7,6 +7,7 @@ column, and an ANSI escape must not recolour (or rewrite) the user's terminal.
 from __future__ import annotations
 
 import re
+import shlex
 import time
 
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
@@ -37,3 +38,24 @@ def printable(value: object) -> str:
 def when(timestamp: float | None) -> str:
     """A local time (``2026-03-14 10:15:00``), or '-'."""
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp)) if timestamp else "-"
+
+
+def shell_quoted(args: list[str]) -> str:
+    """``args`` as a POSIX shell command line that gives them back when pasted; an argument holding
+    characters a terminal would act on (or hide) is written as bash's ``$'...'`` with escapes."""
+    return " ".join(shlex.quote(arg) if arg.isprintable() else _ansi_c_quoted(arg) for arg in args)
+
+
+def _ansi_c_quoted(arg: str) -> str:
+    escaped = []
+    for char in arg:
+        if char in "\\'":
+            escaped.append("\\" + char)
+        elif char.isprintable():
+            escaped.append(char)
+        else:
+            code = ord(char)
+            escaped.append(
+                f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+            )
+    return "$'" + "".join(escaped) + "'"

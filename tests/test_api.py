@@ -12,6 +12,7 @@ import pytest
 import kiabatch
 from kiabatch import Queue, submit
 from kiabatch.submission import BatchOptions
+from tests.helpers import one_line_error, run_cli
 
 
 def test_submit_lists_every_batch_option_by_name():
@@ -54,6 +55,28 @@ def test_a_misspelt_keyword_fails_at_once_naming_it(redis_url, client, workload,
 def test_an_item_json_cannot_hold_is_a_usage_error_naming_it_and_nothing_is_written(redis_url, client, bad, command):
     with pytest.raises(kiabatch.UsageError, match="is not JSON-serialisable"):
         submit(items=[1, bad], command=command)
+    assert client.keys("*") == []
+
+
+@pytest.mark.parametrize("items", [[10**5000], [[1, -(10**5000)]], [{"n": 10**4400}]], ids=["int", "nested", "field"])
+def test_an_integer_past_pythons_digit_limit_is_a_usage_error_through_every_door(redis_url, client, items):
+    """It was a bare ValueError from submit and enqueue, and a 59-line traceback from the CLI."""
+    with pytest.raises(kiabatch.UsageError, match="more than 4,300 digits; give such a number as a string"):
+        submit(items=items, command=["true"])
+    with pytest.raises(kiabatch.UsageError, match="more than 4,300 digits"):
+        Queue("huge").enqueue_many(items)
+    with pytest.raises(kiabatch.UsageError, match="more than 4,300 digits"):
+        Queue("huge").enqueue(items[0])
+    assert [key for key in client.keys("*") if key != b"kiabatch:queues"] == []  # no item, no batch
+    done = run_cli("queue", "enqueue", "huge", "1" * 5000)
+    one_line_error(done, 2, "holds an integer of more than 4,300 digits")
+    assert [key for key in client.keys("*") if key != b"kiabatch:queues"] == []
+
+
+@pytest.mark.parametrize("items", ["abc", b"abc", {"a": 1}], ids=type)
+def test_items_that_are_one_string_or_mapping_are_refused_rather_than_split(redis_url, client, items):
+    with pytest.raises(kiabatch.UsageError, match="items must be a list"):
+        submit(items=items, command=["true"])
     assert client.keys("*") == []
 
 

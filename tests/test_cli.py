@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -133,6 +134,8 @@ def test_queue_purge_asks_on_a_terminal_and_otherwise_needs_yes(runner, redis_ur
     code, shown = on_a_terminal("queue", "purge", "jobs", typed=b"n\n")
     assert code == 2 and "remove all 2 item(s) from 'jobs'?" in shown and "nothing removed" in shown
     assert kb("queue", "list", "jobs").stdout.splitlines() == ["1", "2"]
+    code, shown = on_a_terminal("queue", "purge", "jobs", typed=b"\x04")  # end of input: a refusal, not Ctrl-C
+    assert code == 2 and "nothing removed" in shown
     code, shown = on_a_terminal("queue", "purge", "jobs", typed=b"y\n")
     assert code == 0 and "removed 2 item(s) from 'jobs'" in shown
     empty = kb("queue", "purge", "jobs")  # nothing to confirm
@@ -306,3 +309,18 @@ def test_every_results_format_lists_the_same_items_in_order_across_pages(runner,
     assert [line["result"] for line in lines if not line["failed"]] == [f"r{n}\n" for n in good]
     raw = kb("results", "paged", "--raw")
     assert raw.exit_code == 1 and raw.stdout_bytes == b"".join(f"r{n}\n".encode() for n in good)
+
+
+def test_delete_keep_results_of_a_running_batch_leaves_a_finished_batch_that_expires(runner, redis_url, client):
+    """It kept an unfinished batch without a TTL, and `resume` then broke on the missing keys (exit 3)."""
+    assert kb("submit", "--batch-id", "halted", "--item", "1", "--item", "2", "--no-wait", "-q", "--",
+              "sh", "-c", "sleep 30").exit_code == 0  # fmt: skip
+    deadline = time.monotonic() + 30
+    while kb("-o", "json", "status", "halted").stdout.find('"running"') < 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stopped = kb("delete", "halted", "--keep-results")
+    assert stopped.exit_code == 0 and stopped.stderr.startswith("stopped batch halted")
+    assert json.loads(kb("-o", "json", "status", "halted").stdout)["state"] == "failed"
+    assert 0 < client.ttl("kiabatch:{halted}:meta") <= 7 * 24 * 3600
+    resumed = kb("resume", "halted")
+    assert resumed.exit_code == 0 and "already failed; nothing to resume" in resumed.stderr

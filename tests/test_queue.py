@@ -142,3 +142,14 @@ def test_a_snapshot_with_claimed_items_is_not_undone(client):
     Store(client).claim(batch.id, 0)
     Store(client).undo_create(batch.id)
     assert len(q) == 0 and Store(client).exists(batch.id)
+
+
+def test_purge_of_the_first_items_keeps_those_enqueued_later(client):
+    """`queue purge` asks about N items; what arrives while it asks must not go with them."""
+    q = Queue("later")
+    q.enqueue_many(range(3))
+    counted = len(q)
+    q.enqueue_many(range(3, 8))  # while the question waits
+    assert q.purge(first=counted) == 3
+    assert [int(item) for item in q.redis.lrange(q.key, 0, -1)] == [3, 4, 5, 6, 7]
+    assert q.purge(first=10) == 5 and len(q) == 0

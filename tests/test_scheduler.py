@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import signal
 import subprocess
@@ -258,6 +259,17 @@ def test_schedule_commands_create_list_show_history_run_now_delete(client, home)
     # Quoted as a shell would need it: pasting it back gives the same arguments.
     assert shlex.split(lines["submit_args"]) == ["--item", '"a b"', "--command", "python thumb.py {input}"]
     runner.invoke(cli, ["schedule", "delete", "thumbs"])
+    # An argument with a control or invisible character: nothing raw reaches the terminal, and bash reads
+    # the line back as the same arguments (printable() after shlex.join doubled every backslash).
+    args = ["--item", "1", "--", "sed", r"s/\d+/X/", "a\tb", "it's", "zero\u200bwidth", "é\x1b[31m"]
+    assert runner.invoke(cli, ["schedule", "create", "odd", "--cron", "@daily", *args]).exit_code == 0
+    shown = runner.invoke(cli, ["schedule", "show", "odd"]).stdout
+    [line] = [line for line in shown.splitlines() if line.startswith("submit args")]
+    quoted = line.removeprefix("submit args").strip()
+    assert quoted.isprintable()
+    pasted = subprocess.run(["bash", "-c", f"printf '%s\\0' {quoted}"], capture_output=True, check=True).stdout
+    stored = json.loads(runner.invoke(cli, ["-o", "json", "schedule", "show", "odd"]).stdout)["submit_args"]
+    assert "a\tb" in stored and pasted.decode().split("\0")[:-1] == stored
     started = runner.invoke(cli, ["schedule", "run-now", "hourly-pi"])
     assert started.exit_code == 0, started.stderr
     batch = started.stdout.strip()

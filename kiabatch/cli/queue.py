@@ -106,7 +106,12 @@ def purge_command(session: Session, name: str, yes: bool) -> None:
         if not sys.stdin.isatty():
             raise CliError(f"purge removes all {queued:,} item(s) from {name!r}; pass --yes to confirm "
                            "(there is no terminal to ask)")  # fmt: skip
-        if not click.confirm(f"remove all {queued:,} item(s) from {name!r}?", err=True):
+        # Read here rather than by click.confirm, which calls end of input an abort (exit 130, Ctrl-C's code).
+        click.echo(f"remove all {queued:,} item(s) from {name!r}? [y/N]: ", err=True, nl=False)
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
             raise CliError(f"nothing removed from {name!r} (not confirmed; --yes skips the question)")
+        with user_errors():  # only what was counted: items enqueued while the question waited stay
+            note(f"removed {queue.purge(first=queued)} item(s) from {name!r}")
+        return
     with user_errors():
         note(f"removed {queue.purge()} item(s) from {name!r}")

@@ -7,7 +7,6 @@ chosen backend; this module parses options and prints.
 from __future__ import annotations
 
 import json
-import shlex
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,7 +23,7 @@ from ..schedules import (
     Schedules,
     validate_schedule_name,
 )
-from ..text import printable
+from ..text import printable, shell_quoted
 from .context import Session, emit_json, note, pass_session, user_errors
 from .options import LIMIT, Duration, Interval, backend_option, cluster_options, stack
 from .output import table
@@ -159,12 +158,12 @@ def show_command(session: Session, name: str, **params: Any) -> None:
     if session.json:
         emit_json(data)
         return
-    data["submit_args"] = shlex.join(schedule.submit_args)  # pastes back into a shell
+    data["submit_args"] = shell_quoted(schedule.submit_args)  # pastes back into a shell, escapes included
     data["time_zone"] = schedule.time_zone or "UTC"  # as `schedule list` shows it (was Python's None)
     data["next_run"] = "-" if schedule.suspend else schedule.next_tick(datetime.now(UTC)).isoformat()
     for key, value in data.items():
         if key not in ("extra", "created_at"):
-            shown = printable(value) if value not in ("", None) else "-"
+            shown = "-" if value in ("", None) else value if key == "submit_args" else printable(value)
             click.echo(f"{key.replace('_', ' '):<18} {shown}")
 
 

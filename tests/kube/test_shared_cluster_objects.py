@@ -310,7 +310,7 @@ def test_an_explicit_chunk_that_exceeds_the_task_limit_is_refused_with_the_chunk
 
 def test_too_many_tasks_asked_by_number_are_refused_naming_tasks():
     """π has no --chunk: its hint must name the option it has (was 'give --chunk 2 or more')."""
-    with pytest.raises(UsageError, match="more than 100,000; give --tasks 100,000 or fewer"):
+    with pytest.raises(UsageError, match="more than 100,000; give --tasks 100000 or fewer"):
         cut_tasks(100_001, tasks=100_001, chunk=None, limit=100_000)
 
 
