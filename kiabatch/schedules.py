@@ -89,22 +89,72 @@ _NAMES = {
 _TOKEN = re.compile(r"^(\*|\?|[0-9A-Za-z]+(-[0-9A-Za-z]+)?)(/[0-9]+)?$")
 
 
+#: Each field's values, as Kubernetes' parser bounds them.
+_BOUNDS = {"minute": (0, 59), "hour": (0, 23), "day-of-month": (1, 31), "month": (1, 12), "day-of-week": (0, 6)}
+_NUMBER_OF = {
+    "month": {name: number for number, name in enumerate(
+        ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"), start=1)},
+    "day-of-week": {name: number for number, name in enumerate(("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"))},
+}  # fmt: skip
+
+
 def _check_kubernetes_field(expression: str, name: str, field: str) -> None:
     """UsageError for what croniter reads but a CronJob refuses: L, W and # (last, weekday, nth),
-    names in a numeric field, and day-of-week 7 (croniter's other Sunday)."""
-    words = re.findall(r"[A-Za-z]+", field)
-    numbers = [int(number) for token in field.split(",") for number in re.findall(r"[0-9]+", token.split("/")[0])]
-    bad = (
-        any(not _TOKEN.match(token) for token in field.split(","))
-        or any(word.upper() not in _NAMES.get(name, set()) for word in words)
-        or (name == "day-of-week" and any(number > 6 for number in numbers))
-    )
+    names in a numeric field, values out of the field's bounds (day-of-week 7, croniter's other
+    Sunday) and ranges that run backwards (``22-2``, which croniter wraps round)."""
+    bad = False
+    for token in field.split(","):
+        if not _TOKEN.match(token):
+            bad = True
+            break
+        span = token.split("/")[0]
+        if span in ("*", "?"):
+            continue
+        ends = []
+        for end in span.split("-"):
+            if end.isdigit():
+                ends.append(int(end))
+            elif end.upper() in _NUMBER_OF.get(name, {}):
+                ends.append(_NUMBER_OF[name][end.upper()])
+            else:
+                bad = True
+        low, high = _BOUNDS[name]
+        if bad or any(not low <= end <= high for end in ends) or ends != sorted(ends):
+            bad = True
+            break
     if bad:
         raise UsageError(
             f"bad cron expression {expression!r}: the {name} field {field!r} is not valid "
-            f"(allowed: {_ALLOWED[name]}, with *, lists a,b, ranges a-b and steps */n; "
+            f"(allowed: {_ALLOWED[name]}, with *, lists a,b, ranges a-b (low to high) and steps */n; "
             "no L, W or #, which Kubernetes CronJobs do not take)"
         )
+
+
+def _as_kubernetes_reads_it(cron: str) -> list[str]:
+    """croniter expressions whose ticks together are the CronJob's ticks for ``cron``.
+
+    Kubernetes (robfig/cron) and croniter differ: ``?`` and ``*/1`` are ``*`` there, ``5-5`` is 5
+    (croniter reads every value), and when neither day field is a star a day matches if either
+    matches, which croniter gets wrong once it has folded a full range such as ``0-6`` into ``*``.
+    So the fields are normalised, and such an expression becomes two: one per day field.
+    """
+    if cron.startswith("@"):
+        return [cron]
+    fields = []
+    for text in cron.split():
+        tokens = []
+        for token in text.split(","):
+            span, _, step = token.partition("/")
+            if span == "?" or (span == "*" and step in ("", "1")):
+                tokens.append("*")
+                continue
+            ends = span.split("-")
+            tokens.append(ends[0] if len(ends) == 2 and ends[0].upper() == ends[1].upper() else token)
+        fields.append(",".join(tokens))
+    minute, hour, day, month, weekday = fields
+    if day == "*" or weekday == "*":
+        return [" ".join(fields)]
+    return [f"{minute} {hour} {day} {month} *", f"{minute} {hour} * {month} {weekday}"]
 
 
 def _check_fires(expression: str, text: str) -> None:
@@ -206,13 +256,14 @@ class Schedule:
         return ZoneInfo(self.time_zone or "UTC")
 
     def next_tick(self, after: datetime) -> datetime:
-        """The first tick strictly after ``after`` (an aware datetime)."""
-        return _croniter()(self.cron, after.astimezone(self.zone)).get_next(datetime)
+        """The first tick strictly after ``after`` (an aware datetime), as a CronJob would fire."""
+        start = after.astimezone(self.zone)
+        return min(_croniter()(cron, start).get_next(datetime) for cron in _as_kubernetes_reads_it(self.cron))
 
     def last_tick(self, at_or_before: datetime) -> datetime:
         """The latest tick at or before ``at_or_before`` (ticks are at least a minute apart)."""
         moment = at_or_before.astimezone(self.zone) + timedelta(seconds=1)
-        return _croniter()(self.cron, moment).get_prev(datetime)
+        return max(_croniter()(cron, moment).get_prev(datetime) for cron in _as_kubernetes_reads_it(self.cron))
 
     def to_json(self) -> str:
         """Serialised for storage."""

@@ -44,6 +44,12 @@ WORKER = [sys.executable, "tests/programs/worker.py"]
         ("* * * * 0-7", "the day-of-week field '0-7'"),
         ("* * * * 1-5/2,7", "the day-of-week field '1-5/2,7'"),
         ("* MON * * *", "the hour field 'MON'"),
+        # ranges a CronJob refuses as running backwards (croniter wraps them round), and day 0:
+        ("5-1 * * * *", "the minute field '5-1'"),
+        ("0 22-2 * * *", "the hour field '22-2'"),
+        ("0 0 * * SAT-SUN", "the day-of-week field 'SAT-SUN'"),
+        ("0 0 * DEC-JAN *", "the month field 'DEC-JAN'"),
+        ("0 0 0-0 * *", "the day-of-month field '0-0'"),
     ],
 )
 def test_a_bad_cron_expression_names_the_bad_field(expression, message):
@@ -67,6 +73,30 @@ def test_a_schedule_keeps_its_cron_as_validated_so_spaces_around_it_never_break_
     schedule = Schedule(name="spaced", cron=expression, submit_args=["pi"])
     assert schedule.cron == expression.strip()
     assert Schedule.from_json(schedule.to_json()).next_tick(datetime(2026, 7, 1, 12, tzinfo=UTC)).tzinfo is not None
+
+
+@pytest.mark.parametrize(
+    ("cron", "ticks"),
+    [
+        ("0 10-10 * * *", ["Thu 03 10:00", "Fri 04 10:00"]),  # croniter: every hour
+        ("5-5 * * * *", ["Wed 02 14:05", "Wed 02 15:05"]),  # croniter: every minute
+        ("0 0 * * 5-5", ["Fri 04 00:00", "Fri 11 00:00"]),  # croniter: every day
+        ("0 0 */1 * 1", ["Mon 07 00:00", "Mon 14 00:00"]),  # */1 is a star: Mondays only
+        ("0 0 1 * */1", ["Fri 01 00:00", "Mon 01 00:00"]),  # the 1st only
+        ("0 0 */2 * 0-6", ["Thu 03 00:00", "Fri 04 00:00"]),  # neither is a star: either matches, every day
+        ("0 0 1,15 * MON", ["Mon 07 00:00", "Mon 14 00:00", "Tue 15 00:00"]),
+        ("0 0 ? * MON", ["Mon 07 00:00", "Mon 14 00:00"]),
+    ],
+)
+def test_local_ticks_are_the_ones_a_cronjob_would_fire(cron, ticks):
+    """robfig/cron's reading (Kubernetes), not croniter's, where the two differ (found by a hostile review)."""
+    schedule = Schedule(name="same", cron=cron, submit_args=["pi"])
+    moment, seen = datetime(2026, 12, 2, 13, 5, tzinfo=UTC), []  # a Wednesday
+    for _ in ticks:
+        moment = schedule.next_tick(moment)
+        seen.append(moment.strftime("%a %d %H:%M"))
+    assert seen == ticks
+    assert schedule.last_tick(moment) == moment
 
 
 def test_ticks_follow_the_time_zone_including_daylight_saving():
