@@ -20,18 +20,27 @@ _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan
 _ITEM_HELP = 'each item must be one JSON value, e.g. 42, "photo.png" or {"url": "https://..."}'
 
 
+#: Integers with more digits than Python's default conversion limit cannot be read back by a process
+#: that keeps that limit (a worker, a runner): refused whatever limit this process has set.
+_TOO_LONG = 10**4300
+_TOO_LONG_HELP = "an item holds an integer of more than 4,300 digits; give such a number as a string"
+
+
 def _check_depth(value: Any) -> None:
-    """UsageError if ``value`` nests arrays/objects deeper than MAX_ITEM_DEPTH (iterative: no recursion)."""
+    """UsageError if ``value`` nests arrays/objects deeper than MAX_ITEM_DEPTH, or holds an integer of
+    more than 4,300 digits (iterative: no recursion)."""
     stack = [(value, 1)]
     while stack:
         current, depth = stack.pop()
+        if isinstance(current, int) and not -_TOO_LONG < current < _TOO_LONG:
+            raise UsageError(_TOO_LONG_HELP)
         if isinstance(current, dict | list):
             if depth > limits.MAX_ITEM_DEPTH:
                 raise UsageError(
                     f"an item nests arrays/objects more than {limits.MAX_ITEM_DEPTH} levels deep; {_ITEM_HELP}"
                 )
             children = current.values() if isinstance(current, dict) else current
-            stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+            stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list | int))
 
 
 def _utf8(text: str, value: Any) -> bytes:
@@ -46,7 +55,7 @@ def _utf8(text: str, value: Any) -> bytes:
 
 def encode(value: Any) -> str:
     """Compact JSON text of an item; UsageError for values JSON (or UTF-8) cannot hold, or nested too deep."""
-    if isinstance(value, dict | list):
+    if isinstance(value, dict | list | int):
         _check_depth(value)
     try:
         text = _ENCODER.encode(value)
@@ -54,8 +63,7 @@ def encode(value: Any) -> str:
         try:
             shown = f"{value!r:.60}"
         except ValueError:  # it holds an integer past Python's 4300-digit limit, which repr() cannot show either
-            raise UsageError("an item holds an integer of more than 4,300 digits; give such a number as a string") \
-                from None  # fmt: skip
+            raise UsageError(_TOO_LONG_HELP) from None
         raise UsageError(f"item {shown} is not JSON-serialisable: {exc}; {_ITEM_HELP}") from None
     _utf8(text, value)
     return text

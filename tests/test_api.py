@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,14 +60,21 @@ def test_an_item_json_cannot_hold_is_a_usage_error_naming_it_and_nothing_is_writ
 
 
 @pytest.mark.parametrize("items", [[10**5000], [[1, -(10**5000)]], [{"n": 10**4400}]], ids=["int", "nested", "field"])
-def test_an_integer_past_pythons_digit_limit_is_a_usage_error_through_every_door(redis_url, client, items):
-    """It was a bare ValueError from submit and enqueue, and a 59-line traceback from the CLI."""
-    with pytest.raises(kiabatch.UsageError, match="more than 4,300 digits; give such a number as a string"):
-        submit(items=items, command=["true"])
-    with pytest.raises(kiabatch.UsageError, match="more than 4,300 digits"):
-        Queue("huge").enqueue_many(items)
-    with pytest.raises(kiabatch.UsageError, match="more than 4,300 digits"):
-        Queue("huge").enqueue(items[0])
+@pytest.mark.parametrize("limit", [4300, 0], ids=["default limit", "limit lifted"])
+def test_an_integer_past_pythons_digit_limit_is_a_usage_error_through_every_door(redis_url, client, items, limit):
+    """It was a bare ValueError from submit and enqueue, and a 59-line traceback from the CLI; and where
+    this process had lifted Python's limit (mpmath does), it was accepted and broke the runner."""
+    before = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(limit)
+    try:
+        with pytest.raises(kiabatch.UsageError, match="more than 4,300 digits; give such a number as a string"):
+            submit(items=items, command=["true"])
+        with pytest.raises(kiabatch.UsageError, match="more than 4,300 digits"):
+            Queue("huge").enqueue_many(items)
+        with pytest.raises(kiabatch.UsageError, match="more than 4,300 digits"):
+            Queue("huge").enqueue(items[0])
+    finally:
+        sys.set_int_max_str_digits(before)
     assert [key for key in client.keys("*") if key != b"kiabatch:queues"] == []  # no item, no batch
     done = run_cli("queue", "enqueue", "huge", "1" * 5000)
     one_line_error(done, 2, "holds an integer of more than 4,300 digits")
