@@ -21,18 +21,20 @@ _ITEM_HELP = 'each item must be one JSON value, e.g. 42, "photo.png" or {"url": 
 
 
 #: Integers with more digits than Python's default conversion limit cannot be read back by a process
-#: that keeps that limit (a worker, a runner): refused whatever limit this process has set.
+#: that keeps that limit (a worker, a runner): refused whatever limit this process has set. Computed
+#: once: ``10**4300`` written in a comparison is computed anew each time (tens of µs per item).
 _TOO_LONG = 10**4300
+_TOO_LONG_NEGATIVE = -_TOO_LONG
 _TOO_LONG_HELP = "an item holds an integer of more than 4,300 digits; give such a number as a string"
 
 
-def _check_depth(value: Any) -> None:
+def _check_nesting_and_integers(value: Any) -> None:
     """UsageError if ``value`` nests arrays/objects deeper than MAX_ITEM_DEPTH, or holds an integer of
     more than 4,300 digits (iterative: no recursion)."""
     stack = [(value, 1)]
     while stack:
         current, depth = stack.pop()
-        if isinstance(current, int) and not -_TOO_LONG < current < _TOO_LONG:
+        if isinstance(current, int) and not _TOO_LONG_NEGATIVE < current < _TOO_LONG:
             raise UsageError(_TOO_LONG_HELP)
         if isinstance(current, dict | list):
             if depth > limits.MAX_ITEM_DEPTH:
@@ -56,7 +58,7 @@ def _utf8(text: str, value: Any) -> bytes:
 def encode(value: Any) -> str:
     """Compact JSON text of an item; UsageError for values JSON (or UTF-8) cannot hold, or nested too deep."""
     if isinstance(value, dict | list | int):
-        _check_depth(value)
+        _check_nesting_and_integers(value)
     try:
         text = _ENCODER.encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
@@ -79,7 +81,7 @@ def encode_many(values: Iterable[Any]) -> Iterator[bytes]:
     encode_string = json.encoder.encode_basestring  # what ensure_ascii=False uses
     for value in values:
         kind = type(value)
-        if kind is int and -(10**4000) < value < 10**4000:  # longer ones meet Python's digit cap in encode
+        if kind is int and _TOO_LONG_NEGATIVE < value < _TOO_LONG:  # longer ones are refused by encode
             yield int.__repr__(value).encode()
         elif kind is str:
             yield _utf8(encode_string(value), value)
