@@ -81,15 +81,8 @@ def validate_cron(expression: str) -> str:
     raise UsageError(f"bad cron expression {expression!r}: its fields do not combine into a valid schedule")
 
 
-#: Names a field may hold, as Kubernetes' parser (robfig/cron) knows them.
-_NAMES = {
-    "month": {"JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"},
-    "day-of-week": {"SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"},
-}
 _TOKEN = re.compile(r"^(\*|\?|[0-9A-Za-z]+(-[0-9A-Za-z]+)?)(/[0-9]+)?$")
-
-
-#: Each field's values, as Kubernetes' parser bounds them.
+#: Each field's values, as Kubernetes' parser (robfig/cron) bounds them, and the names it knows.
 _BOUNDS = {"minute": (0, 59), "hour": (0, 23), "day-of-month": (1, 31), "month": (1, 12), "day-of-week": (0, 6)}
 _NUMBER_OF = {
     "month": {name: number for number, name in enumerate(
@@ -102,32 +95,25 @@ def _check_kubernetes_field(expression: str, name: str, field: str) -> None:
     """UsageError for what croniter reads but a CronJob refuses: L, W and # (last, weekday, nth),
     names in a numeric field, values out of the field's bounds (day-of-week 7, croniter's other
     Sunday) and ranges that run backwards (``22-2``, which croniter wraps round)."""
-    bad = False
-    for token in field.split(","):
-        if not _TOKEN.match(token):
-            bad = True
-            break
-        span = token.split("/")[0]
-        if span in ("*", "?"):
-            continue
-        ends = []
-        for end in span.split("-"):
-            if end.isdigit():
-                ends.append(int(end))
-            elif end.upper() in _NUMBER_OF.get(name, {}):
-                ends.append(_NUMBER_OF[name][end.upper()])
-            else:
-                bad = True
-        low, high = _BOUNDS[name]
-        if bad or any(not low <= end <= high for end in ends) or ends != sorted(ends):
-            bad = True
-            break
-    if bad:
+    if not all(_kubernetes_token(name, token) for token in field.split(",")):
         raise UsageError(
             f"bad cron expression {expression!r}: the {name} field {field!r} is not valid "
             f"(allowed: {_ALLOWED[name]}, with *, lists a,b, ranges a-b (low to high) and steps */n; "
             "no L, W or #, which Kubernetes CronJobs do not take)"
         )
+
+
+def _kubernetes_token(name: str, token: str) -> bool:
+    """True if one list element (``*/5``, ``MON-FRI``, ``7``) is one a CronJob takes in field ``name``."""
+    if not _TOKEN.match(token):
+        return False
+    span = token.split("/")[0]
+    if span in ("*", "?"):
+        return True
+    names = _NUMBER_OF.get(name, {})
+    ends = [int(end) if end.isdigit() else names.get(end.upper()) for end in span.split("-")]
+    low, high = _BOUNDS[name]
+    return all(end is not None and low <= end <= high for end in ends) and ends == sorted(ends)
 
 
 def _as_kubernetes_reads_it(cron: str) -> list[str]:

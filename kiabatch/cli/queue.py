@@ -97,21 +97,19 @@ def list_command(session: Session, name: str | None, limit: int) -> None:
 def purge_command(session: Session, name: str, yes: bool) -> None:
     """Remove every item queued in NAME."""
     queue = _queue(session, name)
+    asked_about = None  # with --yes, everything; else only what was counted: items enqueued meanwhile stay
     if not yes:
         with user_errors():
-            queued = len(queue)
-        if not queued:
+            asked_about = len(queue)
+        if not asked_about:
             note(f"queue {name!r} is empty; nothing to remove")
             return
         if not sys.stdin.isatty():
-            raise CliError(f"purge removes all {queued:,} item(s) from {name!r}; pass --yes to confirm "
+            raise CliError(f"purge removes all {asked_about:,} item(s) from {name!r}; pass --yes to confirm "
                            "(there is no terminal to ask)")  # fmt: skip
         # Read here rather than by click.confirm, which calls end of input an abort (exit 130, Ctrl-C's code).
-        click.echo(f"remove all {queued:,} item(s) from {name!r}? [y/N]: ", err=True, nl=False)
+        click.echo(f"remove all {asked_about:,} item(s) from {name!r}? [y/N]: ", err=True, nl=False)
         if sys.stdin.readline().strip().lower() not in ("y", "yes"):
             raise CliError(f"nothing removed from {name!r} (not confirmed; --yes skips the question)")
-        with user_errors():  # only what was counted: items enqueued while the question waited stay
-            note(f"removed {queue.purge(first=queued)} item(s) from {name!r}")
-        return
     with user_errors():
-        note(f"removed {queue.purge()} item(s) from {name!r}")
+        note(f"removed {queue.purge(first=asked_about)} item(s) from {name!r}")
